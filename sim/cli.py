@@ -1,0 +1,278 @@
+"""The `sim` command line (typer). Thin: parses, validates, calls library functions.
+
+Problem and training options are generated from the fields of ProblemConfig and TrainConfig
+(their metadata holds help text and ranges), so a field exists once. Any bad value prints one
+line ``error: <option>: <what is wrong>`` and exits with code 2 before any result is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import inspect
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+
+from sim import sweep as sweep_mod
+from sim.config import ConfigError, TrainConfig, option_name, parse_value
+from sim.problems import ProblemConfig
+from sim.results import ResultsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="grpo-sim: when does GRPO's per-prompt std normalization beat REINFORCE?")
+console = Console(width=None if sys.stdout.isatty() else 132)
+
+#: Extra spellings of generated options (DESIGN.md §5 names).
+ALIASES = {"estimator": ["--estimators"], "reward_noise": ["--noise"]}
+#: Fields the sweep sets itself (not options).
+NOT_OPTIONS = ("lr", "lr_rule", "seed")
+
+
+def _axis_fields():
+    for cls in (ProblemConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name not in NOT_OPTIONS:
+                yield cls, f
+
+
+def _option_params(list_valued: bool) -> list[inspect.Parameter]:
+    """One typer option per config field; values arrive as text and are parsed by sim.config."""
+    params = []
+    for cls, f in _axis_fields():
+        default = "DEFAULT_ESTIMATORS" if f.name == "estimator" else f.default
+        help_text = f.metadata.get("help", "")
+        if list_valued:
+            help_text += " (comma-separated list)"
+        decls = ALIASES.get(f.name, []) + [f"--{option_name(f.name)}"]
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(None, *decls, help=f"{help_text} [default: {default}]",
+                                 rich_help_panel="Problem" if cls is ProblemConfig else "Training",
+                                 show_default=False)))
+    return params
+
+
+def _parse_axes(values: dict[str, Optional[str]], list_valued: bool) -> dict[str, tuple]:
+    axes = {}
+    for cls, f in _axis_fields():
+        text = values.get(f.name)
+        if text is None:
+            continue
+        items = [t for t in str(text).split(",")] if list_valued else [str(text)]
+        if any(not t.strip() for t in items):
+            raise ConfigError(f"{option_name(f.name)}: empty value in {text!r}")
+        axes[f.name] = tuple(parse_value(cls, f.name, t) for t in items)
+    return axes
+
+
+def _parse_lr(text: Optional[str]):
+    if text is None or text.strip() in ("theory", "tuned"):
+        return (text or "theory").strip()
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError(f"lr: expected 'theory', 'tuned' or a comma-separated list of numbers, got {text!r}") from None
+
+
+def _parse_int(name: str, text: Optional[str], default: int, lo: int, hi: int) -> int:
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: {value} is out of range; accepted: [{lo}, {hi}]")
+    return value
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    """A sweep config file: keys are option names (dashes or underscores), values scalars or lists."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config: no such file {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML ({str(e).splitlines()[0]})") from None
+    section = data.get("sweep", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config: {path}: [sweep] must be a table")
+    return {k.replace("-", "_"): v for k, v in section.items() if k not in ("name", "description")}
+
+
+def _spec_from_options(values: dict[str, Optional[str]], list_valued: bool, config: Optional[Path],
+                       seeds: Optional[str], lr: Optional[str]) -> sweep_mod.SweepSpec:
+    file_axes: dict[str, Any] = {}
+    file_seeds, file_lr = None, None
+    if config is not None:
+        raw = _load_toml(config)
+        file_seeds = raw.pop("seeds", None)
+        file_lr = raw.pop("lr", None)
+        alias = {"estimators": "estimator", "noise": "reward_noise"}
+        raw = {alias.get(k, k): v for k, v in raw.items()}
+        for k, v in raw.items():
+            if k not in sweep_mod.AXES:
+                raise ConfigError(f"config: unknown key {k.replace('_', '-')!r} in {config}")
+            vals = v if isinstance(v, list) else [v]
+            cls = ProblemConfig if k in sweep_mod.PROBLEM_FIELDS else TrainConfig
+            file_axes[k] = tuple(parse_value(cls, k, x if not isinstance(x, (dict, list)) else repr(x))
+                                 for x in vals)
+    axes = {**file_axes, **_parse_axes(values, list_valued)}
+    if seeds is not None:
+        n_seeds = _parse_int("seeds", seeds, 5, 1, 100_000)
+    elif file_seeds is not None:
+        n_seeds = _parse_int("seeds", str(file_seeds), 5, 1, 100_000)
+    else:
+        n_seeds = 5
+    if lr is not None:
+        lr_spec = _parse_lr(lr)
+    elif file_lr is not None:
+        lr_spec = _parse_lr(",".join(map(str, file_lr)) if isinstance(file_lr, list) else str(file_lr))
+    else:
+        lr_spec = "theory"
+    return sweep_mod.SweepSpec.build(axes, seeds=n_seeds, lr=lr_spec)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
+    """The end-of-sweep table: cell x estimator with steps-to-target, final J, speedup and CI."""
+    table_df = sweep_mod.summarize(runs, group_by=[c for c in spec.varying() if c in runs.columns])
+    table_df["_order"] = (table_df["estimator"] != "reinforce").astype(int)  # REINFORCE first in each cell
+    table_df = table_df.sort_values([c for c in spec.varying() if c in table_df.columns] + ["_order", "estimator"],
+                                    kind="stable")
+    t0 = runs.iloc[0]
+    table = Table(title=f"GRPO-family vs REINFORCE: steps to {t0['target_fraction']:.0%} of J* "
+                        f"({t0['mode']} mode, {int(t0['steps'])} steps, lr: "
+                        f"{spec.lr if isinstance(spec.lr, str) else 'fixed list'})")
+    show = [c for c in spec.varying() if c in table_df.columns]
+    for c in show:
+        table.add_column(option_name(c), justify="right")
+    for c in ("estimator", "lr", "reached", "steps→target", "final J/J*", "speedup (95% CI)"):
+        table.add_column(c, justify="right" if c != "estimator" else "left")
+    for _, r in table_df.iterrows():
+        steps = f"{r['steps_to_target']:.0f}"
+        if r["reached"] < r["n"]:
+            steps = f"≥{steps}" if r["reached"] * 2 < r["n"] else steps
+        sp = "n/a"
+        if r.get("speedup") == r.get("speedup"):  # not NaN: the sweep has a REINFORCE run
+            cens = r.get("speedup_censored", "")
+            if cens == "both":
+                sp = "– (neither reached)"
+            else:
+                mark = {"lower": "≥", "upper": "≤"}.get(cens, "~" if cens else "")
+                sp = f"{mark}{r['speedup']:.2f} ({r['speedup_lo']:.2f}–{r['speedup_hi']:.2f})"
+        table.add_row(*[_fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in show],
+                      str(r["estimator"]), _fmt(r["lr"]), f"{r['reached']}/{r['n']}", steps,
+                      f"{r['final_J'] / r['j_star']:.3f}", sp)
+    console.print(table)
+    notes = ["speedup = REINFORCE steps / estimator steps, same cell and seed, each at its own lr; "
+             "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
+             "(≥: most runs never reached it); ≥/≤/~ on a speedup: some runs never reached the target"]
+    if spec.lr == "tuned" or not isinstance(spec.lr, str):
+        notes.append(f"lr selection: {sweep_mod.SELECTION_RULE}")
+    for n in notes:
+        console.print(f"[dim]{n}[/dim]")
+    console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")
+
+
+def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, workers: int, prefix: str) -> None:
+    if out is None:
+        if resume:
+            raise ConfigError("resume: needs --out DIR naming the results directory to continue")
+        out = Path("results") / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    runs = sweep_mod.expand(spec)  # validates every run before anything is written
+    console.print(f"{len(runs)} runs → {out}")
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("run-steps", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress)
+    print_summary(runs_df, spec, out)
+
+
+def _make_command(name: str, list_valued: bool, doc: str):
+    def command(**kwargs):
+        config = kwargs.pop("config", None)
+        seeds = kwargs.pop("seeds")
+        lr = kwargs.pop("lr")
+        out = kwargs.pop("out")
+        resume = kwargs.pop("resume")
+        workers = _parse_int("workers", kwargs.pop("workers"), 1, 1, 256)
+        spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
+        _execute(spec, Path(out) if out else None, resume, workers, prefix=name)
+
+    params = []
+    if list_valued:
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                        default=typer.Option(None, "--config", help="sweep config TOML "
+                                                             "(experiments/NAME.toml); options override it")))
+    params += _option_params(list_valued)
+    params += [
+        inspect.Parameter("seeds", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--seeds", help="training seeds per setting [default: 5]")),
+        inspect.Parameter("lr", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--lr", help="learning rates: comma list, 'theory' "
+                                               "(ascent-lemma step) or 'tuned' (best of lr_theory*2^j, "
+                                               "j=-1..4) [default: theory]")),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--out", help="results directory [default: "
+                                               f"results/{name}-TIMESTAMP]")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--resume", help="continue an interrupted sweep in --out")),
+        inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--workers", help="local worker processes [default: 1]")),
+    ]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = name
+    return command
+
+
+app.command("run")(_make_command(
+    "run", False, "Train every estimator on one problem setting and compare them (single values)."))
+app.command("sweep")(_make_command(
+    "sweep", True, "Sweep a grid of problem/training settings (comma-separated lists) and compare "
+                   "each GRPO-family estimator with REINFORCE."))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2 for every usage or config problem."""
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="sim", standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        msg = " ".join(e.format_message().split())
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigError, ResultsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Vectorized training loop: R runs sharing a problem shape train in one torch program.
+
+Dimension legend
+    R   runs in the batch       P   prompts          K   responses
+    G   group size              k   private dims     s   shared dims
+    L   logged steps
+
+Update (both modes), with the gradient estimate averaged over prompts (DESIGN.md §4):
+
+    theta <- theta + lr * (1/P) sum_i g_i,   g_i = sum_y w_iy phi(x_i, y)
+
+exact mode:    w_iy = s_i pi_iy (rbar_iy - mu_i), s_i = estimators.population_scale (the
+               G -> infinity limit: 1 for REINFORCE-type, 1/(sigma_i + eps) for GRPO);
+sampled mode:  w_i = (1/G) sum_k A_ik (e_(y_ik) - pi_i), y_ik ~ pi_i, A = estimators.advantages
+               on the observed rewards R_ik = c_i Bernoulli(q(y_ik)).
+
+Random draws come from sim.rng keyed by (run seed, step, stream), so a run's trajectory
+does not depend on the batch it is in. Float64 by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+import theory
+from sim import estimators
+from sim.config import RunConfig, TrainConfig
+from sim.problems import Problem, make_problem, stack_problems
+from sim.rng import uniforms
+
+#: Train fields every run of a batch must share (lr, seed and lr_rule may differ per run).
+BATCH_FIELDS = ("estimator", "mode", "group_size", "steps", "eps", "ddof", "target_fraction", "log_points")
+
+#: Per-step metric columns written to steps.parquet (besides run_id, step, sigma_per_prompt).
+STEP_METRICS = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "rho")
+
+
+def batch_key(run: RunConfig) -> tuple:
+    """Runs with equal keys can share one vectorized batch."""
+    p = run.problem
+    return (p.num_prompts, p.num_responses, p.k, p.s) + tuple(getattr(run.train, f) for f in BATCH_FIELDS)
+
+
+def log_spaced_steps(steps: int, points: int) -> np.ndarray:
+    """Sorted unique steps in [0, steps]: 0, steps and ~points log-spaced in between."""
+    inner = np.unique(np.round(np.logspace(0, np.log10(max(steps, 1)), points)).astype(np.int64))
+    return np.unique(np.concatenate([[0, steps], inner[inner <= steps]]))
+
+
+@dataclass
+class BatchResult:
+    runs: pd.DataFrame   # one row per run: config fields + summary metrics
+    steps: pd.DataFrame  # long format: run_id, step, STEP_METRICS, sigma_per_prompt
+    theta_private: torch.Tensor  # [R, P, k] final parameters
+    theta_shared: torch.Tensor   # [R, s]
+
+
+def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
+                             seeds: torch.Tensor, step: int, train: TrainConfig) -> torch.Tensor:
+    """w [R, P, K] = (1/G) sum_k A_ik (e_(y_ik) - pi_i) from G sampled responses per prompt.
+
+    pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); seeds [R] int64.
+    """
+    R, P, K = pi.shape
+    G = train.group_size
+    u_pick = uniforms(seeds, step, 0, (P, G), pi.dtype)  # [R, P, G]
+    cdf = pi.cumsum(-1)  # [R, P, K]
+    y = torch.searchsorted(cdf, u_pick, right=True).clamp_max(K - 1)  # [R, P, G]: #{cdf <= u}
+    q = problem.q.gather(-1, y)  # [R, P, G]
+    u_reward = uniforms(seeds, step, 1, (P, G), pi.dtype)
+    rewards = problem.scale[..., None] * (u_reward < q).to(pi.dtype)  # [R, P, G]
+    adv = estimators.advantages(train.estimator, rewards, ddof=train.ddof, eps=train.eps, sigma=sigma)
+    per_response = torch.zeros_like(pi).scatter_add_(-1, y, adv)  # [R, P, K]: sum_k A_ik e_(y_ik)
+    return (per_response - pi * adv.sum(-1, keepdim=True)) / G
+
+
+def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
+                on_progress: Callable[[int], None] | None = None) -> BatchResult:
+    """Train ``runs`` (equal ``batch_key``) together; return their summary and step metrics.
+
+    Summary per run: initial_J, final_J, j_star, target_J, reached_target, steps_to_target
+    (first t with J_t >= target; = steps when never reached, flagged by reached_target),
+    auc = mean_t J_t / J*, sigma_bar_to_target (mean over t < steps_to_target of the
+    prompt-mean sigma, used by the predicted gain), sigma_max_bound (max possible sigma).
+    ``on_progress(n)`` is called with the number of steps done since its last call.
+    """
+    keys = {batch_key(r) for r in runs}
+    if len(keys) != 1:
+        raise ValueError("train_batch needs runs of one shape and one training setting")
+    train = runs[0].train
+    prob = stack_problems([make_problem(r.problem, dtype) for r in runs])
+    R, P, K = prob.bias.shape
+    k, s = prob.U.shape[-1], prob.V.shape[-1]
+    T = train.steps
+    lr_over_p = torch.tensor([r.train.lr for r in runs], dtype=dtype) / P  # [R]
+    seeds = torch.tensor([r.train.seed for r in runs], dtype=torch.int64)  # [R]
+    theta_p = torch.zeros(R, P, k, dtype=dtype)
+    theta_s = torch.zeros(R, s, dtype=dtype)
+
+    j_star = prob.j_star  # [R]
+    target = train.target_fraction * j_star
+    log_steps = log_spaced_steps(T, train.log_points)
+    log_index = {int(t): i for i, t in enumerate(log_steps)}
+    logged = {m: torch.zeros(len(log_steps), R, dtype=dtype) for m in STEP_METRICS}
+    logged_sigma = torch.zeros(len(log_steps), R, P, dtype=dtype)
+
+    reached = torch.zeros(R, dtype=torch.bool)
+    steps_to_target = torch.full((R,), T, dtype=torch.int64)
+    auc_sum = torch.zeros(R, dtype=dtype)
+    sigma_sum = torch.zeros(R, dtype=dtype)
+    sigma_count = torch.zeros(R, dtype=dtype)
+    initial_j = None
+    report_every = max(1, T // 100)
+
+    with torch.no_grad():
+        for step in range(T + 1):
+            z = theory.logits(prob.bias, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo, theta_p, theta_s)
+            pi, mu, sigma, w_true = theory.prompt_stats(z, prob.rbar)  # [R,P,K], [R,P], [R,P], [R,P,K]
+            J = mu.mean(-1)  # [R]
+            if initial_j is None:
+                initial_j = J.clone()
+            newly = ~reached & (J >= target)
+            steps_to_target = torch.where(newly, torch.full_like(steps_to_target, step), steps_to_target)
+            reached |= newly
+            auc_sum += J / j_star
+            sigma_bar = sigma.mean(-1)  # [R]
+            sigma_sum += torch.where(reached, torch.zeros_like(sigma_bar), sigma_bar)
+            sigma_count += (~reached).to(dtype)
+
+            if step in log_index:
+                i = log_index[step]
+                g_p, g_s = theory.per_prompt_gradients(w_true, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo)
+                sq_p = (g_p * g_p).sum(-1)  # [R, P]
+                gram = g_s @ g_s.transpose(-1, -2) + torch.diag_embed(sq_p)  # [R, P, P]
+                logged["J"][i] = J
+                logged["sigma_bar"][i] = sigma_bar
+                logged["sigma_min"][i] = sigma.amin(-1)
+                logged["sigma_max"][i] = sigma.amax(-1)
+                logged["grad_norm"][i] = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt().mean(-1)
+                logged["rho"][i] = theory.gradient_orthogonality(gram)
+                logged_sigma[i] = sigma
+            if step == T:
+                break
+
+            if train.mode == "exact":
+                w = w_true * estimators.population_scale(train.estimator, sigma, mu, train.eps)[..., None]
+            else:
+                w = sampled_response_weights(pi, sigma, prob, seeds, step, train)
+            g_p, g_s = theory.per_prompt_gradients(w, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo)
+            theta_p += lr_over_p[:, None, None] * g_p
+            theta_s += lr_over_p[:, None] * g_s.sum(-2)
+            if on_progress is not None and (step + 1) % report_every == 0:
+                on_progress(report_every)
+    if on_progress is not None:
+        on_progress(T - (T // report_every) * report_every)
+
+    sigma_bar_0 = logged["sigma_bar"][0]
+    sigma_bar_to_target = torch.where(sigma_count > 0, sigma_sum / sigma_count.clamp_min(1), sigma_bar_0)
+    run_ids = [r.run_id for r in runs]
+    summary = pd.DataFrame([{"run_id": rid, **r.as_flat_dict()} for rid, r in zip(run_ids, runs)])
+    summary["initial_J"] = initial_j.numpy()
+    summary["final_J"] = logged["J"][-1].numpy()
+    summary["j_star"] = j_star.numpy()
+    summary["target_J"] = target.numpy()
+    summary["reached_target"] = reached.numpy()
+    summary["steps_to_target"] = steps_to_target.numpy()
+    summary["auc"] = (auc_sum / (T + 1)).numpy()
+    summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
+    summary["sigma_max_bound"] = prob.sigma_max.numpy()
+
+    L = len(log_steps)
+    steps_df = pd.DataFrame({
+        "run_id": np.repeat(np.array(run_ids, dtype=object), L),
+        "step": np.tile(log_steps, R),
+        **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
+    })
+    steps_df["sigma_per_prompt"] = list(logged_sigma.transpose(0, 1).reshape(R * L, P).numpy())
+    return BatchResult(summary, steps_df, theta_p, theta_s)

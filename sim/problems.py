@@ -1,0 +1,193 @@
+"""Problem family: multi-prompt softmax policies with verifiable binary rewards (DESIGN.md §2).
+
+Dimension legend
+    R    runs in a batch (leading dim of a stacked Problem)
+    P    prompts (the design's m)
+    K    candidate responses per prompt
+    k    private feature block size per prompt
+    s    shared feature block size
+
+Policy: pi_theta(y | x_i) = softmax_y(b_iy + theta . phi(x_i, y)), with
+
+    phi(x_i, y) = [ sqrt(o) u_(i,y)  in prompt i's private block ; sqrt(1-o) v_(i,y) in the shared block ]
+
+u, v unit vectors, so ||phi|| = 1 for every o. The fixed reference logits b_iy play the
+role of a pretrained model: they set the initial success rate p_i(0) at theta = 0 and
+carry no parameters, so every formula of DESIGN.md §3 holds unchanged (expectations are
+under pi). Features are stored per prompt, U [P, K, k] and V [P, K, s]; theta is split
+into a private part [P, k] and a shared part [s]. Nothing is ever [P, K, P*k + s].
+
+Kinds
+    tabular  u_(i,y) = e_y (k = K) and v_(i,y) = e_(pi_i(y)) (s = K): at o = 1 this is
+             the tabular multi-prompt bandit phi(x_i, y) = e_(i,y); for o < 1 every prompt
+             also shares a one-hot "response identity" block.
+    linear   u and v are random Gaussian directions, normalised.
+
+In both kinds response 0 is the correct one, and the shared vector of prompt i's
+response y is the row pi_i(y) of one shared table W [K, s], pi_i a random permutation:
+prompts whose correct responses map to the same row cooperate, the rest compete.
+
+Rewards: r(x_i, y) in {0, c_i}; the observed reward is flipped with probability f
+(``reward_noise``), so the mean reward is rbar = c_i (1 - f) for the correct response and
+c_i f for the others. The flips add variance that carries no curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import numpy as np
+import torch
+
+#: logit half-width of difficulty_spread = 1 around the base success rate: logit(0.99).
+_SPREAD_HALF_WIDTH = math.log(0.99 / 0.01)
+
+
+def _opt(help: str, **meta):
+    """Field metadata: CLI help text plus validation bounds (see sim.config)."""
+    return {"help": help, **meta}
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    """One problem instance: fully determined by these fields (problem_seed included)."""
+
+    kind: Literal["tabular", "linear"] = field(default="linear", metadata=_opt(
+        "feature family: tabular (one-hot blocks) or linear (random unit directions)",
+        choices=("tabular", "linear")))
+    num_prompts: int = field(default=16, metadata=_opt("number of prompts P (m)", min=1, max=1_000_000))
+    num_responses: int = field(default=8, metadata=_opt("candidate responses K per prompt", min=2, max=4096))
+    orthogonality: float = field(default=0.5, metadata=_opt(
+        "feature orthogonality o: weight of the private block (1 = prompts never share parameters)",
+        min=0.0, max=1.0))
+    private_dim: int = field(default=0, metadata=_opt(
+        "private block size k (0 = K; tabular needs K)", min=0, max=4096))
+    shared_dim: int = field(default=0, metadata=_opt(
+        "shared block size s (0 = K; tabular needs K)", min=0, max=4096))
+    base_success: float = field(default=0.3, metadata=_opt(
+        "centre of the initial success rates p_i(0)", min=1e-6, max=1 - 1e-6, open_bounds=True))
+    difficulty_spread: float = field(default=0.6, metadata=_opt(
+        "spread of p_i(0) on the logit scale: 0 = all equal, 1 = logit half-width logit(0.99)",
+        min=0.0, max=2.0))
+    difficulty_layout: Literal["even", "random"] = field(default="even", metadata=_opt(
+        "p_i(0) evenly spaced on the logit interval, or uniform draws from it",
+        choices=("even", "random")))
+    reward_scale_spread: float = field(default=1.0, metadata=_opt(
+        "c_max: reward scales c_i log-uniform in [1, c_max] (1 = all rewards in {0, 1})",
+        min=1.0, max=1e6))
+    reward_noise: float = field(default=0.0, metadata=_opt(
+        "probability f that an observed reward is flipped (0 <= f < 0.5)", min=0.0, max=0.5,
+        open_max=True))
+    problem_seed: int = field(default=0, metadata=_opt("seed of the problem's random draws", min=0,
+                                                       max=2**62))
+
+    @property
+    def k(self) -> int:
+        return self.private_dim or self.num_responses
+
+    @property
+    def s(self) -> int:
+        return self.shared_dim or self.num_responses
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Tensors of one problem ([P, ...]) or of R stacked problems ([R, P, ...]).
+
+    bias   [.., P, K]  reference logits b_iy
+    rbar   [.., P, K]  mean reward rbar(x_i, y)
+    q      [.., P, K]  probability that the observed reward is c_i (Bernoulli mean)
+    scale  [.., P]     reward scale c_i
+    U      [.., P, K, k] private unit vectors u_(i,y)
+    V      [.., P, K, s] shared unit vectors v_(i,y)
+    sqrt_o, sqrt_1mo  [..]  block weights sqrt(o), sqrt(1 - o)
+    """
+
+    bias: torch.Tensor
+    rbar: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    sqrt_o: torch.Tensor
+    sqrt_1mo: torch.Tensor
+
+    @property
+    def j_star(self) -> torch.Tensor:
+        """Optimal mean reward mean_i max_y rbar(x_i, y): [..]. Attained in the limit when o > 0."""
+        return self.rbar.amax(-1).mean(-1)
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        """Largest possible within-prompt std of rbar: max_i (max_y rbar - min_y rbar) / 2. [..]."""
+        return ((self.rbar.amax(-1) - self.rbar.amin(-1)) / 2).amax(-1)
+
+    @property
+    def feature_norm_bound(self) -> float:
+        """B = max ||phi(x_i, y)||; 1 by construction (unit u, v; o + (1 - o) = 1)."""
+        return 1.0
+
+
+def validate_problem(cfg: ProblemConfig) -> None:
+    """Cross-field checks (per-field ranges live in sim.config). Raises ValueError(option: why)."""
+    if cfg.kind == "tabular":
+        if cfg.private_dim not in (0, cfg.num_responses):
+            raise ValueError(f"private-dim: tabular features need private_dim = K = {cfg.num_responses} (or 0)")
+        if cfg.shared_dim not in (0, cfg.num_responses):
+            raise ValueError(f"shared-dim: tabular features need shared_dim = K = {cfg.num_responses} (or 0)")
+
+
+def initial_success_rates(cfg: ProblemConfig, rng: np.random.Generator) -> np.ndarray:
+    """p_i(0), [P]: logit(p_i) spread over logit(base) +- spread * logit(0.99)."""
+    centre = math.log(cfg.base_success / (1 - cfg.base_success))
+    half = cfg.difficulty_spread * _SPREAD_HALF_WIDTH
+    if cfg.difficulty_layout == "even":
+        pos = np.linspace(-1.0, 1.0, cfg.num_prompts) if cfg.num_prompts > 1 else np.zeros(1)
+    else:
+        pos = rng.uniform(-1.0, 1.0, cfg.num_prompts)
+    return 1.0 / (1.0 + np.exp(-(centre + half * pos)))
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_problem(cfg: ProblemConfig, dtype: torch.dtype = torch.float64) -> Problem:
+    """Build the problem tensors of ``cfg`` deterministically from ``cfg.problem_seed``."""
+    validate_problem(cfg)
+    rng = np.random.default_rng(cfg.problem_seed)
+    P, K, k, s = cfg.num_prompts, cfg.num_responses, cfg.k, cfg.s
+
+    p0 = initial_success_rates(cfg, rng)  # [P]
+    # one correct response (y = 0): softmax(b_i)_0 = p_i  <=>  b_i0 = logit(p_i) + log(K - 1)
+    bias = np.zeros((P, K))
+    bias[:, 0] = np.log(p0 / (1 - p0)) + math.log(K - 1)
+
+    # reward scales: log-evenly spaced in [1, c_max], then shuffled so they are not tied to difficulty
+    scale = np.exp(np.linspace(0.0, math.log(cfg.reward_scale_spread), P)) if P > 1 else np.ones(1)
+    scale = rng.permutation(scale)
+    f = cfg.reward_noise
+    q = np.full((P, K), f)
+    q[:, 0] = 1.0 - f
+    rbar = scale[:, None] * q
+
+    perms = np.stack([rng.permutation(K) for _ in range(P)])  # [P, K] shared-row index of each response
+    if cfg.kind == "tabular":
+        U = np.broadcast_to(np.eye(K), (P, K, K)).copy()
+        V = np.eye(K)[perms]  # [P, K, K]
+    else:
+        U = _unit_rows(rng.standard_normal((P, K, k)))
+        W = _unit_rows(rng.standard_normal((K, s)))
+        V = W[perms]  # [P, K, s]
+
+    t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
+    return Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), U=t(U), V=t(V),
+                   sqrt_o=t(math.sqrt(cfg.orthogonality)), sqrt_1mo=t(math.sqrt(1 - cfg.orthogonality)))
+
+
+def stack_problems(problems: list[Problem]) -> Problem:
+    """Stack R problems of one shape into a batched Problem with leading dim R."""
+    return Problem(**{f.name: torch.stack([getattr(p, f.name) for p in problems])
+                      for f in fields(Problem)})

@@ -1,0 +1,190 @@
+"""Tidy results store (DESIGN.md §6).
+
+Layout of a results directory
+    manifest.json     resolved config of every run, package/library versions, git commit, time
+    parts/            one committed part per finished batch: NAME.steps.parquet then NAME.runs.parquet
+    runs.parquet      one row per run (config fields + summary metrics), written when all runs are done
+    steps.parquet     long format: run_id, step, metric columns
+
+Every file is written atomically (temporary file in the same directory, fsync, os.replace).
+A part is committed by its runs file, written after its steps file, so a kill at any point
+leaves either a whole part or an ignorable orphan steps file; ``--resume`` reruns exactly
+the runs whose part was not committed. Settings are joined from the config columns, never
+parsed from file names.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+MANIFEST = "manifest.json"
+RUNS = "runs.parquet"
+STEPS = "steps.parquet"
+PARTS = "parts"
+
+
+class ResultsError(ValueError):
+    """A results directory that cannot be used as asked. str(e) is one line."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` to a temp file beside ``path``, fsync, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(obj, path: Path) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    _atomic_write(path, w)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("grpo-sim", "torch", "numpy", "pandas", "pyarrow", "scipy", "typer", "rich"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def fingerprint(spec: dict, run_rows: list[dict]) -> str:
+    """Stable hash of what a results directory was written for."""
+    blob = json.dumps({"spec": spec, "runs": run_rows}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def check_writable(out: Path) -> None:
+    """Fail early (ResultsError naming --out) if ``out`` cannot be created and written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ResultsError(f"out: cannot write to {out}: {e.strerror or e}") from None
+
+
+def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool) -> set[str]:
+    """Prepare ``out`` for a sweep; return the run_ids already committed (resume).
+
+    A directory holding results needs ``resume``; resuming checks the fingerprint so a
+    directory written by a different config refuses to continue.
+    """
+    fp = fingerprint(spec, run_rows)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        if not resume:
+            raise ResultsError(f"out: {out} already holds results; pass --resume to continue them "
+                               "or choose another directory")
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ResultsError(f"resume: cannot read {manifest_path}: {e}") from None
+        if old.get("fingerprint") != fp:
+            raise ResultsError(f"resume: {out} was written by a different sweep config; "
+                               "rerun with the same options or choose another directory")
+        return committed_run_ids(out)
+    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise ResultsError(f"out: {out} exists and is not an empty results directory")
+    check_writable(out)
+    write_json({
+        "package": "grpo-sim", "fingerprint": fp, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "git_commit": _git_commit(), "versions": _versions(), "spec": spec, "runs": run_rows,
+    }, manifest_path)
+    return set()
+
+
+def _committed_parts(out: Path) -> list[Path]:
+    return sorted((out / PARTS).glob("*.runs.parquet")) if (out / PARTS).exists() else []
+
+
+def committed_run_ids(out: Path) -> set[str]:
+    ids: set[str] = set()
+    for p in _committed_parts(out):
+        ids.update(_read_parquet(p, columns=["run_id"])["run_id"])
+    return ids
+
+
+def write_part(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """Commit one finished batch: steps file first, then the runs file that marks it done."""
+    name = hashlib.sha1(",".join(sorted(runs["run_id"])).encode()).hexdigest()[:16]
+    write_parquet(steps, out / PARTS / f"{name}.steps.parquet")
+    write_parquet(runs, out / PARTS / f"{name}.runs.parquet")
+
+
+def read_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All committed parts, sorted by run_id (and step): independent of batch order or sharding."""
+    run_frames, step_frames = [], []
+    for p in _committed_parts(out):
+        run_frames.append(_read_parquet(p))
+        step_frames.append(_read_parquet(p.with_name(p.name.replace(".runs.", ".steps."))))
+    if not run_frames:
+        raise ResultsError(f"{out}: no finished runs")
+    runs = pd.concat(run_frames, ignore_index=True).drop_duplicates("run_id")
+    steps = pd.concat(step_frames, ignore_index=True).drop_duplicates(["run_id", "step"])
+    runs = runs.sort_values("run_id", kind="stable").reset_index(drop=True)
+    steps = steps[steps["run_id"].isin(runs["run_id"])]
+    steps = steps.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
+    return runs, steps
+
+
+def finalize(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """Write the consolidated steps.parquet, then runs.parquet (the completion marker)."""
+    write_parquet(steps, out / STEPS)
+    write_parquet(runs, out / RUNS)
+
+
+def _read_parquet(path: Path, columns=None) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except FileNotFoundError:
+        raise ResultsError(f"missing results file {path}") from None
+    except Exception as e:  # pyarrow raises several types for truncated/corrupt files
+        raise ResultsError(f"{path}: unreadable or corrupt parquet file ({type(e).__name__})") from None
+
+
+def load_results(path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, steps) DataFrames of a finished results directory (DESIGN.md §6)."""
+    out = Path(path)
+    if not out.is_dir():
+        raise ResultsError(f"{out}: no such results directory")
+    if not (out / MANIFEST).exists():
+        raise ResultsError(f"{out}: not a results directory (no {MANIFEST})")
+    if not (out / RUNS).exists():
+        raise ResultsError(f"{out}: the sweep did not finish (no {RUNS}); rerun it with --resume")
+    return _read_parquet(out / RUNS), _read_parquet(out / STEPS)

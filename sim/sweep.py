@@ -1,0 +1,283 @@
+"""Sweeps as data: a spec expands into a tuple of RunConfigs with stable ids (DESIGN.md §5, §8).
+
+A spec maps every ProblemConfig/TrainConfig field (except lr, lr_rule and seed) to a tuple
+of values; the grid is their product, times ``seeds`` training seeds, times the learning
+rates that ``lr`` resolves to for each (problem, estimator):
+
+    fixed   a list of numbers, each run separately
+    theory  the ascent-lemma step (theory.theory_step_size): P/M for GRPO-type estimators,
+            P/(M sigma_max) for the others, M = 4 B^2 the global curvature bound
+    tuned   the grid lr_theory * 2^j, j = -1..4; the lr kept per (cell, estimator) is chosen
+            by ``select_lrs`` (rule: SELECTION_RULE)
+
+A cell is one setting of every config field except estimator, lr, lr_rule and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+import theory
+from sim import estimators, results
+from sim.config import ConfigError, RunConfig, TrainConfig, check_value, validate_run
+from sim.engine import batch_key, train_batch
+from sim.problems import ProblemConfig
+
+PROBLEM_FIELDS = tuple(f.name for f in dataclasses.fields(ProblemConfig))
+TRAIN_AXES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lr", "lr_rule", "seed"))
+AXES = PROBLEM_FIELDS + TRAIN_AXES
+#: Config columns that do not define a cell (they vary within one).
+NON_CELL = ("estimator", "lr", "lr_rule", "seed")
+TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
+SELECTION_RULE = ("lr per (cell, estimator): lowest median steps-to-target over seeds "
+                  "(never reached = steps + 1), ties to the higher mean AUC")
+DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: axes (field -> tuple of values), number of seeds, and the lr rule or list."""
+
+    axes: tuple[tuple[str, tuple], ...]
+    seeds: int = 5
+    lr: tuple[float, ...] | str = "theory"
+
+    @staticmethod
+    def build(axes: dict[str, Any] | None = None, seeds: int = 5, lr: Any = "theory") -> "SweepSpec":
+        """Fill every axis (missing -> the field default; estimator -> DEFAULT_ESTIMATORS) and check values."""
+        axes = dict(axes or {})
+        unknown = set(axes) - set(AXES)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0].replace('_', '-')}: unknown sweep option")
+        full = []
+        defaults_p, defaults_t = ProblemConfig(), TrainConfig()
+        for name in AXES:
+            if name in axes:
+                vals = axes[name]
+                vals = tuple(vals) if isinstance(vals, (list, tuple)) else (vals,)
+                if not vals:
+                    raise ConfigError(f"{name.replace('_', '-')}: empty list")
+            elif name == "estimator":
+                vals = DEFAULT_ESTIMATORS
+            else:
+                vals = (getattr(defaults_p if name in PROBLEM_FIELDS else defaults_t, name),)
+            cls = ProblemConfig if name in PROBLEM_FIELDS else TrainConfig
+            for v in vals:
+                check_value(cls, name, v)
+            full.append((name, tuple(dict.fromkeys(vals))))
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100_000:
+            raise ConfigError(f"seeds: expected an integer in [1, 100000], got {seeds!r}")
+        if isinstance(lr, str):
+            if lr not in ("theory", "tuned"):
+                raise ConfigError(f"lr: expected a list of positive numbers, 'theory' or 'tuned', got {lr!r}")
+        else:
+            lr = tuple(float(x) for x in (lr if isinstance(lr, (list, tuple)) else (lr,)))
+            if not lr or any(not (math.isfinite(x) and x > 0) for x in lr):
+                raise ConfigError(f"lr: learning rates must be positive and finite, got {lr}")
+        return SweepSpec(tuple(full), seeds, lr)
+
+    def as_dict(self) -> dict:
+        return {"axes": {k: list(v) for k, v in self.axes}, "seeds": self.seeds,
+                "lr": self.lr if isinstance(self.lr, str) else list(self.lr)}
+
+    def varying(self) -> list[str]:
+        """Axes with more than one value, besides the estimator (for tables and figures)."""
+        return [k for k, v in self.axes if len(v) > 1 and k != "estimator"]
+
+
+def theory_lr(problem: ProblemConfig, estimator: str) -> float:
+    """The ascent-lemma learning rate of ``estimator`` on ``problem`` (engine convention)."""
+    from sim.problems import make_problem
+
+    prob = make_problem(problem)
+    M = theory.global_curvature_bound(prob.feature_norm_bound)
+    return theory.theory_step_size(estimators.is_std_normalized(estimator), M, float(prob.sigma_max),
+                                   problem.num_prompts)
+
+
+def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
+    """Every run of the sweep, validated, in a deterministic order."""
+    names = [k for k, _ in spec.axes]
+    runs = []
+    sigma_cache: dict[ProblemConfig, dict[str, float]] = {}
+    for combo in itertools.product(*(v for _, v in spec.axes)):
+        d = dict(zip(names, combo))
+        problem = ProblemConfig(**{k: d[k] for k in PROBLEM_FIELDS})
+        base = {k: d[k] for k in TRAIN_AXES}
+        if isinstance(spec.lr, str):
+            cache = sigma_cache.setdefault(problem, {})
+            if d["estimator"] not in cache:
+                cache[d["estimator"]] = theory_lr(problem, d["estimator"])
+            lr0 = cache[d["estimator"]]
+            lrs = [lr0] if spec.lr == "theory" else [lr0 * f for f in TUNED_FACTORS]
+            rule = spec.lr
+        else:
+            lrs, rule = list(spec.lr), "fixed"
+        for lr in lrs:
+            for seed in range(spec.seeds):
+                run = RunConfig(problem, TrainConfig(**base, lr=lr, lr_rule=rule, seed=seed))
+                validate_run(run)
+                runs.append(run)
+    return tuple(runs)
+
+
+def make_batches(runs: list[RunConfig], max_batch: int = MAX_BATCH) -> list[list[RunConfig]]:
+    """Group runs by batch_key, sorted by run_id, chunked to at most ``max_batch`` runs."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for r in runs:
+        groups.setdefault(batch_key(r), []).append(r)
+    out = []
+    for key in sorted(groups, key=repr):
+        rs = sorted(groups[key], key=lambda r: r.run_id)
+        out.extend(rs[i:i + max_batch] for i in range(0, len(rs), max_batch))
+    return out
+
+
+def _run_batch_in_worker(rows: list[dict]):
+    import torch
+
+    torch.set_num_threads(1)
+    res = train_batch([RunConfig.from_flat_dict(r) for r in rows])
+    return res.runs, res.steps
+
+
+def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1,
+              on_progress: Callable[[int, int], None] | None = None,
+              max_batch: int = MAX_BATCH) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run every pending run of ``spec`` into ``out``; return (runs, steps) with summary columns.
+
+    ``on_progress(steps_done, steps_total)`` is called as batches advance (steps summed over runs).
+    """
+    runs = expand(spec)
+    rows = [r.as_flat_dict() for r in runs]
+    done = results.open_results_dir(out, spec.as_dict(), rows, resume)
+    pending = [r for r in runs if r.run_id not in done]
+    batches = make_batches(pending, max_batch)
+    total = sum(b[0].train.steps * len(b) for b in batches)
+    progress = [0]
+
+    def advance(n):
+        progress[0] += n
+        if on_progress:
+            on_progress(progress[0], total)
+
+    advance(0)
+    if workers <= 1:
+        for b in batches:
+            res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size))
+            results.write_part(out, res.runs, res.steps)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b]): b for b in batches}
+            for fut in as_completed(futs):
+                b = futs[fut]
+                runs_df, steps_df = fut.result()
+                results.write_part(out, runs_df, steps_df)
+                advance(b[0].train.steps * len(b))
+    runs_df, steps_df = results.read_parts(out)
+    runs_df = add_comparisons(runs_df)
+    results.finalize(out, runs_df, steps_df)
+    return runs_df, steps_df
+
+
+def cell_columns(runs: pd.DataFrame) -> list[str]:
+    cols = [c for c in AXES if c in runs.columns and c not in NON_CELL]
+    return cols
+
+
+def _effective_steps(runs: pd.DataFrame) -> pd.Series:
+    """steps_to_target with never-reached runs counted as steps + 1 (for ranking only)."""
+    return runs["steps_to_target"].where(runs["reached_target"], runs["steps"] + 1)
+
+
+def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add ``selected`` (this run's lr is its estimator's choice in the cell, SELECTION_RULE)
+    and, for selected runs, ``speedup`` = max(1, steps_R) / max(1, steps_X) against the selected
+    REINFORCE run of the same cell and seed, with ``speedup_censored`` in
+    {"", "lower", "upper", "both"}: "lower" when only REINFORCE never reached the target (the
+    true speedup is at least the value), "upper" when only this run never did, "both" when neither.
+    Rows without a REINFORCE partner (the sweep has none) get speedup NaN, censoring "no-reinforce".
+    """
+    runs = runs.copy()
+    cells = cell_columns(runs)
+    runs["_eff"] = _effective_steps(runs)
+    score = (runs.groupby(cells + ["estimator", "lr"], dropna=False)
+             .agg(med=("_eff", "median"), auc=("auc", "mean")).reset_index())
+    score = score.sort_values(["med", "auc", "lr"], ascending=[True, False, True], kind="stable")
+    best = score.drop_duplicates(cells + ["estimator"])[cells + ["estimator", "lr"]]
+    best["selected"] = True
+    runs = runs.merge(best, on=cells + ["estimator", "lr"], how="left")
+    runs["selected"] = runs["selected"].fillna(False).astype(bool)
+
+    ref = runs[runs["selected"] & (runs["estimator"] == "reinforce")][cells + ["seed", "steps_to_target",
+                                                                              "reached_target"]]
+    ref = ref.rename(columns={"steps_to_target": "_ref_steps", "reached_target": "_ref_reached"})
+    runs = runs.merge(ref, on=cells + ["seed"], how="left")
+    has_ref = runs["_ref_steps"].notna() & runs["selected"]
+    ref_steps = runs["_ref_steps"].fillna(1).clip(lower=1)
+    own_steps = runs["steps_to_target"].clip(lower=1)
+    runs["speedup"] = np.where(has_ref, ref_steps / own_steps, np.nan)
+    ref_reached = runs["_ref_reached"].fillna(True).astype(bool)
+    own_reached = runs["reached_target"].astype(bool)
+    cens = np.select([~has_ref, ~ref_reached & ~own_reached, ~ref_reached, ~own_reached],
+                     ["no-reinforce", "both", "lower", "upper"], default="")
+    runs["speedup_censored"] = np.where(runs["selected"], cens, "not-selected")
+    runs = runs.drop(columns=["_eff", "_ref_steps", "_ref_reached"])
+    return runs.sort_values("run_id", kind="stable").reset_index(drop=True)
+
+
+def geometric_ci(ratios: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Geometric mean of positive ratios and its t-interval on the log scale.
+
+    exp(mean log r +- t_{(1+level)/2, n-1} sd(log r) / sqrt(n)). With n = 1 the interval is the
+    point itself (no spread can be estimated; tables mark n).
+    """
+    logs = np.log(np.asarray(ratios, dtype=float))
+    m = float(logs.mean())
+    if len(logs) < 2:
+        return math.exp(m), math.exp(m), math.exp(m)
+    half = float(stats.t.ppf((1 + level) / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs)))
+    return math.exp(m), math.exp(m - half), math.exp(m + half)
+
+
+def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataFrame:
+    """One row per (cell, estimator) of selected runs: lr, steps-to-target, final J, speedup + 95% CI.
+
+    ``group_by`` picks the cell columns shown (default: those that vary).
+    """
+    sel = runs[runs["selected"]]
+    cells = cell_columns(sel)
+    if group_by is None:
+        group_by = [c for c in cells if sel[c].nunique() > 1]
+    keys = group_by + ["estimator"]
+    rows = []
+    for key, g in sel.groupby(cells + ["estimator"], sort=True, dropna=False):
+        d = dict(zip(cells + ["estimator"], key))
+        row = {k: d[k] for k in keys}
+        reached = g["reached_target"].astype(bool)
+        row["lr"] = float(g["lr"].iloc[0])
+        row["n"] = len(g)
+        row["reached"] = int(reached.sum())
+        row["steps_to_target"] = float(g["steps_to_target"].median())
+        row["final_J"] = float(g["final_J"].mean())
+        row["j_star"] = float(g["j_star"].mean())
+        ok = g["speedup_censored"] != "no-reinforce"
+        if ok.any():
+            sp, lo, hi = geometric_ci(g.loc[ok, "speedup"].to_numpy())
+            row.update(speedup=sp, speedup_lo=lo, speedup_hi=hi,
+                       speedup_censored=",".join(sorted(set(g.loc[ok, "speedup_censored"]) - {""})))
+        rows.append(row)
+    return pd.DataFrame(rows)
