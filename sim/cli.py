@@ -15,7 +15,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -26,6 +25,22 @@ from sim import sweep as sweep_mod
 from sim.config import ConfigError, TrainConfig, option_name, parse_value
 from sim.problems import ProblemConfig
 from sim.results import ResultsError
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Exception class ``name`` from click and from typer's vendored copy (typer >= 0.29)."""
+    import importlib
+
+    found = []
+    for mod in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+USAGE_ERRORS = _click_classes("UsageError")
+ABORTS = _click_classes("Abort")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="grpo-sim: when does GRPO's per-prompt std normalization beat REINFORCE?")
@@ -258,14 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="sim", standalone_mode=False)
-    except click.exceptions.UsageError as e:
+    except USAGE_ERRORS as e:
         msg = " ".join(e.format_message().split())
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except (ConfigError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except ABORTS:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

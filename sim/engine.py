@@ -31,7 +31,7 @@ import theory
 from sim import estimators
 from sim.config import RunConfig, TrainConfig
 from sim.problems import Problem, make_problem, stack_problems
-from sim.rng import uniforms
+from sim.rng import run_keys, uniforms
 
 #: Train fields every run of a batch must share (lr, seed and lr_rule may differ per run).
 BATCH_FIELDS = ("estimator", "mode", "group_size", "steps", "eps", "ddof", "target_fraction", "log_points")
@@ -60,23 +60,42 @@ class BatchResult:
     theta_shared: torch.Tensor   # [R, s]
 
 
+#: rho_t is computed over at most this many evenly spaced prompts (exact for P <= 64): the
+#: pairwise cosines cost O(P^2 s), which would otherwise dominate at large P.
+RHO_MAX_PROMPTS = 64
+
+
 def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
-                             seeds: torch.Tensor, step: int, train: TrainConfig) -> torch.Tensor:
+                             keys: torch.Tensor, step: int, train: TrainConfig) -> torch.Tensor:
     """w [R, P, K] = (1/G) sum_k A_ik (e_(y_ik) - pi_i) from G sampled responses per prompt.
 
-    pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); seeds [R] int64.
+    pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); keys [R] int64 (sim.rng.run_keys).
     """
     R, P, K = pi.shape
     G = train.group_size
-    u_pick = uniforms(seeds, step, 0, (P, G), pi.dtype)  # [R, P, G]
+    u = uniforms(keys, step, (2, P, G), pi.dtype)  # [R, 2, P, G]: response pick, reward flip
     cdf = pi.cumsum(-1)  # [R, P, K]
-    y = torch.searchsorted(cdf, u_pick, right=True).clamp_max(K - 1)  # [R, P, G]: #{cdf <= u}
+    y = torch.searchsorted(cdf, u[:, 0].contiguous(), right=True).clamp_max(K - 1)  # [R, P, G]: #{cdf <= u}
     q = problem.q.gather(-1, y)  # [R, P, G]
-    u_reward = uniforms(seeds, step, 1, (P, G), pi.dtype)
-    rewards = problem.scale[..., None] * (u_reward < q).to(pi.dtype)  # [R, P, G]
+    rewards = problem.scale.unsqueeze(-1) * (u[:, 1] < q).to(pi.dtype)  # [R, P, G]
     adv = estimators.advantages(train.estimator, rewards, ddof=train.ddof, eps=train.eps, sigma=sigma)
     per_response = torch.zeros_like(pi).scatter_add_(-1, y, adv)  # [R, P, K]: sum_k A_ik e_(y_ik)
     return (per_response - pi * adv.sum(-1, keepdim=True)) / G
+
+
+def _log_metrics(logged: dict, i: int, J, sigma, w_true, prob: Problem, rho_index) -> None:
+    """Diagnostics at a logged step: J, sigma summary, mean ||grad J_i||, rho (DESIGN.md §3)."""
+    g_p, g_s = theory.per_prompt_gradients(w_true, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
+    sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
+    sub_p, sub_s = g_p[:, rho_index], g_s[:, rho_index]
+    gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
+    logged["J"][i] = J
+    logged["sigma_bar"][i] = sigma.mean(-1)
+    logged["sigma_min"][i] = sigma.amin(-1)
+    logged["sigma_max"][i] = sigma.amax(-1)
+    logged["grad_norm"][i] = sq_norm.sqrt().mean(-1)
+    logged["rho"][i] = theory.gradient_orthogonality(gram)
+    logged["sigma_per_prompt"][i] = sigma
 
 
 def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
@@ -95,81 +114,68 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     train = runs[0].train
     prob = stack_problems([make_problem(r.problem, dtype) for r in runs])
     R, P, K = prob.bias.shape
-    k, s = prob.U.shape[-1], prob.V.shape[-1]
+    k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
     T = train.steps
     lr_over_p = torch.tensor([r.train.lr for r in runs], dtype=dtype) / P  # [R]
-    seeds = torch.tensor([r.train.seed for r in runs], dtype=torch.int64)  # [R]
+    keys = run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64))  # [R]
     theta_p = torch.zeros(R, P, k, dtype=dtype)
     theta_s = torch.zeros(R, s, dtype=dtype)
+    rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long()
 
-    j_star = prob.j_star  # [R]
-    target = train.target_fraction * j_star
     log_steps = log_spaced_steps(T, train.log_points)
     log_index = {int(t): i for i, t in enumerate(log_steps)}
     logged = {m: torch.zeros(len(log_steps), R, dtype=dtype) for m in STEP_METRICS}
-    logged_sigma = torch.zeros(len(log_steps), R, P, dtype=dtype)
-
-    reached = torch.zeros(R, dtype=torch.bool)
-    steps_to_target = torch.full((R,), T, dtype=torch.int64)
-    auc_sum = torch.zeros(R, dtype=dtype)
-    sigma_sum = torch.zeros(R, dtype=dtype)
-    sigma_count = torch.zeros(R, dtype=dtype)
-    initial_j = None
+    logged["sigma_per_prompt"] = torch.zeros(len(log_steps), R, P, dtype=dtype)
+    # histories are [R, T+1] so every reduction runs along a run's own row: its result cannot
+    # depend on which other runs share the batch
+    J_hist = torch.zeros(R, T + 1, dtype=dtype)
+    sigma_bar_hist = torch.zeros(R, T + 1, dtype=dtype)
     report_every = max(1, T // 100)
 
     with torch.no_grad():
         for step in range(T + 1):
-            z = theory.logits(prob.bias, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo, theta_p, theta_s)
+            z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, theta_p, theta_s)
             pi, mu, sigma, w_true = theory.prompt_stats(z, prob.rbar)  # [R,P,K], [R,P], [R,P], [R,P,K]
             J = mu.mean(-1)  # [R]
-            if initial_j is None:
-                initial_j = J.clone()
-            newly = ~reached & (J >= target)
-            steps_to_target = torch.where(newly, torch.full_like(steps_to_target, step), steps_to_target)
-            reached |= newly
-            auc_sum += J / j_star
-            sigma_bar = sigma.mean(-1)  # [R]
-            sigma_sum += torch.where(reached, torch.zeros_like(sigma_bar), sigma_bar)
-            sigma_count += (~reached).to(dtype)
-
+            J_hist[:, step] = J
+            sigma_bar_hist[:, step] = sigma.mean(-1)
             if step in log_index:
-                i = log_index[step]
-                g_p, g_s = theory.per_prompt_gradients(w_true, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo)
-                sq_p = (g_p * g_p).sum(-1)  # [R, P]
-                gram = g_s @ g_s.transpose(-1, -2) + torch.diag_embed(sq_p)  # [R, P, P]
-                logged["J"][i] = J
-                logged["sigma_bar"][i] = sigma_bar
-                logged["sigma_min"][i] = sigma.amin(-1)
-                logged["sigma_max"][i] = sigma.amax(-1)
-                logged["grad_norm"][i] = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt().mean(-1)
-                logged["rho"][i] = theory.gradient_orthogonality(gram)
-                logged_sigma[i] = sigma
+                _log_metrics(logged, log_index[step], J, sigma, w_true, prob, rho_index)
             if step == T:
                 break
-
             if train.mode == "exact":
-                w = w_true * estimators.population_scale(train.estimator, sigma, mu, train.eps)[..., None]
+                w = w_true * estimators.population_scale(train.estimator, sigma, mu, train.eps).unsqueeze(-1)
             else:
-                w = sampled_response_weights(pi, sigma, prob, seeds, step, train)
-            g_p, g_s = theory.per_prompt_gradients(w, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo)
+                w = sampled_response_weights(pi, sigma, prob, keys, step, train)
+            g_p, g_s = theory.summed_gradient(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,s]
             theta_p += lr_over_p[:, None, None] * g_p
-            theta_s += lr_over_p[:, None] * g_s.sum(-2)
+            theta_s += lr_over_p[:, None] * g_s
             if on_progress is not None and (step + 1) % report_every == 0:
                 on_progress(report_every)
     if on_progress is not None:
         on_progress(T - (T // report_every) * report_every)
 
-    sigma_bar_0 = logged["sigma_bar"][0]
-    sigma_bar_to_target = torch.where(sigma_count > 0, sigma_sum / sigma_count.clamp_min(1), sigma_bar_0)
+    j_star = prob.j_star  # [R]
+    target = train.target_fraction * j_star
+    above = J_hist >= target.unsqueeze(-1)  # [R, T+1]
+    reached = above.any(-1)
+    steps_to_target = torch.where(reached, above.to(torch.int8).argmax(-1),
+                                  torch.full_like(reached, T, dtype=torch.long))
+    # mean sigma_bar over t < steps_to_target (all T+1 steps when never reached; sigma_bar_0 when reached at 0)
+    n_before = torch.where(reached, steps_to_target, torch.full_like(steps_to_target, T + 1))
+    cum = sigma_bar_hist.cumsum(-1)  # [R, T+1]
+    sum_before = cum.gather(-1, (n_before - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    sigma_bar_to_target = torch.where(n_before > 0, sum_before / n_before.clamp_min(1), sigma_bar_hist[:, 0])
+
     run_ids = [r.run_id for r in runs]
     summary = pd.DataFrame([{"run_id": rid, **r.as_flat_dict()} for rid, r in zip(run_ids, runs)])
-    summary["initial_J"] = initial_j.numpy()
-    summary["final_J"] = logged["J"][-1].numpy()
+    summary["initial_J"] = J_hist[:, 0].numpy()
+    summary["final_J"] = J_hist[:, T].numpy()
     summary["j_star"] = j_star.numpy()
     summary["target_J"] = target.numpy()
     summary["reached_target"] = reached.numpy()
     summary["steps_to_target"] = steps_to_target.numpy()
-    summary["auc"] = (auc_sum / (T + 1)).numpy()
+    summary["auc"] = (J_hist.mean(-1) / j_star).numpy()
     summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
     summary["sigma_max_bound"] = prob.sigma_max.numpy()
 
@@ -179,5 +185,5 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
         "step": np.tile(log_steps, R),
         **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
     })
-    steps_df["sigma_per_prompt"] = list(logged_sigma.transpose(0, 1).reshape(R * L, P).numpy())
+    steps_df["sigma_per_prompt"] = list(logged["sigma_per_prompt"].transpose(0, 1).reshape(R * L, P).numpy())
     return BatchResult(summary, steps_df, theta_p, theta_s)

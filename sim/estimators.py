@@ -53,12 +53,15 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def group_std(rewards: torch.Tensor, ddof: int) -> torch.Tensor:
-    """Within-prompt std, [..., P, G] -> [..., P, 1]; 0 where G - ddof <= 0."""
+def group_std(rewards: torch.Tensor, ddof: int, centered: torch.Tensor | None = None) -> torch.Tensor:
+    """Within-prompt std sqrt(sum_k (R_ik - mean)^2 / (G - ddof)), [..., P, G] -> [..., P, 1];
+    0 where G - ddof <= 0. ``centered`` may pass R - mean if already computed."""
     g = rewards.shape[-1]
     if g - ddof <= 0:
         return torch.zeros_like(rewards[..., :1])
-    return rewards.std(-1, correction=ddof, keepdim=True)
+    if centered is None:
+        centered = rewards - rewards.mean(-1, keepdim=True)
+    return ((centered * centered).sum(-1, keepdim=True) / (g - ddof)).sqrt()
 
 
 def _mean_centered(rewards: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,8 @@ def grpo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None)
 
     [..., P, G]. Constant groups give 0; with eps = 0 a zero std gives 0, not NaN.
     """
-    return _safe_ratio(_mean_centered(rewards), group_std(rewards, ddof) + eps)
+    centered = _mean_centered(rewards)
+    return _safe_ratio(centered, group_std(rewards, ddof, centered) + eps)
 
 
 def grpo_batch(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:

@@ -14,8 +14,9 @@ Policy: pi_theta(y | x_i) = softmax_y(b_iy + theta . phi(x_i, y)), with
 u, v unit vectors, so ||phi|| = 1 for every o. The fixed reference logits b_iy play the
 role of a pretrained model: they set the initial success rate p_i(0) at theta = 0 and
 carry no parameters, so every formula of DESIGN.md §3 holds unchanged (expectations are
-under pi). Features are stored per prompt, U [P, K, k] and V [P, K, s]; theta is split
-into a private part [P, k] and a shared part [s]. Nothing is ever [P, K, P*k + s].
+under pi). Features are stored per prompt, phi_private = sqrt(o) u [P, K, k] and
+phi_shared = sqrt(1-o) v [P, K, s]; theta is split into a private part [P, k] and a
+shared part [s]. Nothing is ever [P, K, P*k + s].
 
 Kinds
     tabular  u_(i,y) = e_y (k = K) and v_(i,y) = e_(pi_i(y)) (s = K): at o = 1 this is
@@ -100,19 +101,18 @@ class Problem:
     rbar   [.., P, K]  mean reward rbar(x_i, y)
     q      [.., P, K]  probability that the observed reward is c_i (Bernoulli mean)
     scale  [.., P]     reward scale c_i
-    U      [.., P, K, k] private unit vectors u_(i,y)
-    V      [.., P, K, s] shared unit vectors v_(i,y)
-    sqrt_o, sqrt_1mo  [..]  block weights sqrt(o), sqrt(1 - o)
+    phi_private  [.., P, K, k]  sqrt(o) u_(i,y): prompt i's private feature block
+    phi_shared   [.., P, K, s]  sqrt(1-o) v_(i,y): the shared feature block
+    orthogonality [..]          o
     """
 
     bias: torch.Tensor
     rbar: torch.Tensor
     q: torch.Tensor
     scale: torch.Tensor
-    U: torch.Tensor
-    V: torch.Tensor
-    sqrt_o: torch.Tensor
-    sqrt_1mo: torch.Tensor
+    phi_private: torch.Tensor
+    phi_shared: torch.Tensor
+    orthogonality: torch.Tensor
 
     @property
     def j_star(self) -> torch.Tensor:
@@ -182,9 +182,10 @@ def make_problem(cfg: ProblemConfig, dtype: torch.dtype = torch.float64) -> Prob
         W = _unit_rows(rng.standard_normal((K, s)))
         V = W[perms]  # [P, K, s]
 
+    o = cfg.orthogonality
     t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-    return Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), U=t(U), V=t(V),
-                   sqrt_o=t(math.sqrt(cfg.orthogonality)), sqrt_1mo=t(math.sqrt(1 - cfg.orthogonality)))
+    return Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), phi_private=t(math.sqrt(o) * U),
+                   phi_shared=t(math.sqrt(1 - o) * V), orthogonality=t(o))
 
 
 def stack_problems(problems: list[Problem]) -> Problem:

@@ -29,65 +29,57 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> _M(31))
 
 
-def uniforms(seed: int, step: int, stream: int, shape: tuple[int, ...]) -> np.ndarray:
+def uniforms(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
     """The draws of sim.rng.uniforms for one run, [*shape] float64."""
     with np.errstate(over="ignore"):
-        key = _mix64(_mix64(np.array([seed], dtype=np.uint64)) ^ _M(4 * step + stream))
+        key = _mix64(np.array([seed], dtype=np.uint64))
         n = int(np.prod(shape))
-        idx = np.arange(n, dtype=np.uint64) * _M(0x9E3779B97F4A7C15)
-        h = _mix64(key + idx)
-    return ((h >> _M(11)).astype(np.float64) * 2.0**-53).reshape(shape)
+        m = (n + 1) // 2
+        counters = (np.arange(m, dtype=np.uint64) + _M(step) * _M(m)) * _M(0x9E3779B97F4A7C15)
+        h = _mix64(key + counters)
+    bits = np.concatenate([h >> _M(32), h & _M(0xFFFFFFFF)])[:n]
+    return ((bits.astype(np.float64) + 0.5) * 2.0**-32).reshape(shape)
 
 
 def train_one(run: RunConfig) -> dict[str, np.ndarray]:
-    """Train one run; returns {"J": [T+1], "sigma": [T+1, P], "theta_private": [P, k], "theta_shared": [s]}."""
+    """Train one run; returns {"J": [T+1], "sigma": [T+1, P], "theta_private": [P, k], "theta_shared": [s]}.
+
+    Numpy, vectorized over prompts only: the loop a careful researcher would write for one run.
+    """
     prob = make_problem(run.problem)
     b, rbar, q, c = (prob.bias.numpy(), prob.rbar.numpy(), prob.q.numpy(), prob.scale.numpy())
-    U, V = prob.U.numpy(), prob.V.numpy()
-    so, s1 = float(prob.sqrt_o), float(prob.sqrt_1mo)
+    U, V = prob.phi_private.numpy(), prob.phi_shared.numpy()
     P, K = b.shape
     t = run.train
+    G = t.group_size
     th_p = np.zeros((P, U.shape[-1]))
     th_s = np.zeros(V.shape[-1])
     J_hist, sig_hist = [], []
+    rows = np.arange(P)[:, None]
     for step in range(t.steps + 1):
-        pis, mus, sigmas = [], [], []
-        for i in range(P):
-            z = b[i] + so * U[i] @ th_p[i] + s1 * V[i] @ th_s
-            z = z - z.max()
-            pi = np.exp(z) / np.exp(z).sum()
-            mu = pi @ rbar[i]
-            pis.append(pi)
-            mus.append(mu)
-            sigmas.append(np.sqrt(max(pi @ (rbar[i] - mu) ** 2, 0.0)))
-        J_hist.append(np.mean(mus))
-        sig_hist.append(np.array(sigmas))
+        z = b + np.einsum("pKk,pk->pK", U, th_p) + V @ th_s  # [P, K]
+        z = z - z.max(-1, keepdims=True)
+        e = np.exp(z)
+        pi = e / e.sum(-1, keepdims=True)
+        mu = (pi * rbar).sum(-1)  # [P]
+        sigma = np.sqrt(np.maximum((pi * (rbar - mu[:, None]) ** 2).sum(-1), 0.0))
+        J_hist.append(mu.mean())
+        sig_hist.append(sigma)
         if step == t.steps:
             break
         if t.mode == "exact":
-            scale = estimators.population_scale(t.estimator, torch.from_numpy(np.array(sigmas)),
-                                                torch.from_numpy(np.array(mus)), t.eps).numpy()
-            ws = [scale[i] * pis[i] * (rbar[i] - mus[i]) for i in range(P)]
+            scale = estimators.population_scale(t.estimator, torch.from_numpy(sigma), torch.from_numpy(mu),
+                                                t.eps).numpy()
+            w = scale[:, None] * pi * (rbar - mu[:, None])  # [P, K]
         else:
-            G = t.group_size
-            u_pick = uniforms(t.seed, step, 0, (P, G))
-            u_rew = uniforms(t.seed, step, 1, (P, G))
-            ys = np.empty((P, G), dtype=np.int64)
-            R = np.empty((P, G))
-            for i in range(P):
-                ys[i] = np.minimum(np.searchsorted(np.cumsum(pis[i]), u_pick[i], side="right"), K - 1)
-                R[i] = c[i] * (u_rew[i] < q[i, ys[i]])
+            u_pick, u_rew = uniforms(t.seed, step, (2, P, G))
+            cdf = np.cumsum(pi, -1)  # [P, K]
+            y = np.minimum((u_pick[:, :, None] >= cdf[:, None, :]).sum(-1), K - 1)  # [P, G]
+            R = c[:, None] * (u_rew < q[rows, y])  # [P, G]
             A = estimators.advantages(t.estimator, torch.from_numpy(R), ddof=t.ddof, eps=t.eps,
-                                      sigma=torch.from_numpy(np.array(sigmas))).numpy()
-            ws = []
-            for i in range(P):
-                w = np.zeros(K)
-                for kk in range(G):
-                    w += A[i, kk] * (np.eye(K)[ys[i, kk]] - pis[i])
-                ws.append(w / G)
-        grad_s = np.zeros_like(th_s)
-        for i in range(P):
-            th_p[i] += t.lr / P * so * U[i].T @ ws[i]
-            grad_s += s1 * V[i].T @ ws[i]
-        th_s += t.lr / P * grad_s
+                                      sigma=torch.from_numpy(sigma)).numpy()
+            onehot = np.eye(K)[y]  # [P, G, K]
+            w = (A[:, :, None] * (onehot - pi[:, None, :])).mean(1)  # [P, K]
+        th_p += t.lr / P * np.einsum("pKk,pK->pk", U, w)
+        th_s += t.lr / P * np.einsum("pKs,pK->s", V, w)
     return {"J": np.array(J_hist), "sigma": np.stack(sig_hist), "theta_private": th_p, "theta_shared": th_s}

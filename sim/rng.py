@@ -1,4 +1,4 @@
-"""Counter-based random numbers: u = hash(seed, step, stream, index), vectorized in torch.
+"""Counter-based random numbers: u = hash(seed, step, index), vectorized in torch.
 
 Each run's draws depend only on its own seed and the counter, never on which other runs
 share its batch, so a run gives the same numbers alone, in any batch, on any worker.
@@ -37,17 +37,28 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def uniforms(seeds: torch.Tensor, step: int, stream: int, shape: tuple[int, ...],
-             dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """U[0, 1) draws of shape [R, *shape] for runs with int64 ``seeds`` [R] at (step, stream).
+def run_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Per-run stream origin key_r = mix(seed_r): int64 [R] -> int64 [R]."""
+    return mix64(seeds)
 
-    u[r, idx] = (mix(mix(mix(seed_r) ^ (4 step + stream)) + idx * GOLDEN) >> 11) * 2^-53,
-    idx the flat index into ``shape``; stream in {0, 1, 2, 3}.
+
+def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """U(0, 1) draws of shape [R, *shape] at ``step`` for runs with stream keys [R] (``run_keys``).
+
+    SplitMix64 streams: h[r, c] = mix(key_r + c * GOLDEN) with counter c = step * m + j,
+    m = ceil(n / 2) hashes per step, n = prod(shape). Each 64-bit hash gives two draws, its high
+    and low 32-bit halves: u = (bits + 1/2) * 2^-32, so u lies strictly inside (0, 1) on a grid
+    of 2^-32 (the bias this puts on a categorical draw is below 2^-32 per response). Every
+    (run, step, index) has its own counter; runs with different seeds start at unrelated points
+    of the 2^64 cycle.
     """
-    key = mix64(mix64(seeds) ^ (4 * step + stream))  # [R]
     n = 1
     for d in shape:
         n *= d
-    idx = torch.arange(n, dtype=torch.int64) * GOLDEN  # [n]
-    h = mix64(key[:, None] + idx[None, :])  # [R, n]
-    return (_shr(h, 11).to(dtype) * 2.0**-53).reshape(len(seeds), *shape)
+    m = (n + 1) // 2
+    offset = _signed(step * m * (GOLDEN & _MASK64))  # step * m * GOLDEN mod 2^64
+    counters = torch.arange(m, dtype=torch.int64) * GOLDEN + offset  # [m]
+    h = mix64(keys.unsqueeze(-1) + counters)  # [R, m]
+    bits = torch.cat([_shr(h, 32), h & 0xFFFFFFFF], dim=-1)[:, :n]  # [R, 2m] -> [R, n]
+    return ((bits.to(dtype) + 0.5) * 2.0**-32).reshape(len(keys), *shape)

@@ -115,6 +115,7 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
         d = dict(zip(names, combo))
         problem = ProblemConfig(**{k: d[k] for k in PROBLEM_FIELDS})
         base = {k: d[k] for k in TRAIN_AXES}
+        validate_run(RunConfig(problem, TrainConfig(**base)))  # before anything builds the problem
         if isinstance(spec.lr, str):
             cache = sigma_cache.setdefault(problem, {})
             if d["estimator"] not in cache:
@@ -126,9 +127,7 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
             lrs, rule = list(spec.lr), "fixed"
         for lr in lrs:
             for seed in range(spec.seeds):
-                run = RunConfig(problem, TrainConfig(**base, lr=lr, lr_rule=rule, seed=seed))
-                validate_run(run)
-                runs.append(run)
+                runs.append(RunConfig(problem, TrainConfig(**base, lr=lr, lr_rule=rule, seed=seed)))
     return tuple(runs)
 
 
@@ -279,5 +278,7 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
             sp, lo, hi = geometric_ci(g.loc[ok, "speedup"].to_numpy())
             row.update(speedup=sp, speedup_lo=lo, speedup_hi=hi,
                        speedup_censored=",".join(sorted(set(g.loc[ok, "speedup_censored"]) - {""})))
+        else:  # no REINFORCE run in the sweep: nothing to compare with
+            row.update(speedup=math.nan, speedup_lo=math.nan, speedup_hi=math.nan, speedup_censored="no-reinforce")
         rows.append(row)
     return pd.DataFrame(rows)

@@ -9,16 +9,24 @@ from sim.engine import train_batch
 from sim.problems import ProblemConfig
 from sim.reference import train_one
 from sim.reference import uniforms as np_uniforms
+from sim.rng import run_keys
 from sim.rng import uniforms as torch_uniforms
 
 
 def test_rng_numpy_twin_matches_torch_bit_for_bit():
     seeds = torch.tensor([0, 1, 2**40 + 7], dtype=torch.int64)
-    u = torch_uniforms(seeds, 12, 1, (3, 5))
+    u = torch_uniforms(run_keys(seeds), 12, (3, 5))
     for r, s in enumerate(seeds.tolist()):
-        assert np.array_equal(u[r].numpy(), np_uniforms(s, 12, 1, (3, 5)))
-    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
-    assert abs(float(torch_uniforms(torch.arange(4), 0, 0, (10_000,)).mean()) - 0.5) < 0.01
+        assert np.array_equal(u[r].numpy(), np_uniforms(s, 12, (3, 5)))
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    odd = torch_uniforms(run_keys(seeds), 3, (7,))  # odd count: the last hash gives one draw
+    assert odd.shape == (3, 7) and np.array_equal(odd[1].numpy(), np_uniforms(1, 3, (7,)))
+    # mean 1/2, variance 1/12 over 40k draws: the mean's standard error is sqrt(1/12/40000) = 0.0014
+    big = torch_uniforms(run_keys(torch.arange(4)), 3, (10_000,))
+    assert abs(float(big.mean()) - 0.5) < 0.006 and abs(float(big.var()) - 1 / 12) < 0.003
+    # consecutive steps and neighbouring seeds are uncorrelated
+    a, b = torch_uniforms(run_keys(torch.tensor([5, 6])), 0, (20_000,)), torch_uniforms(run_keys(torch.tensor([5])), 1, (20_000,))
+    assert abs(float(torch.corrcoef(torch.stack([a[0], a[1], b[0]]))[0, 1:].abs().max())) < 0.03
 
 
 def mixed_runs(mode, estimator, steps=30, G=4):

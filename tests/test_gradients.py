@@ -8,17 +8,18 @@ import theory
 from sim.config import TrainConfig
 from sim.engine import sampled_response_weights
 from sim.problems import ProblemConfig, make_problem, stack_problems
+from sim.rng import run_keys
 
 
 def objective(prob, theta_p, theta_s):
-    z = theory.logits(prob.bias, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo, theta_p, theta_s)
+    z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, theta_p, theta_s)
     return (torch.softmax(z, -1) * prob.rbar).sum(-1).mean(-1)  # J = (1/P) sum_i J_i
 
 
 def exact_gradient(prob, theta_p, theta_s):
-    z = theory.logits(prob.bias, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo, theta_p, theta_s)
+    z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, theta_p, theta_s)
     _, _, _, w = theory.prompt_stats(z, prob.rbar)
-    g_p, g_s = theory.per_prompt_gradients(w, prob.U, prob.V, prob.sqrt_o, prob.sqrt_1mo)
+    g_p, g_s = theory.per_prompt_gradients(w, prob.phi_private, prob.phi_shared)
     P = prob.bias.shape[-2]
     return g_p / P, g_s.sum(-2) / P
 
@@ -26,8 +27,8 @@ def exact_gradient(prob, theta_p, theta_s):
 def random_theta(prob, seed):
     g = torch.Generator().manual_seed(seed)
     P, K = prob.bias.shape
-    return (torch.randn(P, prob.U.shape[-1], generator=g, dtype=torch.float64),
-            torch.randn(prob.V.shape[-1], generator=g, dtype=torch.float64))
+    return (torch.randn(P, prob.phi_private.shape[-1], generator=g, dtype=torch.float64),
+            torch.randn(prob.phi_shared.shape[-1], generator=g, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kind,o", [("linear", 0.3), ("linear", 1.0), ("tabular", 0.6), ("linear", 0.0)])
@@ -74,11 +75,11 @@ def test_sampled_mean_equals_exact_times_factor(estimator, G, factor):
     draws = 40_000
     prob = stack_problems([prob1] * draws)  # many independent draws at the same theta
     tp, ts = random_theta(prob1, 3)
-    z = theory.logits(prob1.bias, prob1.U, prob1.V, prob1.sqrt_o, prob1.sqrt_1mo, tp, ts)
+    z = theory.logits(prob1.bias, prob1.phi_private, prob1.phi_shared, tp, ts)
     pi, _, sigma, w_exact = theory.prompt_stats(z, prob1.rbar)
     train = TrainConfig(estimator=estimator, group_size=G)
-    seeds = torch.arange(draws, dtype=torch.int64)
-    w = sampled_response_weights(pi.expand(draws, -1, -1), sigma.expand(draws, -1), prob, seeds, 0, train)
+    keys = run_keys(torch.arange(draws, dtype=torch.int64))
+    w = sampled_response_weights(pi.expand(draws, -1, -1), sigma.expand(draws, -1), prob, keys, 0, train)
     mean, se = w.mean(0), w.std(0) / draws**0.5  # [P, K]
     err = (mean - factor * w_exact).abs()
     assert (err < 5 * se + 1e-12).all(), (err / se).max()

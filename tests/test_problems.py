@@ -14,9 +14,9 @@ def test_deterministic_from_problem_seed(kind):
     a = make_problem(ProblemConfig(kind=kind, problem_seed=3))
     b = make_problem(ProblemConfig(kind=kind, problem_seed=3))
     c = make_problem(ProblemConfig(kind=kind, problem_seed=4, difficulty_layout="random"))
-    for name in ("bias", "rbar", "U", "V", "scale"):
+    for name in ("bias", "rbar", "phi_private", "phi_shared", "scale"):
         assert torch.equal(getattr(a, name), getattr(b, name))
-    assert not torch.equal(a.V, c.V)
+    assert not torch.equal(a.phi_shared, c.phi_shared)
 
 
 def test_initial_success_rates_are_the_configured_spread():
@@ -45,15 +45,16 @@ def test_rewards_noise_and_scales():
 def test_features_have_unit_norm_and_block_storage(kind, o):
     cfg = ProblemConfig(kind=kind, num_prompts=6, num_responses=5, orthogonality=o)
     prob = make_problem(cfg)
-    assert prob.U.shape == (6, 5, 5) and prob.V.shape == (6, 5, 5)  # per prompt, never [P, K, P*k+s]
-    norm2 = o * (prob.U**2).sum(-1) + (1 - o) * (prob.V**2).sum(-1)  # ||phi(x_i, y)||^2
+    # per prompt, never [P, K, P*k+s]
+    assert prob.phi_private.shape == (6, 5, 5) and prob.phi_shared.shape == (6, 5, 5)
+    norm2 = (prob.phi_private**2).sum(-1) + (prob.phi_shared**2).sum(-1)  # ||phi(x_i, y)||^2
     torch.testing.assert_close(norm2, torch.ones(6, 5, dtype=torch.float64))
 
 
 def test_tabular_orthogonal_is_the_one_hot_bandit():
     prob = make_problem(ProblemConfig(kind="tabular", num_prompts=3, num_responses=4, orthogonality=1.0))
-    assert torch.equal(prob.U, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
-    assert float(prob.sqrt_1mo) == 0.0
+    assert torch.equal(prob.phi_private, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
+    assert torch.equal(prob.phi_shared, torch.zeros(3, 4, 4, dtype=torch.float64))
 
 
 def test_tabular_rejects_other_block_sizes():
@@ -64,4 +65,4 @@ def test_tabular_rejects_other_block_sizes():
 def test_stack_problems_adds_run_dim():
     ps = [make_problem(ProblemConfig(orthogonality=o)) for o in (0.2, 0.8)]
     st = stack_problems(ps)
-    assert st.U.shape[0] == 2 and st.sqrt_o.shape == (2,)
+    assert st.phi_private.shape[0] == 2 and st.orthogonality.shape == (2,)

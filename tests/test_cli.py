@@ -1,0 +1,128 @@
+"""CLI: every bad option gives one line naming it, exit code 2, no traceback, no results."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import sim
+from sim.cli import main
+
+SMALL = ["--num-prompts", "3", "--num-responses", "3", "--steps", "30", "--seeds", "2"]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--orthogonality", "1.5"], "orthogonality"),
+    (["--orthogonality", "0.2,abc"], "orthogonality"),
+    (["--group-size", "1", "--estimators", "grpo"], "group-size"),
+    (["--steps", "-5"], "steps"),
+    (["--steps", "2.5"], "steps"),
+    (["--estimators", "reinforce,ppo"], "estimator"),
+    (["--mode", "exactly"], "mode"),
+    (["--lr", "-1"], "lr"),
+    (["--lr", "fast"], "lr"),
+    (["--seeds", "0"], "seeds"),
+    (["--workers", "0"], "workers"),
+    (["--reward-noise", "0.5"], "reward-noise"),
+    (["--noise", "nan"], "reward-noise"),
+    (["--difficulty-spread", "-1"], "difficulty-spread"),
+    (["--base-success", "1"], "base-success"),
+    (["--kind", "tabular", "--private-dim", "2"], "private-dim"),
+    (["--mode", "exact", "--estimators", "trl_group"], "estimators"),
+    (["--no-such-option", "1"], "no-such-option"),
+    (["--resume"], "resume"),
+    (["--config", "/nonexistent/x.toml"], "config"),
+])
+def test_bad_sweep_option_one_line_exit_2_nothing_written(args, needle, capsys, tmp_path):
+    out_dir = tmp_path / "res"
+    code, out, err = run_cli(["sweep", *SMALL, "--out", str(out_dir), *args] if args != ["--resume"]
+                             else ["sweep", *SMALL, "--resume"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:"), err
+    assert "Traceback" not in err + out
+    assert not out_dir.exists()
+
+
+def test_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["sweep", *SMALL, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and err.strip().startswith("error: out:") and len(err.strip().splitlines()) == 1
+
+
+def test_malformed_toml(capsys, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("orthogonality = [0.2, \n")
+    code, _, err = run_cli(["sweep", "--config", str(cfg), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "config" in err and len(err.strip().splitlines()) == 1
+    cfg.write_text("orthogonality = [0.2, 7.0]\n")
+    code, _, err = run_cli(["sweep", "--config", str(cfg), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "orthogonality" in err
+    cfg.write_text("wibble = 3\n")
+    code, _, err = run_cli(["sweep", "--config", str(cfg), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "wibble" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_sweep_writes_results_that_load(capsys, tmp_path):
+    out_dir = tmp_path / "res"
+    code, out, err = run_cli(["sweep", *SMALL, "--orthogonality", "0.2,0.8", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    assert "speedup" in out and "reinforce" in out
+    runs, steps = sim.load_results(out_dir)
+    # 2 orthogonalities x 5 default estimators x 2 seeds
+    assert len(runs) == 20 and set(runs.orthogonality) == {0.2, 0.8}
+    assert set(steps.run_id) == set(runs.run_id)
+    assert {"steps_to_target", "final_J", "auc", "speedup", "selected"} <= set(runs.columns)
+    assert {"J", "sigma_bar", "grad_norm", "rho"} <= set(steps.columns)
+    # same directory again: needs --resume; with it, nothing to do and the same results
+    code, _, err = run_cli(["sweep", *SMALL, "--orthogonality", "0.2,0.8", "--out", str(out_dir)], capsys)
+    assert code == 2 and "--resume" in err
+    code, _, _ = run_cli(["sweep", *SMALL, "--orthogonality", "0.2,0.8", "--out", str(out_dir), "--resume"], capsys)
+    assert code == 0
+    pd.testing.assert_frame_equal(sim.load_results(out_dir)[0], runs)
+    # a different config refuses to resume there
+    code, _, err = run_cli(["sweep", *SMALL, "--orthogonality", "0.3", "--out", str(out_dir), "--resume"], capsys)
+    assert code == 2 and "different sweep config" in err
+
+
+def test_config_file_and_run_command(capsys, tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('# what this answers\n[sweep]\northogonality = [0.5]\nestimators = ["reinforce", "grpo"]\n'
+                   'num-prompts = 3\nnum-responses = 3\nsteps = 20\nseeds = 2\nmode = "exact"\n')
+    code, _, err = run_cli(["sweep", "--config", str(cfg), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    runs, _ = sim.load_results(tmp_path / "a")
+    assert set(runs.estimator) == {"reinforce", "grpo"} and (runs["mode"] == "exact").all() and len(runs) == 4
+    code, _, err = run_cli(["run", "--orthogonality", "0.4", "--estimators", "grpo", *SMALL,
+                            "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["run", "--orthogonality", "0.4,0.5", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "orthogonality" in err
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such results directory"):
+        sim.load_results(tmp_path / "nope")
+    with pytest.raises(ValueError, match="not a results directory"):
+        sim.load_results(tmp_path)
+
+
+def test_console_script_bad_value_no_traceback(tmp_path):
+    # the installed entry point, in a fresh process
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "sweep", "--orthogonality", "1.5",
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["error: orthogonality: 1.5 is out of range; accepted: [0.0, 1.0]"]
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,111 @@
+"""Sweep expansion, lr rules, selection, speedup with censoring, kill-and-resume."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sim
+from sim import sweep as S
+from sim.problems import ProblemConfig
+
+
+def test_expand_grid_ids_and_theory_lr():
+    spec = S.SweepSpec.build({"orthogonality": [0.2, 0.8], "estimator": ["reinforce", "grpo"],
+                              "reward_scale_spread": [4.0]}, seeds=3, lr="theory")
+    runs = S.expand(spec)
+    assert len(runs) == 2 * 2 * 3
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert [r.run_id for r in runs] == [r.run_id for r in S.expand(spec)]  # stable
+    P = ProblemConfig().num_prompts
+    for r in runs:
+        # M = 4 B^2 = 4; sigma_max = c_max / 2 = 2 -> GRPO P/4, REINFORCE P/(4 * 2)
+        expected = P / 4 if r.train.estimator == "grpo" else P / 8
+        assert r.train.lr == pytest.approx(expected) and r.train.lr_rule == "theory"
+    tuned = S.expand(S.SweepSpec.build({"estimator": ["grpo"]}, seeds=1, lr="tuned"))
+    assert sorted(r.train.lr for r in tuned) == pytest.approx([P / 4 * 2.0**j for j in range(-1, 5)])
+
+
+def fake_runs(rows):
+    """Minimal runs table for add_comparisons: one cell (orthogonality 0.5)."""
+    df = pd.DataFrame(rows, columns=["estimator", "lr", "seed", "steps_to_target", "reached_target", "auc"])
+    df["orthogonality"] = 0.5
+    df["steps"] = 100
+    df["run_id"] = [f"r{i:03d}" for i in range(len(df))]
+    df["final_J"] = 1.0
+    df["j_star"] = 1.0
+    return df
+
+
+def test_selection_and_speedup_with_censoring():
+    runs = fake_runs([
+        # REINFORCE: lr 1 (median 80) beats lr 2 (never reaches -> 101)
+        ("reinforce", 1.0, 0, 80, True, 0.5), ("reinforce", 1.0, 1, 90, True, 0.5), ("reinforce", 1.0, 2, 100, False, 0.4),
+        ("reinforce", 2.0, 0, 100, False, 0.3), ("reinforce", 2.0, 1, 100, False, 0.3), ("reinforce", 2.0, 2, 100, False, 0.3),
+        # GRPO: lr 4 and lr 8 tie on median 20 -> higher AUC (lr 8) wins
+        ("grpo", 4.0, 0, 20, True, 0.6), ("grpo", 4.0, 1, 20, True, 0.6), ("grpo", 4.0, 2, 30, True, 0.6),
+        ("grpo", 8.0, 0, 20, True, 0.7), ("grpo", 8.0, 1, 20, True, 0.7), ("grpo", 8.0, 2, 100, False, 0.7),
+    ])
+    out = S.add_comparisons(runs)
+    sel = out[out.selected].set_index(["estimator", "seed"])
+    assert set(out[out.selected & (out.estimator == "reinforce")].lr) == {1.0}
+    assert set(out[out.selected & (out.estimator == "grpo")].lr) == {8.0}
+    # speedups: seed 0: 80/20; seed 1: 90/20; seed 2: REINFORCE censored (100) / GRPO censored (100)
+    assert sel.loc[("grpo", 0), "speedup"] == 4.0 and sel.loc[("grpo", 0), "speedup_censored"] == ""
+    assert sel.loc[("grpo", 1), "speedup"] == 4.5
+    assert sel.loc[("grpo", 2), "speedup_censored"] == "both"
+    assert sel.loc[("reinforce", 2), "speedup"] == 1.0
+    assert (out[~out.selected].speedup_censored == "not-selected").all()
+    table = S.summarize(out).set_index("estimator")
+    # geometric mean of (4, 4.5, 1)
+    assert table.loc["grpo", "speedup"] == pytest.approx((4 * 4.5 * 1) ** (1 / 3))
+    assert table.loc["grpo", "speedup_lo"] < table.loc["grpo", "speedup"] < table.loc["grpo", "speedup_hi"]
+
+
+def test_geometric_ci_closed_form():
+    # logs of (e, e^3): mean 2, sd sqrt(2), n 2 -> half width t_{.975,1} * sqrt(2)/sqrt(2) = 12.706
+    m, lo, hi = S.geometric_ci(np.array([math.e, math.e**3]))
+    assert m == pytest.approx(math.e**2)
+    assert math.log(hi) - 2 == pytest.approx(12.7062047, rel=1e-6)
+    assert S.geometric_ci(np.array([2.0])) == (2.0, 2.0, 2.0)
+
+
+RESUME_ARGS = ["sweep", "--num-prompts", "3,4,5,6", "--num-responses", "4", "--estimators", "reinforce,grpo,rloo",
+               "--steps", "1500", "--seeds", "2", "--orthogonality", "0.5"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", *RESUME_ARGS, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    parts = killed / "parts"
+    while time.time() < deadline and not (parts.exists() and list(parts.glob("*.runs.parquet"))):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_parts = len(list(parts.glob("*.runs.parquet")))
+    assert 1 <= n_parts < 12, "the kill must land mid-sweep (12 batches)"
+    assert not (killed / "runs.parquet").exists()
+    with pytest.raises(ValueError, match="did not finish"):
+        sim.load_results(killed)
+
+    resumed = subprocess.run([sys.executable, "-m", "sim.cli", *RESUME_ARGS, "--out", str(killed), "--resume"],
+                             capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    full = tmp_path / "full"
+    S.run_sweep(S.SweepSpec.build({"num_prompts": [3, 4, 5, 6], "num_responses": [4], "orthogonality": [0.5],
+                                   "estimator": ["reinforce", "grpo", "rloo"], "steps": [1500]}, seeds=2),
+                full)
+    a_runs, a_steps = sim.load_results(killed)
+    b_runs, b_steps = sim.load_results(full)
+    assert len(a_runs) == 4 * 3 * 2
+    pd.testing.assert_frame_equal(a_runs, b_runs)
+    pd.testing.assert_frame_equal(a_steps, b_steps)
