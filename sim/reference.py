@@ -37,8 +37,8 @@ def uniforms(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
         m = (n + 1) // 2
         counters = (np.arange(m, dtype=np.uint64) + _M(step) * _M(m)) * _M(0x9E3779B97F4A7C15)
         h = _mix64(key + counters)
-    bits = np.concatenate([h >> _M(32), h & _M(0xFFFFFFFF)])[:n]
-    return ((bits.astype(np.float64) + 0.5) * 2.0**-32).reshape(shape)
+    halves = h.view(np.int32)[:n]  # [m] uint64 -> [2m] int32 (low half first) -> [n]
+    return ((halves.astype(np.float64) + (2.0**31 + 0.5)) * 2.0**-32).reshape(shape)
 
 
 def train_one(run: RunConfig) -> dict[str, np.ndarray]:

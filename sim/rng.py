@@ -32,9 +32,12 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64 step: a bijection of 64-bit patterns with full avalanche. int64 -> int64."""
     z = x + GOLDEN
-    z = (z ^ _shr(z, 30)) * MUL1
-    z = (z ^ _shr(z, 27)) * MUL2
-    return z ^ _shr(z, 31)
+    z ^= _shr(z, 30)
+    z *= MUL1
+    z ^= _shr(z, 27)
+    z *= MUL2
+    z ^= _shr(z, 31)
+    return z
 
 
 def run_keys(seeds: torch.Tensor) -> torch.Tensor:
@@ -47,9 +50,10 @@ def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
     """U(0, 1) draws of shape [R, *shape] at ``step`` for runs with stream keys [R] (``run_keys``).
 
     SplitMix64 streams: h[r, c] = mix(key_r + c * GOLDEN) with counter c = step * m + j,
-    m = ceil(n / 2) hashes per step, n = prod(shape). Each 64-bit hash gives two draws, its high
-    and low 32-bit halves: u = (bits + 1/2) * 2^-32, so u lies strictly inside (0, 1) on a grid
-    of 2^-32 (the bias this puts on a categorical draw is below 2^-32 per response). Every
+    m = ceil(n / 2) hashes per step, n = prod(shape). Each 64-bit hash gives two draws, its two
+    32-bit halves read as signed int32 x (a zero-copy view; low half first, as on every
+    little-endian machine): u = (x + 2^31 + 1/2) * 2^-32, strictly inside (0, 1) on a grid of
+    2^-32 (the bias this puts on a categorical draw is below 2^-32 per response). Every
     (run, step, index) has its own counter; runs with different seeds start at unrelated points
     of the 2^64 cycle.
     """
@@ -59,6 +63,5 @@ def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
     m = (n + 1) // 2
     offset = _signed(step * m * (GOLDEN & _MASK64))  # step * m * GOLDEN mod 2^64
     counters = torch.arange(m, dtype=torch.int64) * GOLDEN + offset  # [m]
-    h = mix64(keys.unsqueeze(-1) + counters)  # [R, m]
-    bits = torch.cat([_shr(h, 32), h & 0xFFFFFFFF], dim=-1)[:, :n]  # [R, 2m] -> [R, n]
-    return ((bits.to(dtype) + 0.5) * 2.0**-32).reshape(len(keys), *shape)
+    halves = mix64(keys.unsqueeze(-1) + counters).view(torch.int32)[:, :n]  # [R, m] int64 -> [R, 2m] -> [R, n]
+    return ((halves.to(dtype) + (2.0**31 + 0.5)) * 2.0**-32).reshape(len(keys), *shape)

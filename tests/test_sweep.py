@@ -109,3 +109,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert len(a_runs) == 4 * 3 * 2
     pd.testing.assert_frame_equal(a_runs, b_runs)
     pd.testing.assert_frame_equal(a_steps, b_steps)
+
+
+def test_two_workers_equal_one_worker_bit_for_bit(tmp_path):
+    spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "estimator": ["reinforce", "grpo"],
+                              "steps": [60]}, seeds=2)
+    one = S.run_sweep(spec, tmp_path / "one", workers=1)
+    two = S.run_sweep(spec, tmp_path / "two", workers=2)
+    pd.testing.assert_frame_equal(one[0], two[0])
+    pd.testing.assert_frame_equal(one[1], two[1])
+    # and with batches cut differently (one run per batch): still the same numbers
+    small = S.run_sweep(spec, tmp_path / "small", max_batch=1)
+    pd.testing.assert_frame_equal(one[0], small[0])
