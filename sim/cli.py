@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
+from sim import estimators
 from sim import sweep as sweep_mod
 from sim.config import ConfigError, TrainConfig, option_name, parse_value
 from sim.problems import ProblemConfig
@@ -52,17 +53,17 @@ ALIASES = {"estimator": ["--estimators"], "reward_noise": ["--noise"]}
 NOT_OPTIONS = ("lr", "lr_rule", "seed")
 
 
-def _axis_fields():
-    for cls in (ProblemConfig, TrainConfig):
+def _axis_fields(classes=(ProblemConfig, TrainConfig)):
+    for cls in classes:
         for f in dataclasses.fields(cls):
             if f.name not in NOT_OPTIONS:
                 yield cls, f
 
 
-def _option_params(list_valued: bool) -> list[inspect.Parameter]:
+def _option_params(list_valued: bool, classes=(ProblemConfig, TrainConfig)) -> list[inspect.Parameter]:
     """One typer option per config field; values arrive as text and are parsed by sim.config."""
     params = []
-    for cls, f in _axis_fields():
+    for cls, f in _axis_fields(classes):
         default = "DEFAULT_ESTIMATORS" if f.name == "estimator" else f.default
         help_text = f.metadata.get("help", "")
         if list_valued:
@@ -76,9 +77,10 @@ def _option_params(list_valued: bool) -> list[inspect.Parameter]:
     return params
 
 
-def _parse_axes(values: dict[str, Optional[str]], list_valued: bool) -> dict[str, tuple]:
+def _parse_axes(values: dict[str, Optional[str]], list_valued: bool,
+                classes=(ProblemConfig, TrainConfig)) -> dict[str, tuple]:
     axes = {}
-    for cls, f in _axis_fields():
+    for cls, f in _axis_fields(classes):
         text = values.get(f.name)
         if text is None:
             continue
@@ -176,7 +178,8 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
     show = [c for c in spec.varying() if c in table_df.columns]
     for c in show:
         table.add_column(option_name(c), justify="right")
-    for c in ("estimator", "lr", "reached", "steps→target", "final J/J*", "speedup (95% CI)"):
+    for c in ("estimator", "lr", "reached", "steps→target", "final J/J*", "speedup (95% CI)", "G_pred",
+              "conditions"):
         table.add_column(c, justify="right" if c != "estimator" else "left")
     for _, r in table_df.iterrows():
         steps = f"{r['steps_to_target']:.0f}"
@@ -192,9 +195,13 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
                 sp = f"{mark}{r['speedup']:.2f} ({r['speedup_lo']:.2f}–{r['speedup_hi']:.2f})"
         table.add_row(*[_fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in show],
                       str(r["estimator"]), _fmt(r["lr"]), f"{r['reached']}/{r['n']}", steps,
-                      f"{r['final_J'] / r['j_star']:.3f}", sp)
+                      f"{r['final_J'] / r['j_star']:.3f}", sp,
+                      f"{r['predicted_gain']:.2f}" if estimators.is_std_normalized(r["estimator"]) else "",
+                      f"{r['conditions_ok']}/{r['n']}")
     console.print(table)
-    notes = ["speedup = REINFORCE steps / estimator steps, same cell and seed, each at its own lr; "
+    notes = ["G_pred = sigma_max / sigma_bar (theory's predicted gain, GRPO-type rows); conditions: runs where "
+             "orthogonality, the M-bound, step-size safety and the relaxed sigma condition all hold",
+             "speedup = REINFORCE steps / estimator steps, same cell and seed, each at its own lr; "
              "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
              "(≥: most runs never reached it); ≥/≤/~ on a speedup: some runs never reached the target"]
     if spec.lr == "tuned" or not isinstance(spec.lr, str):
@@ -266,6 +273,85 @@ app.command("run")(_make_command(
 app.command("sweep")(_make_command(
     "sweep", True, "Sweep a grid of problem/training settings (comma-separated lists) and compare "
                    "each GRPO-family estimator with REINFORCE."))
+
+
+theory_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         help="What the theory predicts for one problem, and whether its conditions hold.")
+app.add_typer(theory_app, name="theory")
+
+
+def _make_theory_command(name: str, doc: str, default_steps: int):
+    def command(**kwargs):
+        from sim import theory_report
+        from sim.config import validate_run
+
+        as_json = kwargs.pop("json")
+        steps = _parse_int("steps", kwargs.pop("steps"), default_steps, 1, 100_000)
+        values = _parse_axes(kwargs, False, (ProblemConfig,))
+        problem = ProblemConfig(**{k: v[0] for k, v in values.items()})
+        validate_run(sweep_mod.RunConfig(problem, TrainConfig()))
+        report = getattr(theory_report, name)(problem, steps)
+        if as_json:
+            import json
+
+            print(json.dumps(report, indent=1))
+        else:
+            print_theory_report(name, report)
+
+    params = _option_params(False, (ProblemConfig,)) + [
+        inspect.Parameter("steps", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--steps", help="length of the exact trajectories "
+                                               f"checked [default: {default_steps}]")),
+        inspect.Parameter("json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--json", help="print the report as JSON")),
+    ]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = name
+    return command
+
+
+def print_theory_report(kind: str, report: dict) -> None:
+    if kind == "check":
+        table = Table(title="theory conditions (exact trajectories at theory step sizes, "
+                            f"{report['steps']} steps)")
+        for c in ("condition", "holds", "measured", "threshold", "statement"):
+            table.add_column(c, justify="left" if c in ("condition", "statement") else "right")
+        for c in report["conditions"]:
+            table.add_row(c["name"], "[green]yes[/green]" if c["holds"] else "[red]NO[/red]",
+                          f"{c['measured']:.4g}", f"{c['threshold']:.4g}", c["statement"])
+        console.print(table)
+        console.print(f"feature overlap (max principal cosine) {report['feature_overlap_max']:.3f}; "
+                      f"gradient orthogonality rho at theta_0 {report['rho_theta0']:.3f}; "
+                      f"all conditions hold: {report['all_hold']}")
+        return
+    table = Table(title="theory prediction beside measurement (exact mode)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in report["M"].items():
+        table.add_row(f"M: {k}", f"{v:.4g}")
+    table.add_row("sigma_max", f"{report['sigma_max']:.4g}")
+    table.add_row("safe lr GRPO (P/M)", f"{report['step_sizes']['grpo']:.4g}")
+    table.add_row("safe lr REINFORCE (P/(M sigma_max))", f"{report['step_sizes']['reinforce']:.4g}")
+    table.add_row("sigma_bar (GRPO, before target)", f"{report['sigma_bar_grpo_to_target']:.4g}")
+    table.add_row("[bold]predicted gain G_pred = sigma_max / sigma_bar[/bold]", f"{report['predicted_gain']:.3f}")
+    m = report["measured"]
+    table.add_row(f"[bold]measured speedup (steps to {m['target']})[/bold]",
+                  f"{m['speedup']:.3f}" + ("" if m["both_reached"] else " (censored)"))
+    table.add_row("steps to target: GRPO / REINFORCE", f"{m['grpo_steps_to_target']} / {m['reinforce_steps_to_target']}")
+    rb = report["rate_bounds_at_grpo_target_step"]
+    table.add_row(f"rate bound on mean ||grad J_i|| at t={rb['t']}: REINFORCE / GRPO",
+                  f"{rb['reinforce']:.4g} / {rb['grpo']:.4g}")
+    for k, v in report["decomposition_theta0_grpo_step"].items():
+        table.add_row(f"GRPO step at theta_0, mean over prompts: {k}", f"{v:.4g}")
+    console.print(table)
+
+
+theory_app.command("check")(_make_theory_command(
+    "check", "Check the theorem conditions (orthogonality, M-bound, step size, relaxed sigma) on one problem.", 200))
+theory_app.command("predict")(_make_theory_command(
+    "predict", "M-bounds, safe step sizes and the predicted gain, beside the measured speedup.", 2000))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,11 @@ from sim.rng import run_keys, uniforms
 BATCH_FIELDS = ("estimator", "mode", "group_size", "steps", "eps", "ddof", "target_fraction", "log_points")
 
 #: Per-step metric columns written to steps.parquet (besides run_id, step, sigma_per_prompt).
-STEP_METRICS = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "rho")
+STEP_METRICS = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "rho",
+                "empirical_M", "analytic_M", "m_bound_ratio", "step_gain")
+
+#: Relaxed condition factor: sigma_i may not drop by more than this within one step.
+RELAXED_FACTOR = 2.0
 
 
 def batch_key(run: RunConfig) -> tuple:
@@ -83,18 +87,35 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
     return (per_response - pi * adv.sum(-1, keepdim=True)) / G
 
 
-def _log_metrics(logged: dict, i: int, J, sigma, w_true, prob: Problem, rho_index) -> None:
-    """Diagnostics at a logged step: J, sigma summary, mean ||grad J_i||, rho (DESIGN.md §3)."""
+def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, rho_index,
+                 theta_p, theta_s, scale_grpo, scale_reinforce) -> None:
+    """Diagnostics at a logged step (DESIGN.md §3), each [R]: J, sigma summary, mean ||grad J_i||,
+    rho_t, empirical M = max_i ||Hess J_i|| / sigma_i, analytic M = max_i sqrt(E||d||^4), the
+    worst ratio of the two per prompt (must be <= 1), and the measured per-step gain of GRPO's
+    exact step over REINFORCE's, both at their theory step sizes, from the same theta."""
     g_p, g_s = theory.per_prompt_gradients(w_true, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
     sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
     sub_p, sub_s = g_p[:, rho_index], g_s[:, rho_index]
     gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
+    d = theory.centered_features(pi, theory.local_features(prob.phi_private, prob.phi_shared))  # [R,P,K,D]
+    hess_norm = theory.spectral_norm(theory.prompt_hessian(pi, prob.rbar, mu, d))  # [R, P]
+    live = sigma > 1e-12 * prob.sigma_max.unsqueeze(-1)  # sigma ~ 0: ratio undefined, skipped
+    emp = torch.where(live, hess_norm / torch.where(live, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
+    m_an = theory.m_fourth_moment(pi, d)  # [R, P]
+    dj_g = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
+                                  scale_grpo(sigma))
+    dj_r = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
+                                  scale_reinforce.expand_as(sigma))
     logged["J"][i] = J
     logged["sigma_bar"][i] = sigma.mean(-1)
     logged["sigma_min"][i] = sigma.amin(-1)
     logged["sigma_max"][i] = sigma.amax(-1)
     logged["grad_norm"][i] = sq_norm.sqrt().mean(-1)
     logged["rho"][i] = theory.gradient_orthogonality(gram)
+    logged["empirical_M"][i] = emp.amax(-1)
+    logged["analytic_M"][i] = m_an.amax(-1)
+    logged["m_bound_ratio"][i] = (emp / m_an.clamp_min(1e-300)).amax(-1)
+    logged["step_gain"][i] = theory.per_step_gain(dj_g, dj_r)
     logged["sigma_per_prompt"][i] = sigma
 
 
@@ -120,6 +141,15 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     keys = run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64))  # [R]
     theta_p = torch.zeros(R, P, k, dtype=dtype)
     theta_s = torch.zeros(R, s, dtype=dtype)
+    # theory step sizes (per-prompt scales of grad J_i) for the measured per-step gain
+    M = prob.curvature_bound  # [R]
+    scale_reinforce = (1.0 / (M * prob.sigma_max)).unsqueeze(-1)  # [R, 1]: (P/(M sigma_max)) / P
+
+    def scale_grpo(sigma):  # [R, P]: (P/M) / (P sigma_i), 0 where sigma_i = 0 (then grad J_i = 0)
+        return estimators.population_scale("grpo", sigma, sigma, 0.0) / M.unsqueeze(-1)
+
+    min_sigma_ratio = torch.full((R,), float("inf"), dtype=dtype)
+    sigma_prev = None
     rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long()
 
     log_steps = log_spaced_steps(T, train.log_points)
@@ -139,8 +169,15 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
             J = mu.mean(-1)  # [R]
             J_hist[:, step] = J
             sigma_bar_hist[:, step] = sigma.mean(-1)
+            if sigma_prev is not None:  # relaxed condition: sigma_i(t) / sigma_i(t-1), where defined
+                live = sigma_prev > 1e-9 * prob.sigma_max.unsqueeze(-1)
+                ratio = torch.where(live, sigma / torch.where(live, sigma_prev, torch.ones_like(sigma)),
+                                    torch.full_like(sigma, float("inf")))
+                min_sigma_ratio = torch.minimum(min_sigma_ratio, ratio.amin(-1))
+            sigma_prev = sigma
             if step in log_index:
-                _log_metrics(logged, log_index[step], J, sigma, w_true, prob, rho_index)
+                _log_metrics(logged, log_index[step], J, pi, mu, sigma, w_true, prob, rho_index,
+                             theta_p, theta_s, scale_grpo, scale_reinforce)
             if step == T:
                 break
             if train.mode == "exact":
@@ -178,6 +215,26 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     summary["auc"] = (J_hist.mean(-1) / j_star).numpy()
     summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
     summary["sigma_max_bound"] = prob.sigma_max.numpy()
+    # theory beside measurement (DESIGN.md §3; measured_gain is added per cell by the sweep)
+    lr_theory = prob.theory_lr(estimators.is_std_normalized(train.estimator))
+    overlap = theory.feature_overlap(prob.phi_private[:, rho_index], prob.phi_shared[:, rho_index]).amax((-2, -1))
+    summary["predicted_gain"] = theory.predicted_gain(sigma_bar_to_target[:, None, None], prob.sigma_max).numpy()
+    summary["empirical_M"] = logged["empirical_M"].amax(0).numpy()
+    summary["analytic_M"] = logged["analytic_M"].amax(0).numpy()
+    summary["M_bound"] = M.numpy()
+    summary["lr_theory"] = lr_theory.numpy()
+    summary["feature_overlap"] = overlap.numpy()
+    min_ratio = torch.where(torch.isinf(min_sigma_ratio), torch.ones_like(min_sigma_ratio), min_sigma_ratio)
+    summary["min_sigma_ratio"] = min_ratio.numpy()
+    conditions = {
+        "orthogonality_ok": overlap <= 1e-9,
+        "m_bound_ok": logged["m_bound_ratio"].amax(0) <= 1 + 1e-9,
+        "step_size_ok": lr_over_p * P <= lr_theory * (1 + 1e-12),
+        "relaxed_ok": min_ratio >= 1 / RELAXED_FACTOR,
+    }
+    for name, ok in conditions.items():
+        summary[name] = ok.numpy()
+    summary["conditions_ok"] = torch.stack(list(conditions.values())).all(0).numpy()
 
     L = len(log_steps)
     steps_df = pd.DataFrame({
@@ -186,4 +243,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
         **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
     })
     steps_df["sigma_per_prompt"] = list(logged["sigma_per_prompt"].transpose(0, 1).reshape(R * L, P).numpy())
+    steps_df["phase"] = np.concatenate([
+        theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
+                            logged["step_gain"][:, r].numpy()) for r in range(R)])
     return BatchResult(summary, steps_df, theta_p, theta_s)

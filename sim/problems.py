@@ -42,6 +42,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+import theory
+
 #: logit half-width of difficulty_spread = 1 around the base success rate: logit(0.99).
 _SPREAD_HALF_WIDTH = math.log(0.99 / 0.01)
 
@@ -128,6 +130,20 @@ class Problem:
     def feature_norm_bound(self) -> float:
         """B = max ||phi(x_i, y)||; 1 by construction (unit u, v; o + (1 - o) = 1)."""
         return 1.0
+
+    @property
+    def curvature_bound(self) -> torch.Tensor:
+        """M = max_i diam_i^2 (theory.curvature.m_diameter): ||Hess J_i|| <= M sigma_i at every
+        theta. At most 4 B^2 = 4; 2 for tabular features. [..]."""
+        return theory.m_diameter(theory.local_features(self.phi_private, self.phi_shared)).amax(-1)
+
+    def theory_lr(self, std_normalized: bool) -> torch.Tensor:
+        """Ascent-lemma learning rate (engine convention, theory.theory_step_size): [..]."""
+        P = self.bias.shape[-2]
+        M, smax = self.curvature_bound, self.sigma_max
+        if std_normalized:
+            return P / M
+        return P / (M * smax)
 
 
 def validate_problem(cfg: ProblemConfig) -> None:

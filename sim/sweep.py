@@ -6,7 +6,8 @@ rates that ``lr`` resolves to for each (problem, estimator):
 
     fixed   a list of numbers, each run separately
     theory  the ascent-lemma step (theory.theory_step_size): P/M for GRPO-type estimators,
-            P/(M sigma_max) for the others, M = 4 B^2 the global curvature bound
+            P/(M sigma_max) for the others, M = max_i diam_i^2 <= 4 B^2 the global curvature
+            bound of the problem (theory.curvature.m_diameter)
     tuned   the grid lr_theory * 2^j, j = -1..4; the lr kept per (cell, estimator) is chosen
             by ``select_lrs`` (rule: SELECTION_RULE)
 
@@ -27,7 +28,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-import theory
 from sim import estimators, results
 from sim.config import ConfigError, RunConfig, TrainConfig, check_value, validate_run
 from sim.engine import batch_key, train_batch
@@ -97,13 +97,11 @@ class SweepSpec:
 
 
 def theory_lr(problem: ProblemConfig, estimator: str) -> float:
-    """The ascent-lemma learning rate of ``estimator`` on ``problem`` (engine convention)."""
+    """The ascent-lemma learning rate of ``estimator`` on ``problem`` (engine convention):
+    P/M for GRPO-type, P/(M sigma_max) otherwise, M = max_i diam_i^2 (Problem.curvature_bound)."""
     from sim.problems import make_problem
 
-    prob = make_problem(problem)
-    M = theory.global_curvature_bound(prob.feature_norm_bound)
-    return theory.theory_step_size(estimators.is_std_normalized(estimator), M, float(prob.sigma_max),
-                                   problem.num_prompts)
+    return float(make_problem(problem).theory_lr(estimators.is_std_normalized(estimator)))
 
 
 def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
@@ -234,6 +232,7 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     cens = np.select([~has_ref, ~ref_reached & ~own_reached, ~ref_reached, ~own_reached],
                      ["no-reinforce", "both", "lower", "upper"], default="")
     runs["speedup_censored"] = np.where(runs["selected"], cens, "not-selected")
+    runs["measured_gain"] = runs["speedup"]  # the measured counterpart of predicted_gain (DESIGN.md §3)
     runs = runs.drop(columns=["_eff", "_ref_steps", "_ref_reached"])
     return runs.sort_values("run_id", kind="stable").reset_index(drop=True)
 
@@ -273,6 +272,8 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
         row["steps_to_target"] = float(g["steps_to_target"].median())
         row["final_J"] = float(g["final_J"].mean())
         row["j_star"] = float(g["j_star"].mean())
+        row["predicted_gain"] = float(g["predicted_gain"].mean())
+        row["conditions_ok"] = int(g["conditions_ok"].sum())
         ok = g["speedup_censored"] != "no-reinforce"
         if ok.any():
             sp, lo, hi = geometric_ci(g.loc[ok, "speedup"].to_numpy())

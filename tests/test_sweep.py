@@ -18,18 +18,19 @@ from sim.problems import ProblemConfig
 
 def test_expand_grid_ids_and_theory_lr():
     spec = S.SweepSpec.build({"orthogonality": [0.2, 0.8], "estimator": ["reinforce", "grpo"],
-                              "reward_scale_spread": [4.0]}, seeds=3, lr="theory")
+                              "reward_scale_spread": [4.0], "kind": ["tabular"]}, seeds=3, lr="theory")
     runs = S.expand(spec)
     assert len(runs) == 2 * 2 * 3
     assert len({r.run_id for r in runs}) == len(runs)
     assert [r.run_id for r in runs] == [r.run_id for r in S.expand(spec)]  # stable
     P = ProblemConfig().num_prompts
     for r in runs:
-        # M = 4 B^2 = 4; sigma_max = c_max / 2 = 2 -> GRPO P/4, REINFORCE P/(4 * 2)
-        expected = P / 4 if r.train.estimator == "grpo" else P / 8
+        # tabular: M = diam^2 = ||e_y - e_y'||^2 = o * 2 + (1 - o) * 2 = 2; sigma_max = c_max / 2 = 2
+        # -> GRPO P/M = P/2, REINFORCE P/(M sigma_max) = P/4
+        expected = P / 2 if r.train.estimator == "grpo" else P / 4
         assert r.train.lr == pytest.approx(expected) and r.train.lr_rule == "theory"
-    tuned = S.expand(S.SweepSpec.build({"estimator": ["grpo"]}, seeds=1, lr="tuned"))
-    assert sorted(r.train.lr for r in tuned) == pytest.approx([P / 4 * 2.0**j for j in range(-1, 5)])
+    tuned = S.expand(S.SweepSpec.build({"estimator": ["grpo"], "kind": ["tabular"]}, seeds=1, lr="tuned"))
+    assert sorted(r.train.lr for r in tuned) == pytest.approx([P / 2 * 2.0**j for j in range(-1, 5)])
 
 
 def fake_runs(rows):

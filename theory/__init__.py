@@ -2,9 +2,21 @@
 
 Nothing here imports from ``sim``. Dimension legend used throughout:
     ...  leading batch dims (e.g. R runs);  P prompts;  K responses;
-    k private block size;  s shared block size;  T steps.
+    k private block size;  s shared block size;  D = k + s local coordinates;  T steps.
+
+Modules: softmax (policy, J_i, sigma_i, gradients), curvature (Hessian, M-bounds),
+bounds (step sizes), gains (predicted gain, rate bounds, one-step decomposition),
+orthogonality (rho_t, feature overlap), conditions (checks), phases (I/II/III labels).
 """
 
 from theory.softmax import logits, per_prompt_gradients, prompt_stats, summed_gradient  # noqa: F401
 from theory.bounds import global_curvature_bound, theory_step_size  # noqa: F401
-from theory.orthogonality import gradient_orthogonality  # noqa: F401
+from theory.orthogonality import feature_overlap, gradient_orthogonality  # noqa: F401
+from theory.curvature import (centered_features, gradient_bound, local_features, m_diameter,  # noqa: F401
+                              m_directional, m_fourth_moment, prompt_gradient, prompt_hessian,
+                              spectral_norm)
+from theory.gains import (one_step_change, per_step_gain, predicted_gain, rate_bounds,  # noqa: F401
+                          step_decomposition)
+from theory.conditions import (Condition, m_bound_condition, orthogonality_condition,  # noqa: F401
+                               relaxed_condition, step_size_condition)
+from theory.phases import PhaseThresholds, label_phases  # noqa: F401

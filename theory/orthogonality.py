@@ -20,3 +20,26 @@ def gradient_orthogonality(gram: torch.Tensor) -> torch.Tensor:
     cos = torch.where(ok, gram / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(gram))
     off = cos.abs().sum((-2, -1)) - torch.diagonal(cos, dim1=-2, dim2=-1).abs().sum(-1)
     return 1.0 - off / (P * (P - 1))
+
+
+def feature_overlap(phi_private: torch.Tensor, phi_shared: torch.Tensor, rank_tol: float = 1e-9) -> torch.Tensor:
+    """Largest principal cosine between the gradient subspaces of every pair of prompts.
+
+    grad J_i always lies in S_i = span{phi(x_i, y) - phi(x_i, y')} (it is a Cov with phi). Two
+    prompts' subspaces meet only through the shared block, so with orthonormal bases Q_i of S_i
+    (local coordinates [k + s]) the cosines of the principal angles are the singular values of
+    Q_i,shared^T Q_j,shared. Returns C [..., P, P] with C_ij = the largest one (0 on the
+    diagonal): all zeros means the problem decomposes per prompt (the orthogonal case).
+    phi_private [..., P, K, k], phi_shared [..., P, K, s].
+    """
+    k = phi_private.shape[-1]
+    loc = torch.cat([phi_private, phi_shared], dim=-1)  # [..., P, K, D]
+    diffs = loc[..., 1:, :] - loc[..., :1, :]  # [..., P, K-1, D] spans S_i
+    _, svals, vh = torch.linalg.svd(diffs, full_matrices=False)  # vh [..., P, r, D]
+    keep = svals > rank_tol * svals.amax(-1, keepdim=True).clamp_min(1e-300)  # [..., P, r]
+    basis = vh * keep.unsqueeze(-1)  # rows: orthonormal basis of S_i (zeroed beyond its rank)
+    shared = basis[..., k:]  # [..., P, r, s]
+    cross = torch.einsum("...ias,...jbs->...ijab", shared, shared)  # [..., P, P, r, r]
+    cos = torch.linalg.matrix_norm(cross, ord=2)  # [..., P, P]
+    P = cos.shape[-1]
+    return cos * (1 - torch.eye(P, dtype=cos.dtype))

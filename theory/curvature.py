@@ -1,0 +1,122 @@
+"""Exact curvature of the per-prompt objective and the M-bound (DESIGN.md §3).
+
+Prompt i's objective J_i(theta) = E_pi[rbar] depends on theta only through the coordinates
+its features touch, theta_i (private block, k dims) and theta_sh (shared block, s dims), so
+every per-prompt quantity here lives in those D = k + s local coordinates:
+
+    phi_loc(x_i, y) = [phi_private[i, y] ; phi_shared[i, y]]              [..., P, K, D]
+    d_y = phi_loc(x_i, y) - phibar_i,  phibar_i = E_pi phi_loc            (centered features)
+
+Shapes: pi, rbar [..., P, K]; mu, sigma [..., P]; d [..., P, K, D].
+
+For a log-linear policy pi_t ∝ pi exp(t u.phi) the derivatives of t -> E_pi_t[rbar] are the
+joint cumulants of (rbar, s, s, ...), s = u.phi: first Cov(rbar, s), second E[r~ s~ s~]
+(the tilde marks centering), third E[r~ s~^3] - 3 E[r~ s~] E[s~^2]. Hence
+
+    grad J_i = E_pi[(rbar - mu) d]                 Hess J_i = E_pi[(rbar - mu) d d^T]
+
+and, by Cauchy-Schwarz on u^T Hess u = Cov(rbar, (u.d)^2):
+
+    ||Hess J_i|| <= sigma_i M_i,  M_i = sup_|u|=1 SD_pi[(u.d)^2] <= sqrt(E_pi ||d||^4)
+                                        <= max_y ||d_y||^2 <= diam_i^2 <= (2B)^2 = 4 B^2,
+    ||grad J_i|| <= sigma_i sqrt(E_pi ||d||^2),
+
+with diam_i = max_{y, y'} ||phi_loc(x_i, y) - phi_loc(x_i, y')|| (phibar is a convex combination
+of the features, so ||d_y|| <= diam_i) and B = max ||phi||.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def local_features(phi_private: torch.Tensor, phi_shared: torch.Tensor) -> torch.Tensor:
+    """phi_loc = [phi_private ; phi_shared] per response: [..., P, K, k + s]."""
+    return torch.cat([phi_private, phi_shared], dim=-1)
+
+
+def centered_features(pi: torch.Tensor, phi_loc: torch.Tensor) -> torch.Tensor:
+    """d_y = phi_loc(y) - E_pi phi_loc: [..., P, K, D]."""
+    phibar = (pi.unsqueeze(-1) * phi_loc).sum(-2, keepdim=True)  # [..., P, 1, D]
+    return phi_loc - phibar
+
+
+def prompt_gradient(pi: torch.Tensor, rbar: torch.Tensor, mu: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """grad J_i = E_pi[(rbar - mu) d] in local coordinates: [..., P, D]."""
+    w = pi * (rbar - mu.unsqueeze(-1))  # [..., P, K]
+    return (w.unsqueeze(-1) * d).sum(-2)
+
+
+def prompt_hessian(pi: torch.Tensor, rbar: torch.Tensor, mu: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Hess J_i = E_pi[(rbar - mu) d d^T] in local coordinates: [..., P, D, D]."""
+    w = pi * (rbar - mu.unsqueeze(-1))  # [..., P, K]
+    return d.transpose(-1, -2) @ (w.unsqueeze(-1) * d)  # sum_y w_y d_y d_y^T
+
+
+def spectral_norm(H: torch.Tensor) -> torch.Tensor:
+    """||H||_2 = max |eigenvalue| of symmetric H [..., D, D] -> [...]."""
+    return torch.linalg.eigvalsh(H).abs().amax(-1)
+
+
+def m_fourth_moment(pi: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Analytic M_i(theta) in the form sqrt(E_pi ||d||^4): [..., P]."""
+    sq = (d * d).sum(-1)  # [..., P, K]
+    return (pi * sq * sq).sum(-1).sqrt()
+
+
+def _directional_sd(pi: torch.Tensor, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SD_pi[(u.d)^2] for unit u [..., P, D] -> [..., P]."""
+    a = ((d * u.unsqueeze(-2)).sum(-1)) ** 2  # [..., P, K]
+    m = (pi * a).sum(-1, keepdim=True)
+    return (pi * (a - m) ** 2).sum(-1).clamp_min(0).sqrt()
+
+
+def m_directional(pi: torch.Tensor, d: torch.Tensor, H: torch.Tensor | None = None,
+                  iters: int = 50) -> torch.Tensor:
+    """Analytic M_i(theta) = sup_|u|=1 SD_pi[(u.d)^2], estimated by projected gradient ascent.
+
+    Starts: every eigenvector of E_pi[d d^T] and, when ``H`` is given, every eigenvector of H.
+    The result is a lower estimate of the sup, but it is always >= ||H|| / sigma_i, because the
+    top eigenvector u* of H is a start and |u*^T H u*| = |Cov(rbar, (u*.d)^2)| <= sigma_i
+    SD[(u*.d)^2]; it is <= m_fourth_moment since SD[(u.d)^2] <= sqrt(E (u.d)^4). [..., P].
+    """
+    cov = d.transpose(-1, -2) @ (pi.unsqueeze(-1) * d)  # [..., P, D, D]
+    starts = [torch.linalg.eigh(cov).eigenvectors]
+    if H is not None:
+        starts.append(torch.linalg.eigh(H).eigenvectors)
+    U = torch.cat(starts, dim=-1).transpose(-1, -2)  # [..., P, S, D]: S unit start directions
+    dd = d.unsqueeze(-3)  # [..., P, 1, K, D]
+    pp = pi.unsqueeze(-2)  # [..., P, 1, K]
+    best = _directional_sd(pp, dd, U).amax(-1)  # [..., P]
+    u = U
+    for _ in range(iters):
+        s = (dd * u.unsqueeze(-2)).sum(-1)  # [..., P, S, K]  u.d
+        a = s * s
+        m = (pp * a).sum(-1, keepdim=True)
+        # grad_u Var[(u.d)^2] = E[2 (a - m) * 2 s d]   (the mean term's gradient cancels)
+        grad = ((pp * 4 * (a - m) * s).unsqueeze(-1) * dd).sum(-2)  # [..., P, S, D]
+        u = u + 0.5 * grad / (grad.norm(dim=-1, keepdim=True).clamp_min(1e-300) + 1.0)
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        best = torch.maximum(best, _directional_sd(pp, dd, u).amax(-1))
+    return best
+
+
+def m_diameter(phi_loc: torch.Tensor) -> torch.Tensor:
+    """Global (all-theta) bound M_i <= diam_i^2 = max_{y,y'} ||phi_loc(y) - phi_loc(y')||^2: [..., P]."""
+    diff = phi_loc.unsqueeze(-2) - phi_loc.unsqueeze(-3)  # [..., P, K, K, D]
+    return (diff * diff).sum(-1).amax((-2, -1))
+
+
+def gradient_bound(pi: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """||grad J_i|| <= sigma_i sqrt(E_pi ||d||^2) (Cauchy-Schwarz): the bound, [..., P]."""
+    return sigma * (pi * (d * d).sum(-1)).sum(-1).sqrt()
+
+
+def third_derivative_bound(sigma_max: torch.Tensor, diam: torch.Tensor) -> torch.Tensor:
+    """|d^3/dt^3 J_i(theta + t v)| <= 4 sigma_max diam^3 ||v||^3 for unit-free v.
+
+    The third joint cumulant E[r~ s~^3] - 3 E[r~ s~] E[s~^2] with |s~| <= ||v|| diam and
+    SD(r) <= sigma_max (the largest possible reward std) is at most 4 sigma_max (||v|| diam)^3.
+    Returns the coefficient 4 sigma_max diam^3 (broadcast shapes).
+    """
+    return 4.0 * sigma_max * diam**3

@@ -1,0 +1,124 @@
+"""Predicted gain, rate bounds and the one-step decomposition (DESIGN.md §3).
+
+Ascent lemma per prompt block (orthogonal case), M the curvature constant of the M-bound:
+  REINFORCE  theta_i += eta g_i,         eta = 1/(M sigma_max):  J_i gain >= ||g_i||^2 / (2 M sigma_max)
+  GRPO       theta_i += eta g_i/sigma_i, eta = 1/M:              J_i gain >= ||g_i||^2 / (2 M sigma_i)
+(the GRPO line needs sigma_i along the step to stay below sigma_i at its start; see
+theory.conditions.relaxed_condition). Summing over t < T and prompts, with
+Delta = mean_i (J_i* - J_i(0)) and Cauchy-Schwarz on the average gradient norm:
+
+  REINFORCE  (1/PT) sum_{i,t} ||g_i,t|| <= sqrt(2 M sigma_max Delta / T)
+  GRPO       (1/PT) sum_{i,t} ||g_i,t|| <= sqrt(2 M sigma_bar Delta / T),
+             sigma_bar = (1/PT) sum_{i,t} sigma_i,t  (GRPO's own trajectory)
+
+so the number of steps either bound needs to certify a gradient norm differs by the factor
+G_pred = sigma_max / sigma_bar >= 1 (our reconstruction; the paper's exact statement may differ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from theory.curvature import centered_features, local_features, prompt_hessian
+from theory.softmax import logits, per_prompt_gradients, prompt_stats
+
+
+def predicted_gain(sigma_history: torch.Tensor, sigma_max: torch.Tensor | float | None = None) -> torch.Tensor:
+    """G_pred = sigma_max / sigma_bar, sigma_bar the mean of sigma_history [..., T, P] over T and P.
+
+    ``sigma_max`` None takes the largest sigma in the history (the tightest REINFORCE step that is
+    safe along this very trajectory), so equal sigmas give exactly 1. G_pred >= 1 whenever
+    sigma_max bounds every sigma. A history of zeros (nothing left to learn) gives 1. -> [...].
+    """
+    sigma_bar = sigma_history.mean((-2, -1))
+    if sigma_max is None:
+        smax = sigma_history.amax((-2, -1))
+    else:
+        smax = torch.as_tensor(sigma_max, dtype=sigma_history.dtype).expand_as(sigma_bar)
+    ok = sigma_bar > 0
+    return torch.where(ok, smax / torch.where(ok, sigma_bar, torch.ones_like(sigma_bar)), torch.ones_like(sigma_bar))
+
+
+def rate_bounds(steps: int, M: float, delta_j: float, sigma_max: float, sigma_bar: float) -> tuple[float, float]:
+    """(REINFORCE, GRPO) bounds on the average per-prompt gradient norm after ``steps`` steps:
+    sqrt(2 M sigma_max Delta / T) and sqrt(2 M sigma_bar Delta / T) (module docstring)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    return (math.sqrt(2 * M * sigma_max * delta_j / steps), math.sqrt(2 * M * sigma_bar * delta_j / steps))
+
+
+def mean_objective(bias, rbar, phi_private, phi_shared, theta_private, theta_shared) -> torch.Tensor:
+    """J_i(theta) for every prompt: [..., P]."""
+    _, mu, _, _ = prompt_stats(logits(bias, phi_private, phi_shared, theta_private, theta_shared), rbar)
+    return mu
+
+
+def exact_step(w: torch.Tensor, step_scale: torch.Tensor, phi_private: torch.Tensor, phi_shared: torch.Tensor):
+    """The step Delta = sum_j a_j grad J_j with per-prompt scales a_j = step_scale [..., P]
+    (REINFORCE: a_j = lr/P; GRPO: a_j = lr/(P sigma_j)), w = pi (rbar - mu) [..., P, K].
+    Returns (Delta_private [..., P, k], Delta_shared [..., s])."""
+    g_p, g_s = per_prompt_gradients(w, phi_private, phi_shared)
+    a = step_scale.unsqueeze(-1)
+    return a * g_p, (a * g_s).sum(-2)
+
+
+def one_step_change(bias, rbar, phi_private, phi_shared, theta_private, theta_shared,
+                    step_scale: torch.Tensor) -> torch.Tensor:
+    """J(theta + Delta) - J(theta), mean over prompts, for the exact step with scales a_j: [...]."""
+    z = logits(bias, phi_private, phi_shared, theta_private, theta_shared)
+    _, mu, _, w = prompt_stats(z, rbar)
+    d_p, d_s = exact_step(w, step_scale, phi_private, phi_shared)
+    mu_new = mean_objective(bias, rbar, phi_private, phi_shared, theta_private + d_p, theta_shared + d_s)
+    return (mu_new - mu).mean(-1)
+
+
+def per_step_gain(dj_grpo: torch.Tensor, dj_reinforce: torch.Tensor, tiny: float = 1e-12,
+                  cap: float = 1e6) -> torch.Tensor:
+    """Measured per-step gain dJ_GRPO / dJ_REINFORCE at the same theta (each at its theory step).
+
+    NaN-free conventions: when REINFORCE's change is <= tiny, the gain is ``cap`` if GRPO's change
+    exceeds tiny and 1 if neither moves; finite results are clipped to [-cap, cap].
+    """
+    moving = dj_reinforce > tiny
+    ratio = dj_grpo / torch.where(moving, dj_reinforce, torch.ones_like(dj_reinforce))
+    still = torch.where(dj_grpo > tiny, torch.full_like(ratio, cap), torch.ones_like(ratio))
+    return torch.where(moving, ratio, still).clamp(-cap, cap)
+
+
+def step_decomposition(bias, rbar, phi_private, phi_shared, theta_private, theta_shared,
+                       step_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-prompt decomposition of the one-step change of J_i under Delta = sum_j a_j grad J_j.
+
+    With g_i = grad J_i and Delta_i = (private block i of Delta, shared block of Delta):
+      own_i       = a_i ||g_i||^2                          (prompt i's own step)
+      cross_i     = sum_{j != i} a_j <g_i, g_j>            (interference through the shared block)
+      second_i    = Delta_i^T Hess J_i Delta_i / 2         (curvature; |.| <= M_i sigma_i ||Delta_i||^2 / 2)
+      actual_i    = J_i(theta + Delta) - J_i(theta)
+      remainder_i = actual_i - own_i - cross_i - second_i,
+      |remainder_i| <= remainder_bound_i = (4/6) sigma_max,i diam_i^3 ||Delta_i||^3
+    (Taylor's theorem with the third-derivative bound of theory.curvature). All [..., P].
+    """
+    z = logits(bias, phi_private, phi_shared, theta_private, theta_shared)
+    pi, mu, sigma, w = prompt_stats(z, rbar)
+    g_p, g_s = per_prompt_gradients(w, phi_private, phi_shared)  # [..., P, k], [..., P, s]
+    a = step_scale
+    d_p, d_s = a.unsqueeze(-1) * g_p, (a.unsqueeze(-1) * g_s).sum(-2)  # Delta blocks
+    own = a * ((g_p * g_p).sum(-1) + (g_s * g_s).sum(-1))
+    cross = (g_s * (d_s.unsqueeze(-2) - a.unsqueeze(-1) * g_s)).sum(-1)
+    phi_loc = local_features(phi_private, phi_shared)
+    d = centered_features(pi, phi_loc)
+    H = prompt_hessian(pi, rbar, mu, d)  # [..., P, D, D]
+    delta_loc = torch.cat([d_p, d_s.unsqueeze(-2).expand_as(g_s)], dim=-1)  # [..., P, D]
+    second = 0.5 * (delta_loc.unsqueeze(-2) @ H @ delta_loc.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    mu_new = mean_objective(bias, rbar, phi_private, phi_shared, theta_private + d_p, theta_shared + d_s)
+    actual = mu_new - mu
+    diff = phi_loc.unsqueeze(-2) - phi_loc.unsqueeze(-3)
+    diam = (diff * diff).sum(-1).amax((-2, -1)).sqrt()  # [..., P]
+    smax = (rbar.amax(-1) - rbar.amin(-1)) / 2
+    step_norm = delta_loc.norm(dim=-1)
+    return {"own": own, "cross": cross, "second": second, "actual": actual,
+            "remainder": actual - own - cross - second,
+            "remainder_bound": (4.0 / 6.0) * smax * diam**3 * step_norm**3, "step_norm": step_norm,
+            "sigma": sigma}
