@@ -41,6 +41,8 @@ def fake_runs(rows):
     df["run_id"] = [f"r{i:03d}" for i in range(len(df))]
     df["final_J"] = 1.0
     df["j_star"] = 1.0
+    df["predicted_gain"] = 1.0
+    df["conditions_ok"] = True
     return df
 
 
