@@ -200,8 +200,12 @@ def make_problem(cfg: ProblemConfig, dtype: torch.dtype = torch.float64) -> Prob
 
     o = cfg.orthogonality
     t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-    return Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), phi_private=t(math.sqrt(o) * U),
+    prob = Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), phi_private=t(math.sqrt(o) * U),
                    phi_shared=t(math.sqrt(1 - o) * V), orthogonality=t(o))
+    if float(prob.curvature_bound) <= 1e-12:
+        raise ValueError("shared-dim: no prompt's features tell its responses apart (every feature "
+                         "difference is 0), so nothing can be learned; raise --orthogonality or --shared-dim")
+    return prob
 
 
 def stack_problems(problems: list[Problem]) -> Problem:

@@ -96,29 +96,36 @@ class SweepSpec:
         return [k for k, v in self.axes if len(v) > 1 and k != "estimator"]
 
 
+def built_problem(problem: ProblemConfig):
+    """make_problem with its ValueError (degenerate features) turned into a ConfigError."""
+    from sim.problems import make_problem
+
+    try:
+        return make_problem(problem)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def theory_lr(problem: ProblemConfig, estimator: str) -> float:
     """The ascent-lemma learning rate of ``estimator`` on ``problem`` (engine convention):
     P/M for GRPO-type, P/(M sigma_max) otherwise, M = max_i diam_i^2 (Problem.curvature_bound)."""
-    from sim.problems import make_problem
-
-    return float(make_problem(problem).theory_lr(estimators.is_std_normalized(estimator)))
+    return float(built_problem(problem).theory_lr(estimators.is_std_normalized(estimator)))
 
 
 def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
     """Every run of the sweep, validated, in a deterministic order."""
     names = [k for k, _ in spec.axes]
     runs = []
-    sigma_cache: dict[ProblemConfig, dict[str, float]] = {}
+    built: dict[ProblemConfig, object] = {}
     for combo in itertools.product(*(v for _, v in spec.axes)):
         d = dict(zip(names, combo))
         problem = ProblemConfig(**{k: d[k] for k in PROBLEM_FIELDS})
         base = {k: d[k] for k in TRAIN_AXES}
         validate_run(RunConfig(problem, TrainConfig(**base)))  # before anything builds the problem
+        if problem not in built:
+            built[problem] = built_problem(problem)
         if isinstance(spec.lr, str):
-            cache = sigma_cache.setdefault(problem, {})
-            if d["estimator"] not in cache:
-                cache[d["estimator"]] = theory_lr(problem, d["estimator"])
-            lr0 = cache[d["estimator"]]
+            lr0 = float(built[problem].theory_lr(estimators.is_std_normalized(d["estimator"])))
             lrs = [lr0] if spec.lr == "theory" else [lr0 * f for f in TUNED_FACTORS]
             rule = spec.lr
         else:

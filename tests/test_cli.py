@@ -126,3 +126,52 @@ def test_console_script_bad_value_no_traceback(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["error: orthogonality: 1.5 is out of range; accepted: [0.0, 1.0]"]
     assert not (tmp_path / "x").exists()
+
+
+def test_degenerate_features_are_a_config_error(capsys, tmp_path):
+    # o = 0 with a 1-dim shared block: the two responses' shared vectors are +-1, equal for some seeds
+    from sim.problems import ProblemConfig, make_problem
+
+    def degenerate(seed):
+        try:
+            make_problem(ProblemConfig(num_prompts=1, num_responses=2, orthogonality=0.0, shared_dim=1,
+                                       private_dim=1, problem_seed=seed))
+            return False
+        except ValueError:
+            return True
+
+    seed = next(s for s in range(100) if degenerate(s))
+    args = ["--num-prompts", "1", "--num-responses", "2", "--orthogonality", "0", "--shared-dim", "1",
+            "--private-dim", "1", "--problem-seed", str(seed)]
+    for cmd in (["sweep", *args, "--lr", "1.0", "--out", str(tmp_path / "r")], ["theory", "check", *args]):
+        code, _, err = run_cli(cmd, capsys)
+        assert code == 2 and err.startswith("error: shared-dim:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("o,holds", [("1.0", True), ("0.2", False)])
+def test_theory_check_reports_orthogonality(o, holds, capsys):
+    import json
+
+    code, out, err = run_cli(["theory", "check", "--orthogonality", o, "--difficulty-spread", "1.0",
+                              "--steps", "30", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    orth = next(c for c in report["conditions"] if c["name"] == "orthogonality")
+    assert orth["holds"] is holds
+    if holds:
+        assert report["all_hold"] is True
+    else:
+        assert orth["measured"] > 0.5  # random shared directions at o = 0.2 overlap strongly
+
+
+def test_theory_predict_and_bad_option(capsys):
+    import json
+
+    code, out, _ = run_cli(["theory", "predict", "--orthogonality", "1.0", "--kind", "tabular",
+                            "--steps", "300", "--json"], capsys)
+    assert code == 0
+    rep = json.loads(out)
+    assert rep["predicted_gain"] >= 1.0 and rep["M"]["diameter (used)"] == pytest.approx(2.0)
+    code, _, err = run_cli(["theory", "check", "--orthogonality", "1.5"], capsys)
+    assert code == 2 and err.strip() == "error: orthogonality: 1.5 is out of range; accepted: [0.0, 1.0]"

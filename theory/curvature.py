@@ -59,7 +59,7 @@ def spectral_norm(H: torch.Tensor) -> torch.Tensor:
 
 
 def m_fourth_moment(pi: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Analytic M_i(theta) in the form sqrt(E_pi ||d||^4): [..., P]."""
+    """Analytic M_i(theta) = sqrt(E_pi ||d||^4) >= sup_|u|=1 SD[(u.d)^2] (module docstring): [..., P]."""
     sq = (d * d).sum(-1)  # [..., P, K]
     return (pi * sq * sq).sum(-1).sqrt()
 

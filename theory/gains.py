@@ -42,15 +42,16 @@ def predicted_gain(sigma_history: torch.Tensor, sigma_max: torch.Tensor | float 
 
 
 def rate_bounds(steps: int, M: float, delta_j: float, sigma_max: float, sigma_bar: float) -> tuple[float, float]:
-    """(REINFORCE, GRPO) bounds on the average per-prompt gradient norm after ``steps`` steps:
-    sqrt(2 M sigma_max Delta / T) and sqrt(2 M sigma_bar Delta / T) (module docstring)."""
+    """(REINFORCE, GRPO) bounds on the average per-prompt gradient norm after T = ``steps`` steps:
+    (1/PT) sum ||g_i,t|| <= sqrt(2 M sigma_max Delta / T) and <= sqrt(2 M sigma_bar Delta / T)
+    (derivation in the module docstring; DESIGN.md §3)."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     return (math.sqrt(2 * M * sigma_max * delta_j / steps), math.sqrt(2 * M * sigma_bar * delta_j / steps))
 
 
 def mean_objective(bias, rbar, phi_private, phi_shared, theta_private, theta_shared) -> torch.Tensor:
-    """J_i(theta) for every prompt: [..., P]."""
+    """J_i(theta) = E_pi[rbar(x_i, .)] for every prompt (DESIGN.md §3): [..., P]."""
     _, mu, _, _ = prompt_stats(logits(bias, phi_private, phi_shared, theta_private, theta_shared), rbar)
     return mu
 
@@ -66,7 +67,7 @@ def exact_step(w: torch.Tensor, step_scale: torch.Tensor, phi_private: torch.Ten
 
 def one_step_change(bias, rbar, phi_private, phi_shared, theta_private, theta_shared,
                     step_scale: torch.Tensor) -> torch.Tensor:
-    """J(theta + Delta) - J(theta), mean over prompts, for the exact step with scales a_j: [...]."""
+    """dJ = J(theta + Delta) - J(theta), J = mean_i J_i, for the exact step Delta = sum_j a_j grad J_j: [...]."""
     z = logits(bias, phi_private, phi_shared, theta_private, theta_shared)
     _, mu, _, w = prompt_stats(z, rbar)
     d_p, d_s = exact_step(w, step_scale, phi_private, phi_shared)

@@ -33,7 +33,8 @@ class PhaseThresholds:
 
 
 def raw_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds()) -> np.ndarray:
-    """Per-step raw labels 0 (I), 1 (II), 2 (III) from arrays [T] (see module docstring)."""
+    """Per-step raw labels 0 (I), 1 (II), 2 (III) from arrays [T]: I if v >= sigma_hi and rho >= rho_hi
+    and gain >= gain_hi, III if rho < rho_lo or gain < gain_lo, else II (module docstring)."""
     s = np.asarray(sigma_bar, dtype=float)
     rho = np.asarray(rho, dtype=float)
     gain = np.asarray(gain, dtype=float)

@@ -50,8 +50,8 @@ def per_prompt_gradients(w: torch.Tensor, phi_private: torch.Tensor, phi_shared:
 
 
 def summed_gradient(w: torch.Tensor, phi_private: torch.Tensor, phi_shared: torch.Tensor):
-    """sum_i g_i in blocks: (private [..., P, k], shared [..., s]); the shared block is summed
-    over prompts in one product: sum_i sum_y w_iy phi_shared[i, y]."""
+    """sum_i g_i in blocks, g_i = sum_y w_iy phi(x_i, y): (private [..., P, k], shared [..., s]);
+    the shared block is summed over prompts in one product: sum_i sum_y w_iy phi_shared[i, y]."""
     g_private = (w.unsqueeze(-2) @ phi_private).squeeze(-2)  # [..., P, k]
     g_shared = (w.flatten(-2).unsqueeze(-2) @ phi_shared.flatten(-3, -2)).squeeze(-2)  # [..., s]
     return g_private, g_shared

@@ -1,0 +1,213 @@
+"""Hypothesis properties of every lemma in DESIGN.md §3 (theory/)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import theory
+from sim import estimators
+from sim.problems import ProblemConfig, make_problem
+
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # examples: tests/conftest.py
+
+
+@st.composite
+def problems(draw, orthogonal=None):
+    kind = draw(st.sampled_from(["tabular", "linear"]))
+    K = draw(st.integers(2, 5))
+    dims = {} if kind == "tabular" else {"private_dim": draw(st.integers(1, 5)), "shared_dim": draw(st.integers(1, 4))}
+    o = 1.0 if orthogonal else draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]) | st.floats(0.0, 1.0))
+    cfg = ProblemConfig(kind=kind, num_prompts=draw(st.integers(1, 4)), num_responses=K, orthogonality=o,
+                        base_success=draw(st.floats(0.02, 0.98)), difficulty_spread=draw(st.floats(0.0, 1.0)),
+                        difficulty_layout=draw(st.sampled_from(["even", "random"])),
+                        reward_scale_spread=draw(st.floats(1.0, 10.0)), reward_noise=draw(st.floats(0.0, 0.4)),
+                        problem_seed=draw(st.integers(0, 1000)), **dims)
+    try:
+        return make_problem(cfg)
+    except ValueError:  # degenerate features (every response looks the same): rejected by design
+        assume(False)
+
+
+@st.composite
+def thetas(draw, prob, max_scale=3.0):
+    scale = draw(st.floats(0.0, max_scale))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    P = prob.bias.shape[0]
+    return (scale * torch.randn(P, prob.phi_private.shape[-1], generator=g, dtype=torch.float64),
+            scale * torch.randn(prob.phi_shared.shape[-1], generator=g, dtype=torch.float64))
+
+
+def stats_at(prob, tp, ts):
+    pi, mu, sigma, w = theory.prompt_stats(theory.logits(prob.bias, prob.phi_private, prob.phi_shared, tp, ts),
+                                           prob.rbar)
+    d = theory.centered_features(pi, theory.local_features(prob.phi_private, prob.phi_shared))
+    return pi, mu, sigma, d
+
+
+def prompt_objective(prob, tp, ts, i):
+    """J_i as a function of its local coordinates x = [theta_i ; theta_sh]."""
+    k = tp.shape[-1]
+
+    def f(x):
+        tp_x = tp.clone()
+        tp_x[i] = x[:k]
+        return theory.prompt_stats(theory.logits(prob.bias, prob.phi_private, prob.phi_shared, tp_x, x[k:]),
+                                   prob.rbar)[1][i]
+    return f, torch.cat([tp[i], ts])
+
+
+@SETTINGS
+@given(data=st.data())
+def test_gradient_and_hessian_equal_autograd_and_finite_differences(data):
+    prob = data.draw(problems())
+    tp, ts = data.draw(thetas(prob))
+    pi, mu, sigma, d = stats_at(prob, tp, ts)
+    g = theory.prompt_gradient(pi, prob.rbar, mu, d)
+    H = theory.prompt_hessian(pi, prob.rbar, mu, d)
+    i = data.draw(st.integers(0, prob.bias.shape[0] - 1))
+    f, x0 = prompt_objective(prob, tp, ts, i)
+    g_auto = torch.autograd.functional.jacobian(f, x0)
+    H_auto = torch.autograd.functional.hessian(f, x0)
+    torch.testing.assert_close(g[i], g_auto, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(H[i], H_auto, rtol=1e-9, atol=1e-12)
+    # central differences: O(h^2) truncation with h = 1e-5 and third derivative <= 4 sigma_max diam^3
+    h = 1e-5
+    D = x0.numel()
+    eye = torch.eye(D, dtype=torch.float64)
+    g_fd = torch.stack([(f(x0 + h * eye[j]) - f(x0 - h * eye[j])) / (2 * h) for j in range(D)])
+    torch.testing.assert_close(g[i], g_fd, rtol=0, atol=1e-8 * (1 + float(prob.scale.max())))
+    grad = lambda x: torch.autograd.functional.jacobian(f, x)  # noqa: E731
+    H_fd = torch.stack([(grad(x0 + h * eye[j]) - grad(x0 - h * eye[j])) / (2 * h) for j in range(D)])
+    torch.testing.assert_close(H[i], H_fd, rtol=0, atol=1e-7 * (1 + float(prob.scale.max())))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_m_bound_chain_and_gradient_bound_never_fail(data):
+    prob = data.draw(problems())
+    tp, ts = data.draw(thetas(prob, max_scale=6.0))
+    pi, mu, sigma, d = stats_at(prob, tp, ts)
+    H = theory.prompt_hessian(pi, prob.rbar, mu, d)
+    hess_norm = theory.spectral_norm(H)
+    m_dir = theory.m_directional(pi, d, H)
+    m_4 = theory.m_fourth_moment(pi, d)
+    m_diam = theory.m_diameter(theory.local_features(prob.phi_private, prob.phi_shared))
+    tol = 1e-9
+    # ||Hess J_i|| <= sigma_i M_dir <= sigma_i sqrt(E||d||^4) <= sigma_i diam^2 <= sigma_i 4 B^2
+    assert (hess_norm <= sigma * m_dir * (1 + tol) + 1e-13).all()
+    assert (m_dir <= m_4 * (1 + tol) + 1e-13).all()
+    assert (m_4 <= m_diam * (1 + tol) + 1e-12).all()  # rounding: d ~ 1e-16 where every feature is equal
+    assert (m_diam <= theory.global_curvature_bound(prob.feature_norm_bound) * (1 + tol)).all()
+    g = theory.prompt_gradient(pi, prob.rbar, mu, d)
+    assert (g.norm(dim=-1) <= theory.gradient_bound(pi, d, sigma) * (1 + tol) + 1e-13).all()
+
+
+@SETTINGS
+@given(data=st.data(), estimator=st.sampled_from(["reinforce", "grpo"]))
+def test_theory_steps_never_decrease_any_prompt_on_orthogonal_problems(data, estimator):
+    """Exact gradients, theory step sizes (P/M, P/(M sigma_max)), o = 1: every J_i is non-decreasing."""
+    prob = data.draw(problems(orthogonal=True))
+    P = prob.bias.shape[0]
+    lr = float(prob.theory_lr(estimators.is_std_normalized(estimator)))
+    tp = torch.zeros(P, prob.phi_private.shape[-1], dtype=torch.float64)
+    ts = torch.zeros(prob.phi_shared.shape[-1], dtype=torch.float64)
+    for _ in range(40):
+        z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, tp, ts)
+        _, mu, sigma, w = theory.prompt_stats(z, prob.rbar)
+        w = w * estimators.population_scale(estimator, sigma, mu, 0.0).unsqueeze(-1)
+        g_p, g_s = theory.summed_gradient(w, prob.phi_private, prob.phi_shared)
+        tp, ts = tp + lr / P * g_p, ts + lr / P * g_s
+        mu_new = theory.prompt_stats(theory.logits(prob.bias, prob.phi_private, prob.phi_shared, tp, ts),
+                                     prob.rbar)[1]
+        assert (mu_new >= mu - 1e-12 * prob.scale).all(), (mu_new - mu).min()
+
+
+@SETTINGS
+@given(hist=st.lists(st.lists(st.floats(0.0, 5.0), min_size=1, max_size=6), min_size=1, max_size=8)
+       .filter(lambda h: len({len(r) for r in h}) == 1),
+       extra=st.floats(0.0, 3.0))
+def test_predicted_gain_at_least_one(hist, extra):
+    sigma = torch.tensor(hist, dtype=torch.float64)  # [T, P]
+    g = theory.predicted_gain(sigma, float(sigma.max()) + extra)
+    assert float(g) >= 1.0 - 1e-12 and math.isfinite(float(g))
+    assert float(theory.predicted_gain(sigma)) >= 1.0 - 1e-12
+
+
+@SETTINGS
+@given(value=st.floats(1e-6, 5.0), T=st.integers(1, 20), P=st.integers(1, 8))
+def test_predicted_gain_is_one_for_equal_sigmas(value, T, P):
+    sigma = torch.full((T, P), value, dtype=torch.float64)
+    assert float(theory.predicted_gain(sigma)) == pytest.approx(1.0, rel=1e-12)
+    assert float(theory.predicted_gain(sigma, value)) == pytest.approx(1.0, rel=1e-12)
+    # and sigma_max / sigma_bar in general: all equal to 'value' with sigma_max = 2 value gives 2
+    assert float(theory.predicted_gain(sigma, 2 * value)) == pytest.approx(2.0, rel=1e-12)
+
+
+@SETTINGS
+@given(data=st.data(), normalized=st.booleans(), lr_factor=st.floats(0.1, 4.0))
+def test_decomposition_adds_up_to_the_actual_change(data, normalized, lr_factor):
+    prob = data.draw(problems())
+    tp, ts = data.draw(thetas(prob))
+    P = prob.bias.shape[0]
+    _, mu, sigma, _ = stats_at(prob, tp, ts)
+    lr = lr_factor * float(prob.theory_lr(normalized))
+    scale = lr / P * (estimators.population_scale("grpo", sigma, mu, 0.0) if normalized else torch.ones_like(sigma))
+    dec = theory.step_decomposition(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, tp, ts, scale)
+    rounding = 1e-12 * (1 + float(prob.scale.max()))
+    assert (dec["remainder"].abs() <= dec["remainder_bound"] + rounding).all()
+    # own is a sum of squares: never negative; orthogonal problems have no cross term
+    assert (dec["own"] >= 0).all()
+    if float(prob.orthogonality) == 1.0:
+        assert (dec["cross"].abs() <= rounding).all()
+
+
+PHASE_VALUES = {  # (sigma_bar, rho, gain) ranges that the default thresholds read as each phase
+    0: ((0.6, 1.0), (0.6, 1.0), (1.2, 5.0)),
+    1: ((0.05, 1.0), (0.3, 1.0), (1.0, 1.09)),
+    2: ((0.0, 1.0), (0.0, 0.2), (0.5, 1.5)),
+}
+
+
+@SETTINGS
+@given(data=st.data(), lengths=st.lists(st.integers(3, 25), min_size=3, max_size=3),
+       skip_first=st.booleans())
+def test_phase_rule_recovers_planted_phases(data, lengths, skip_first):
+    planted = []
+    series = []
+    for phase, n in enumerate(lengths):
+        if skip_first and phase == 0:
+            continue
+        (s_lo, s_hi), (r_lo, r_hi), (g_lo, g_hi) = PHASE_VALUES[phase]
+        for _ in range(n):
+            series.append((data.draw(st.floats(s_lo, s_hi)), data.draw(st.floats(r_lo, r_hi)),
+                           data.draw(st.floats(g_lo, g_hi))))
+            planted.append(theory.phases.PHASE_NAMES[phase])
+    s, r, g = (np.array(x) for x in zip(*series))
+    s[0] = 1.0  # the peak sigma_bar sits in the first segment, as in training
+    labels = theory.label_phases(s, r, g)
+    assert list(labels) == planted
+
+
+def test_phase_rule_ignores_single_step_blips():
+    s = np.ones(30)
+    r = np.full(30, 0.9)
+    g = np.concatenate([np.full(10, 2.0), np.full(10, 1.05), np.full(10, 0.9)])
+    g[4] = 0.5   # one-step blip inside phase I
+    r[14] = 0.1  # one-step blip inside phase II
+    labels = theory.label_phases(s, r, g)
+    assert list(labels) == ["I"] * 10 + ["II"] * 10 + ["III"] * 10
+
+
+def test_feature_overlap_of_tabular_problems_is_one_minus_o():
+    # shared one-hot blocks: the shared parts of two prompts' subspaces coincide, scaled by sqrt(1-o)
+    # on both sides, so the largest principal cosine is (1 - o) / (o + (1 - o)) = 1 - o
+    for o in (1.0, 0.75, 0.3):
+        prob = make_problem(ProblemConfig(kind="tabular", num_prompts=4, num_responses=3, orthogonality=o))
+        ov = theory.feature_overlap(prob.phi_private, prob.phi_shared)
+        off = ov[~torch.eye(4, dtype=torch.bool)]
+        torch.testing.assert_close(off, torch.full_like(off, 1 - o), rtol=1e-9, atol=1e-12)
