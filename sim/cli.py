@@ -189,10 +189,12 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
         if r.get("speedup") == r.get("speedup"):  # not NaN: the sweep has a REINFORCE run
             cens = r.get("speedup_censored", "")
             if cens == "both":
-                sp = "– (neither reached)"
+                sp = "– (neither)"
             else:
                 mark = {"lower": "≥", "upper": "≤"}.get(cens, "~" if cens else "")
-                sp = f"{mark}{r['speedup']:.2f} ({r['speedup_lo']:.2f}–{r['speedup_hi']:.2f})"
+                sp = f"{mark}{r['speedup']:.2f}"
+                if r["n"] > 1:
+                    sp += f" ({r['speedup_lo']:.2f}–{r['speedup_hi']:.2f})"
         table.add_row(*[_fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in show],
                       str(r["estimator"]), _fmt(r["lr"]), f"{r['reached']}/{r['n']}", steps,
                       f"{r['final_J'] / r['j_star']:.3f}", sp,
