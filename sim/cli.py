@@ -11,7 +11,6 @@ import dataclasses
 import datetime as _dt
 import inspect
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -91,74 +90,11 @@ def _parse_axes(values: dict[str, Optional[str]], list_valued: bool,
     return axes
 
 
-def _parse_lr(text: Optional[str]):
-    if text is None or text.strip() in ("theory", "tuned"):
-        return (text or "theory").strip()
-    try:
-        return tuple(float(t) for t in text.split(","))
-    except ValueError:
-        raise ConfigError(f"lr: expected 'theory', 'tuned' or a comma-separated list of numbers, got {text!r}") from None
-
-
-def _parse_int(name: str, text: Optional[str], default: int, lo: int, hi: int) -> int:
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}: {value} is out of range; accepted: [{lo}, {hi}]")
-    return value
-
-
-def _load_toml(path: Path) -> dict[str, Any]:
-    """A sweep config file: keys are option names (dashes or underscores), values scalars or lists."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config: no such file {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: cannot read {path}: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config: {path} is not valid TOML ({str(e).splitlines()[0]})") from None
-    section = data.get("sweep", data)
-    if not isinstance(section, dict):
-        raise ConfigError(f"config: {path}: [sweep] must be a table")
-    return {k.replace("-", "_"): v for k, v in section.items() if k not in ("name", "description")}
-
-
 def _spec_from_options(values: dict[str, Optional[str]], list_valued: bool, config: Optional[Path],
                        seeds: Optional[str], lr: Optional[str]) -> sweep_mod.SweepSpec:
-    file_axes: dict[str, Any] = {}
-    file_seeds, file_lr = None, None
-    if config is not None:
-        raw = _load_toml(config)
-        file_seeds = raw.pop("seeds", None)
-        file_lr = raw.pop("lr", None)
-        alias = {"estimators": "estimator", "noise": "reward_noise"}
-        raw = {alias.get(k, k): v for k, v in raw.items()}
-        for k, v in raw.items():
-            if k not in sweep_mod.AXES:
-                raise ConfigError(f"config: unknown key {k.replace('_', '-')!r} in {config}")
-            vals = v if isinstance(v, list) else [v]
-            cls = ProblemConfig if k in sweep_mod.PROBLEM_FIELDS else TrainConfig
-            file_axes[k] = tuple(parse_value(cls, k, x if not isinstance(x, (dict, list)) else repr(x))
-                                 for x in vals)
-    axes = {**file_axes, **_parse_axes(values, list_valued)}
-    if seeds is not None:
-        n_seeds = _parse_int("seeds", seeds, 5, 1, 100_000)
-    elif file_seeds is not None:
-        n_seeds = _parse_int("seeds", str(file_seeds), 5, 1, 100_000)
-    else:
-        n_seeds = 5
-    if lr is not None:
-        lr_spec = _parse_lr(lr)
-    elif file_lr is not None:
-        lr_spec = _parse_lr(",".join(map(str, file_lr)) if isinstance(file_lr, list) else str(file_lr))
-    else:
-        lr_spec = "theory"
-    return sweep_mod.SweepSpec.build(axes, seeds=n_seeds, lr=lr_spec)
+    file_axes, file_seeds, file_lr = sweep_mod.load_config(config) if config is not None else ({}, None, None)
+    return sweep_mod.build_spec({**file_axes, **_parse_axes(values, list_valued)},
+                                seeds if seeds is not None else file_seeds, lr if lr is not None else file_lr)
 
 
 def _fmt(x: float) -> str:
@@ -238,7 +174,7 @@ def _make_command(name: str, list_valued: bool, doc: str):
         lr = kwargs.pop("lr")
         out = kwargs.pop("out")
         resume = kwargs.pop("resume")
-        workers = _parse_int("workers", kwargs.pop("workers"), 1, 1, 256)
+        workers = sweep_mod.parse_int("workers", kwargs.pop("workers"), 1, 1, 256)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
         _execute(spec, Path(out) if out else None, resume, workers, prefix=name)
 
@@ -288,7 +224,7 @@ def _make_theory_command(name: str, doc: str, default_steps: int):
         from sim.config import validate_run
 
         as_json = kwargs.pop("json")
-        steps = _parse_int("steps", kwargs.pop("steps"), default_steps, 1, 100_000)
+        steps = sweep_mod.parse_int("steps", kwargs.pop("steps"), default_steps, 1, 100_000)
         values = _parse_axes(kwargs, False, (ProblemConfig,))
         problem = ProblemConfig(**{k: v[0] for k, v in values.items()})
         validate_run(sweep_mod.RunConfig(problem, TrainConfig()))

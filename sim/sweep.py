@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from sim import estimators, results
-from sim.config import ConfigError, RunConfig, TrainConfig, check_value, validate_run
+from sim.config import ConfigError, RunConfig, TrainConfig, check_value, parse_value, validate_run
 from sim.engine import batch_key, train_batch
 from sim.problems import ProblemConfig
 
@@ -104,6 +105,81 @@ def built_problem(problem: ProblemConfig):
         return make_problem(problem)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def parse_int(name: str, text, default: int, lo: int, hi: int) -> int:
+    """An integer option given as text (or None for the default), range-checked."""
+    if text is None:
+        return default
+    try:
+        if isinstance(text, (bool, float)):
+            raise ValueError
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: {value} is out of range; accepted: [{lo}, {hi}]")
+    return value
+
+
+def parse_lr(text) -> tuple[float, ...] | str:
+    """'theory' (default, None), 'tuned', or a comma-separated list / TOML list of numbers."""
+    if text is None:
+        return "theory"
+    if isinstance(text, list):
+        text = ",".join(map(str, text))
+    text = str(text).strip()
+    if text in ("theory", "tuned"):
+        return text
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError(f"lr: expected 'theory', 'tuned' or a comma-separated list of numbers, got {text!r}") from None
+
+
+#: Extra spellings accepted in config files (as on the command line).
+CONFIG_ALIASES = {"estimators": "estimator", "noise": "reward_noise"}
+
+
+def load_config(path: Path, quick: bool = False) -> tuple[dict[str, tuple], Any, Any]:
+    """Read a sweep config TOML: (axes, seeds, lr) from its [sweep] table (or the top level).
+
+    Keys are option names (dashes or underscores), values scalars or lists; ``quick`` applies
+    the file's [quick] table on top (the figure pipeline's --quick). Errors name 'config'.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config: no such file {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML ({str(e).splitlines()[0]})") from None
+    section = data.get("sweep", {k: v for k, v in data.items() if not isinstance(v, dict)})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config: {path}: [sweep] must be a table")
+    raw = dict(section)
+    if quick:
+        q = data.get("quick", {})
+        if not isinstance(q, dict):
+            raise ConfigError(f"config: {path}: [quick] must be a table")
+        raw.update(q)
+    raw = {CONFIG_ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+    seeds, lr = raw.pop("seeds", None), raw.pop("lr", None)
+    axes = {}
+    for k, v in raw.items():
+        if k not in AXES:
+            raise ConfigError(f"config: unknown key {k.replace('_', '-')!r} in {path}")
+        vals = v if isinstance(v, list) else [v]
+        cls = ProblemConfig if k in PROBLEM_FIELDS else TrainConfig
+        axes[k] = tuple(parse_value(cls, k, x if not isinstance(x, (dict, list)) else repr(x)) for x in vals)
+    return axes, seeds, lr
+
+
+def build_spec(axes: dict[str, tuple], seeds, lr) -> SweepSpec:
+    """SweepSpec from parsed axes and the seeds / lr settings as given (text, number or None)."""
+    return SweepSpec.build(axes, seeds=parse_int("seeds", seeds, 5, 1, 100_000), lr=parse_lr(lr))
 
 
 def theory_lr(problem: ProblemConfig, estimator: str) -> float:
