@@ -213,6 +213,38 @@ app.command("sweep")(_make_command(
                    "each GRPO-family estimator with REINFORCE."))
 
 
+@app.command("figures")
+def figures_command(
+    out: str = typer.Option("paper_figs", "--out", help="where the PDF/PNG files and README.md go"),
+    only: Optional[str] = typer.Option(None, "--only", help="build one figure (by name)"),
+    quick: bool = typer.Option(False, "--quick", help="small configs (the [quick] table of each experiment)"),
+    results_root: str = typer.Option("results/figures", "--results", help="where the sweeps' results are stored"),
+) -> None:
+    """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps."""
+    from sim import figures as figures_mod
+
+    rows = []
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("figures", total=None)
+
+        def on_figure(name, rdir):
+            progress.update(task, description=f"{name}", completed=0, total=None)
+
+        def on_progress(done, total):
+            progress.update(task, completed=done, total=total)
+
+        outcomes = figures_mod.build_figures(Path(out), only=only, quick=quick, results_root=Path(results_root),
+                                             on_progress=on_progress, on_figure=on_figure)
+    table = Table(title=f"figures → {out}")
+    for c in ("figure", "results", "sweep", "seconds"):
+        table.add_column(c)
+    for o in outcomes:
+        table.add_row(o.name, str(o.results_dir), "reused" if o.reused else "ran", f"{o.seconds:.1f}")
+        rows.append(o)
+    console.print(table)
+
+
 theory_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                          help="What the theory predicts for one problem, and whether its conditions hold.")
 app.add_typer(theory_app, name="theory")

@@ -1,0 +1,309 @@
+"""Figure functions: pure functions (runs, steps DataFrames) -> matplotlib Figure.
+
+They read results only (sim.load_results format, DESIGN.md §6); nothing here trains. A
+missing input raises FigureInputError with one line naming what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.colors as mcolors
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, NullFormatter
+from scipy import stats
+
+from sim.results import ResultsError
+from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
+
+
+class FigureInputError(ResultsError):
+    """Results that cannot make a figure. str(e) is one line (the CLI prints it, exit code 2)."""
+
+
+def require(df: pd.DataFrame | None, columns, figure: str, what: str = "results") -> pd.DataFrame:
+    if df is None or len(df) == 0:
+        raise FigureInputError(f"figure {figure}: no {what}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise FigureInputError(f"figure {figure}: {what} lack column(s) {', '.join(missing)}")
+    return df
+
+
+def _rows(runs: pd.DataFrame, figure: str, **eq) -> pd.DataFrame:
+    out = runs[runs["selected"]] if "selected" in runs.columns else runs
+    for col, val in eq.items():
+        out = out[out[col].isin(val if isinstance(val, (list, tuple, set)) else [val])]
+    if out.empty:
+        raise FigureInputError(f"figure {figure}: no runs with {', '.join(f'{k}={v}' for k, v in eq.items())}")
+    return out
+
+
+def _plain_log_ticks(axis, ticks) -> None:
+    """Log axis with plain-number tick labels at ``ticks`` (no 2x10^0 clutter)."""
+    axis.set_major_locator(plt.FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _mean_band(values: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% t-interval half width over seeds (0 for one seed)."""
+    n = len(values)
+    m = float(np.mean(values))
+    if n < 2:
+        return m, 0.0
+    return m, float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def learning_curves(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
+    """Fig. 1: J_t / J* for GRPO vs REINFORCE (and Dr. GRPO, RLOO), mean and 95% band over seeds,
+    one panel per orthogonality."""
+    name = "learning_curves"
+    require(runs, ["run_id", "orthogonality", "estimator", "seed", "j_star"], name, "runs")
+    require(steps, ["run_id", "step", "J"], name, "steps")
+    sel = _rows(runs, name)
+    orths = sorted(sel["orthogonality"].unique())
+    with apply_style():
+        fig, axes = plt.subplots(1, len(orths), figsize=(DOUBLE_COLUMN, 2.3), sharey=True, squeeze=False)
+        for ax, o in zip(axes[0], orths):
+            cell = sel[sel["orthogonality"] == o]
+            for est in [e for e in ("reinforce", "grpo", "dr_grpo", "rloo", "grpo_batch") if e in set(cell.estimator)]:
+                rr = cell[cell["estimator"] == est].set_index("run_id")
+                st_ = steps[steps["run_id"].isin(rr.index)].copy()
+                st_["frac"] = st_["J"] / st_["run_id"].map(rr["j_star"])
+                agg = st_.groupby("step")["frac"].apply(lambda v: _mean_band(v.to_numpy()))
+                x = agg.index.to_numpy()
+                m = np.array([a[0] for a in agg])
+                h = np.array([a[1] for a in agg])
+                sty = estimator_style(est)
+                ax.plot(x, m, color=sty["color"], linestyle=sty["linestyle"], label=sty["label"])
+                ax.fill_between(x, m - h, m + h, color=sty["color"], alpha=0.2, linewidth=0)
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlabel("training step")
+            ax.set_title(f"orthogonality o = {o:g}")
+            ax.axhline(float(cell["target_fraction"].iloc[0]) if "target_fraction" in cell else 0.9,
+                       color="0.6", linewidth=0.6, linestyle=":")
+        axes[0][0].set_ylabel("mean reward J / J*")
+        axes[0][-1].legend(loc="lower right")
+        fig.tight_layout()
+    return fig
+
+
+def _speedup_by_cell(runs: pd.DataFrame, name: str, cell_cols: list[str], estimator: str = "grpo") -> pd.DataFrame:
+    require(runs, ["estimator"] + cell_cols, name, "runs")
+    sel = _rows(runs, name, estimator=estimator)
+    require(sel, cell_cols + ["speedup", "speedup_censored"], name, "runs")
+    rows = []
+    for key, g in sel.groupby(cell_cols):
+        key = key if isinstance(key, tuple) else (key,)
+        sp = g["speedup"].to_numpy(dtype=float)
+        if not np.isfinite(sp).all():
+            raise FigureInputError(f"figure {name}: speedups need REINFORCE runs in the same cells")
+        logs = np.log(sp)
+        m, h = _mean_band(logs)
+        rows.append({**dict(zip(cell_cols, key)), "speedup": math.exp(m), "lo": math.exp(m - h),
+                     "hi": math.exp(m + h), "censored": ",".join(sorted(set(g["speedup_censored"]) - {""})),
+                     "predicted_gain": float(g["predicted_gain"].mean()) if "predicted_gain" in g else np.nan})
+    return pd.DataFrame(rows)
+
+
+def speedup_heatmap(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Figure:
+    """Fig. 2: speedup of GRPO over REINFORCE (geometric mean over seeds) over orthogonality x
+    difficulty spread (the heterogeneity of the per-prompt reward std)."""
+    name = "speedup_heatmap"
+    cells = _speedup_by_cell(runs, name, ["orthogonality", "difficulty_spread"])
+    grid = cells.pivot(index="orthogonality", columns="difficulty_spread", values="speedup").sort_index()
+    cens = cells.pivot(index="orthogonality", columns="difficulty_spread", values="censored").sort_index()
+    with apply_style():
+        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.6))
+        vals = grid.to_numpy()
+        vmax = max(float(np.nanmax(np.abs(np.log(vals)))), 0.05)
+        norm = mcolors.TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
+        im = ax.imshow(np.log(vals), cmap="PuOr_r", norm=norm, origin="lower", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                c = cens.iat[i, j]
+                mark = "≥" if c == "lower" else ("–" if c == "both" else "")
+                text = "–" if mark == "–" else f"{mark}{vals[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6)
+        ax.set_xlabel("difficulty spread (logit half-width / logit 0.99)")
+        ax.set_ylabel("feature orthogonality o")
+        cb = fig.colorbar(im, ax=ax)
+        ticks = np.linspace(-vmax, vmax, 5)
+        cb.set_ticks(ticks, labels=[f"{math.exp(t):.2g}" for t in ticks])
+        cb.set_label("GRPO speedup (steps ratio, log scale)")
+        fig.tight_layout()
+    return fig
+
+
+def predicted_vs_measured(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Figure:
+    """Fig. 3: predicted gain G_pred = sigma_max / sigma_bar against the measured speedup, one point
+    per sweep cell; orthogonal (o = 1) and non-orthogonal cells marked differently; y = x line."""
+    name = "predicted_vs_measured"
+    require(runs, ["orthogonality", "predicted_gain"], name, "runs")
+    cols = [c for c in ("orthogonality", "difficulty_spread", "reward_scale_spread", "kind", "reward_noise")
+            if c in runs.columns]
+    cells = _speedup_by_cell(runs, name, cols)
+    with apply_style():
+        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.8))
+        lo = min(cells["predicted_gain"].min(), cells["speedup"].min(), 1.0) * 0.9
+        hi = max(cells["predicted_gain"].max(), cells["speedup"].max()) * 1.1
+        ax.plot([lo, hi], [lo, hi], color="0.5", linestyle="--", linewidth=0.8, label="y = x")
+        for orth, sty in ((True, {"marker": "o", "color": OKABE_ITO["blue"], "label": "orthogonal (o = 1)"}),
+                          (False, {"marker": "^", "color": OKABE_ITO["vermillion"], "label": "non-orthogonal (o < 1)"})):
+            part = cells[(cells["orthogonality"] == 1.0) == orth]
+            if part.empty:
+                continue
+            full = part["censored"] != "lower"
+            ax.scatter(part.loc[full, "predicted_gain"], part.loc[full, "speedup"], marker=sty["marker"],
+                       color=sty["color"], s=14, label=sty["label"], zorder=3)
+            if (~full).any():
+                ax.scatter(part.loc[~full, "predicted_gain"], part.loc[~full, "speedup"], marker=sty["marker"],
+                           facecolors="none", edgecolors=sty["color"], s=14, zorder=3,
+                           label=f"{sty['label']}, lower bound")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [t for t in (1, 1.5, 2, 3, 5, 8, 12, 20, 30) if lo <= t <= hi]
+        _plain_log_ticks(ax.xaxis, ticks)
+        _plain_log_ticks(ax.yaxis, ticks)
+        ax.set_xlabel("predicted gain G_pred = sigma_max / sigma_bar")
+        ax.set_ylabel("measured speedup (steps ratio)")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+    return fig
+
+
+def m_bound_validation(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
+    """Fig. 4: the M-bound along trajectories: (a) empirical max_i ||Hess J_i|| / sigma_i against the
+    analytic max_i M_i(theta) at every logged step, y = x line; (b) the per-prompt worst ratio
+    (||Hess J_i|| / sigma_i) / M_i(theta), which the bound keeps <= 1."""
+    name = "m_bound_validation"
+    require(runs, ["run_id", "kind", "orthogonality"], name, "runs")
+    require(steps, ["run_id", "step", "empirical_M", "analytic_M", "m_bound_ratio"], name, "steps")
+    sel = _rows(runs, name)
+    st_ = steps[steps["run_id"].isin(sel["run_id"])].merge(sel[["run_id", "kind", "orthogonality"]], on="run_id")
+    st_ = st_[st_["empirical_M"] > 0]
+    if st_.empty:
+        raise FigureInputError(f"figure {name}: no logged step with a non-zero reward std")
+    with apply_style():
+        fig, (a, b) = plt.subplots(1, 2, figsize=(DOUBLE_COLUMN, 2.5))
+        for i, ((kind, o), g) in enumerate(st_.groupby(["kind", "orthogonality"])):
+            a.scatter(g["analytic_M"], g["empirical_M"], s=5, color=SEQUENCE[i % len(SEQUENCE)],
+                      label=f"{kind}, o = {o:g}", alpha=0.7, linewidths=0)
+        top = float(max(st_["analytic_M"].max(), st_["empirical_M"].max())) * 1.05
+        a.plot([0, top], [0, top], color="0.5", linestyle="--", linewidth=0.8, label="y = x")
+        a.set_xlabel("analytic M: max_i sqrt(E ||phi - phibar||^4)")
+        a.set_ylabel("empirical max_i ||Hess J_i|| / sigma_i")
+        a.legend(loc="upper left", fontsize=6)
+        a.set_title("(a) along trajectories")
+        b.hist(st_["m_bound_ratio"], bins=40, color=OKABE_ITO["blue"])
+        b.axvline(1.0, color=OKABE_ITO["vermillion"], linestyle="--", label="bound (ratio = 1)")
+        b.set_xlabel("worst per-prompt ratio (||Hess J_i|| / sigma_i) / M_i")
+        b.set_ylabel("logged steps")
+        b.set_title(f"(b) max ratio {st_['m_bound_ratio'].max():.2f} over {len(st_)} steps")
+        b.legend(loc="upper left")
+        fig.tight_layout()
+    return fig
+
+
+PHASE_COLOURS = {"I": OKABE_ITO["orange"], "II": OKABE_ITO["sky"], "III": "0.6"}
+
+
+def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
+    """Fig. 5: sigma_bar_t, rho_t and GRPO's measured per-step gain over training, with the phase
+    labels of theory.phases shaded; one column per orthogonality (first seed's GRPO run)."""
+    name = "phases"
+    require(runs, ["run_id", "orthogonality", "estimator", "seed"], name, "runs")
+    require(steps, ["run_id", "step", "sigma_bar", "rho", "step_gain", "phase"], name, "steps")
+    sel = _rows(runs, name, estimator=["grpo"])
+    orths = sorted(sel["orthogonality"].unique())
+    with apply_style():
+        fig, axes = plt.subplots(3, len(orths), figsize=(DOUBLE_COLUMN, 4.2), sharex="col", squeeze=False)
+        for j, o in enumerate(orths):
+            run = sel[sel["orthogonality"] == o].sort_values("seed").iloc[0]
+            s = steps[steps["run_id"] == run["run_id"]].sort_values("step")
+            x = s["step"].to_numpy()
+            for i, (col, label) in enumerate((("sigma_bar", "reward std σ̄"),
+                                              ("rho", "orthogonality ρ"),
+                                              ("step_gain", "step gain G/R"))):
+                ax = axes[i][j]
+                lab = s["phase"].to_numpy()
+                edges = np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]])
+                for k in range(len(x)):
+                    ax.axvspan(edges[k], edges[k + 1], color=PHASE_COLOURS.get(lab[k], "white"), alpha=0.25,
+                               linewidth=0)
+                ax.plot(x, s[col], color="black")
+                ax.set_ylabel(label)
+                ax.set_xscale("symlog", linthresh=1)
+                if col == "step_gain":
+                    ax.set_yscale("log")
+                    g_lo, g_hi = float(s[col].min()), float(s[col].max())
+                    _plain_log_ticks(ax.yaxis, [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+                                                if g_lo / 2 <= t <= g_hi * 2])
+                    ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
+                if i == 0:
+                    ax.set_title(f"orthogonality o = {o:g}")
+                if i == 2:
+                    ax.set_xlabel("training step")
+        handles = [Patch(color=c, alpha=0.4, label=f"phase {p}") for p, c in PHASE_COLOURS.items()]
+        axes[0][-1].legend(handles=handles, loc="upper right")
+        fig.tight_layout()
+    return fig
+
+
+def convergence_rate(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
+    """Fig. 6: suboptimality 1 - J_t / J* against t (log-log) for each estimator in exact mode, with
+    the least-squares slope of log(1 - J_t/J*) on log t over the last decade (t >= T/10) in the legend."""
+    name = "convergence_rate"
+    require(runs, ["run_id", "mode", "estimator", "seed", "j_star"], name, "runs")
+    require(steps, ["run_id", "step", "J"], name, "steps")
+    sel = _rows(runs, name, mode="exact")
+    with apply_style():
+        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.6))
+        for est in [e for e in ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch", "grpo_oracle")
+                    if e in set(sel.estimator)]:
+            run = sel[sel["estimator"] == est].sort_values("seed").iloc[0]
+            s = steps[steps["run_id"] == run["run_id"]].sort_values("step")
+            sub = 1.0 - s["J"].to_numpy() / float(run["j_star"])
+            t = s["step"].to_numpy()
+            ok = (t >= 1) & (sub > 1e-14)
+            fit = ok & (t >= t.max() / 10)
+            slope = np.polyfit(np.log(t[fit]), np.log(sub[fit]), 1)[0] if fit.sum() >= 2 else float("nan")
+            sty = estimator_style(est)
+            ax.plot(t[ok], sub[ok], color=sty["color"], linestyle=sty["linestyle"],
+                    label=f"{sty['label']} (slope {slope:.2f})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step t")
+        ax.set_ylabel("suboptimality 1 - J_t / J*")
+        ax.set_title("legend: slope of log-log fit over the last decade", fontsize=7)
+        ax.legend(loc="lower left")
+        fig.tight_layout()
+    return fig
+
+
+def group_size_eps(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Figure:
+    """Fig. 7: GRPO's speedup over REINFORCE against the group size G, one line per eps (sampled
+    mode), geometric mean over seeds with 95% interval."""
+    name = "group_size_eps"
+    cells = _speedup_by_cell(runs, name, ["group_size", "eps"])
+    with apply_style():
+        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.5))
+        for i, (eps, g) in enumerate(cells.groupby("eps")):
+            g = g.sort_values("group_size")
+            ax.errorbar(g["group_size"], g["speedup"], yerr=[g["speedup"] - g["lo"], g["hi"] - g["speedup"]],
+                        color=SEQUENCE[i % len(SEQUENCE)], marker="o", capsize=2, label=f"eps = {eps:g}")
+        ax.axhline(1.0, color="0.5", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        _plain_log_ticks(ax.xaxis, sorted(cells["group_size"].unique()))
+        ax.set_xlabel("group size G (responses per prompt)")
+        ax.set_ylabel("GRPO speedup over REINFORCE")
+        ax.legend(loc="best")
+        fig.tight_layout()
+    return fig

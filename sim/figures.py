@@ -1,0 +1,102 @@
+"""The figure pipeline behind `sim figures`: experiment configs -> results -> PDF/PNG + README.
+
+For every figure of paper_figs.FIGURES: expand its experiment config (experiments/NAME.toml,
+with its [quick] table under --quick) into a sweep, reuse the stored results when that exact
+sweep has finished, resume it when it was interrupted, run it otherwise; then render the
+figure function on (runs, steps) and write NAME.pdf and NAME.png. Results live in
+RESULTS_ROOT/<experiment>-<hash of the sweep>, so a changed config never reuses stale results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sim import results, sweep
+from sim.config import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = REPO_ROOT / "experiments"
+RESULTS_ROOT = Path("results") / "figures"
+
+
+@dataclass
+class FigureOutcome:
+    name: str
+    results_dir: Path
+    reused: bool
+    seconds: float
+    files: list[Path]
+
+
+def results_dir_for(experiment: str, spec: sweep.SweepSpec, root: Path) -> Path:
+    digest = hashlib.sha1(json.dumps(spec.as_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return root / f"{Path(experiment).stem}-{digest}"
+
+
+def ensure_results(spec: sweep.SweepSpec, out: Path, on_progress: Callable | None = None):
+    """(runs, steps, reused): load a finished sweep, else resume or run it."""
+    if (out / results.RUNS).exists():
+        runs, steps = results.load_results(out)
+        return runs, steps, True
+    runs, steps = sweep.run_sweep(spec, out, resume=(out / results.MANIFEST).exists(), on_progress=on_progress)
+    return runs, steps, False
+
+
+def build_figures(out: Path, only: str | None = None, quick: bool = False, results_root: Path = RESULTS_ROOT,
+                  on_progress: Callable | None = None, on_figure: Callable | None = None) -> list[FigureOutcome]:
+    """Build every figure (or ``only`` one); returns what was done for each."""
+    import matplotlib.pyplot as plt
+
+    from paper_figs import BY_NAME, FIGURES
+
+    if only is not None and only not in BY_NAME:
+        raise ConfigError(f"only: unknown figure {only!r}; choose from {', '.join(BY_NAME)}")
+    chosen = [BY_NAME[only]] if only else list(FIGURES)
+    specs = {}
+    for fig in chosen:  # validate every config before running anything
+        axes, seeds, lr = sweep.load_config(EXPERIMENTS / fig.experiment, quick=quick)
+        specs[fig.name] = sweep.build_spec(axes, seeds, lr)
+        sweep.expand(specs[fig.name])
+    results.check_writable(Path(out))
+    done = []
+    for fig in chosen:
+        t0 = time.perf_counter()
+        rdir = results_dir_for(fig.experiment, specs[fig.name], Path(results_root))
+        if on_figure:
+            on_figure(fig.name, rdir)
+        runs, steps, reused = ensure_results(specs[fig.name], rdir, on_progress)
+        figure = fig.render(runs, steps)
+        files = []
+        for ext in ("pdf", "png"):
+            path = Path(out) / f"{fig.name}.{ext}"
+            results._atomic_write(path, lambda tmp, e=ext: figure.savefig(tmp, format=e))
+            files.append(path)
+        plt.close(figure)
+        done.append(FigureOutcome(fig.name, rdir, reused, time.perf_counter() - t0, files))
+    if only is None:
+        write_readme(Path(out), quick)
+    return done
+
+
+def write_readme(out: Path, quick: bool) -> None:
+    """paper_figs/README.md: every figure with its question, config, command and reading."""
+    from paper_figs import FIGURES
+
+    lines = ["# Paper figures", "",
+             "Regenerate all of them with `sim figures` (or one with `sim figures --only NAME`; "
+             "`--quick` for the small configs). Each figure is a pure function of the results in "
+             "`paper_figs/figures.py`; its sweep is the config named below, and stored results are "
+             "reused, so a second `sim figures` only re-renders.", ""]
+    if quick:
+        lines += ["These files were made with `--quick` (small configs): readings refer to the full figures.", ""]
+    for i, f in enumerate(FIGURES, 1):
+        lines += [f"## {i}. {f.name}", "", f"![{f.name}]({f.name}.png)", "",
+                  f"- Question: {f.question}", f"- Config: `experiments/{f.experiment}`",
+                  f"- Command: `sim figures --only {f.name}`", f"- Reading: {f.reading}", ""]
+    text = "\n".join(lines)
+    results._atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))

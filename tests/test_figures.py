@@ -1,0 +1,99 @@
+"""Figure functions on synthetic results; the pipeline reuses stored results without training."""
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from paper_figs import FIGURES
+from paper_figs.figures import FigureInputError
+
+
+def synthetic_results(seed=0):
+    """Runs and steps covering every column the figure functions read (values are made up,
+    with the structure of real results: one REINFORCE partner per cell and seed)."""
+    rng = np.random.default_rng(seed)
+    runs, steps = [], []
+    grid = itertools.product(["tabular", "linear"], [0.2, 1.0], [0.0, 1.0], [2, 8], [1e-4, 1e-1],
+                             ["reinforce", "grpo", "dr_grpo", "rloo", "grpo_batch"], [0, 1])
+    for i, (kind, o, spread, G, eps, est, seed_) in enumerate(grid):
+        rid = f"r{i:04d}"
+        speed = 1.0 if est == "reinforce" else float(np.exp(rng.normal(0.3, 0.2)))
+        runs.append({"run_id": rid, "kind": kind, "orthogonality": o, "difficulty_spread": spread,
+                     "reward_scale_spread": 1.0, "reward_noise": 0.0, "group_size": G, "eps": eps,
+                     "estimator": est, "seed": seed_, "mode": "exact" if G == 2 else "sampled", "selected": True,
+                     "speedup": speed, "speedup_censored": "lower" if (o == 0.2 and spread == 1.0) else "",
+                     "predicted_gain": 1 + abs(rng.normal(0.5, 0.3)), "j_star": 1.0, "target_fraction": 0.9})
+        t = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128])
+        J = 1 - 0.6 * (1 + t) ** -0.8
+        phase = ["I"] * 3 + ["II"] * 3 + ["III"] * 3
+        for k in range(len(t)):
+            steps.append({"run_id": rid, "step": int(t[k]), "J": J[k], "sigma_bar": 0.3 / (1 + t[k]) ** 0.5,
+                          "rho": 0.9 - 0.05 * k, "step_gain": 1.5 - 0.1 * k, "phase": phase[k],
+                          "empirical_M": 0.3 + 0.01 * k, "analytic_M": 0.9, "m_bound_ratio": 0.4 + 0.02 * k})
+    return pd.DataFrame(runs), pd.DataFrame(steps)
+
+
+def _labelled(ax, which):
+    label = ax.get_xlabel() if which == "x" else ax.get_ylabel()
+    if label:
+        return True
+    shared = ax.get_shared_x_axes() if which == "x" else ax.get_shared_y_axes()
+    return any((s.get_xlabel() if which == "x" else s.get_ylabel()) for s in shared.get_siblings(ax))
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=[f.name for f in FIGURES])
+def test_every_figure_renders_with_labelled_axes(spec, tmp_path):
+    runs, steps = synthetic_results()
+    fig = spec.render(runs, steps)
+    for ax in fig.axes:
+        if hasattr(ax, "_colorbar"):
+            assert ax.get_ylabel() or ax.get_xlabel(), f"{spec.name}: colorbar without a label"
+            continue
+        assert _labelled(ax, "x") and _labelled(ax, "y"), f"{spec.name}: an axis has no label"
+    for ext in ("pdf", "png"):
+        path = tmp_path / f"{spec.name}.{ext}"
+        fig.savefig(path, format=ext)
+        assert path.exists() and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=[f.name for f in FIGURES])
+def test_missing_inputs_fail_with_one_clear_line(spec):
+    runs, steps = synthetic_results()
+    for bad_runs, bad_steps in ((runs.iloc[:0], steps), (runs, steps.drop(columns=["J", "phase", "empirical_M"])),
+                                (runs.drop(columns=["speedup", "orthogonality"]), steps)):
+        try:
+            spec.render(bad_runs, bad_steps)
+        except FigureInputError as e:
+            assert str(e).startswith(f"figure {spec.name}:") and "\n" not in str(e)
+        else:
+            # a figure that does not read the dropped inputs may render; it must not crash otherwise
+            pass
+    with pytest.raises(FigureInputError, match=f"figure {spec.name}"):
+        spec.render(runs.iloc[:0], steps.iloc[:0])
+
+
+def test_pipeline_reuses_stored_results_without_training(tmp_path, monkeypatch):
+    from sim import engine, figures, sweep
+
+    out, root = tmp_path / "figs", tmp_path / "results"
+    first = figures.build_figures(out, only="m_bound_validation", quick=True, results_root=root)
+    assert not first[0].reused and (out / "m_bound_validation.png").stat().st_size > 1000
+
+    def no_training(*a, **k):
+        raise AssertionError("a simulation ran although its results were stored")
+
+    monkeypatch.setattr(engine, "train_batch", no_training)
+    monkeypatch.setattr(sweep, "train_batch", no_training)
+    second = figures.build_figures(out, only="m_bound_validation", quick=True, results_root=root)
+    assert second[0].reused and second[0].results_dir == first[0].results_dir
+
+
+def test_unknown_figure_is_one_line_exit_2(capsys):
+    from sim.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["figures", "--only", "nope"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: only: unknown figure") and len(err.strip().splitlines()) == 1
