@@ -74,7 +74,8 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
         files = []
         for ext in ("pdf", "png"):
             path = Path(out) / f"{fig.name}.{ext}"
-            results._atomic_write(path, lambda tmp, e=ext: figure.savefig(tmp, format=e))
+            meta = {"CreationDate": None} if ext == "pdf" else {}  # byte-stable files for version control
+            results._atomic_write(path, lambda tmp, e=ext, m=meta: figure.savefig(tmp, format=e, metadata=m))
             files.append(path)
         plt.close(figure)
         done.append(FigureOutcome(fig.name, rdir, reused, time.perf_counter() - t0, files))
