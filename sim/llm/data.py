@@ -1,0 +1,143 @@
+"""Prompts with verifiable answers: generated arithmetic word problems, GSM8K and MATH formats.
+
+GSM8K format: {"question": str, "answer": "... #### n"}; MATH format: {"problem": str,
+"solution": "... \\boxed{x} ..."}. Local JSONL or Parquet files, or a `datasets` hub name
+where the network allows. Every loader returns a list of Example; a malformed row raises
+DataError naming the file, the row and the problem (one line).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim.config import ConfigError
+
+PROMPT_TEMPLATE = "Q: {question}\nA:"
+
+
+class DataError(ConfigError):
+    """A data source that cannot be used. str(e) is one line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str   # the reference: a GSM8K answer ("... #### n") or a MATH solution (with \boxed{})
+    kind: str     # "gsm8k" (also the arithmetic generator) or "math"
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(question=self.question)
+
+
+NAMES = ("Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Ines", "Kofi")
+ITEMS = ("apples", "books", "coins", "pens", "cards", "shells")
+
+
+def arithmetic_example(rng: random.Random, difficulty: int = 1) -> Example:
+    """One word problem in GSM8K format. difficulty 1: a + b (a, b < 10); 2: a + b - c
+    (two steps, result >= 0); 3: a * b + c. Answer text: "#### n"."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if difficulty <= 1:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        q, n = f"{name} has {a} {item} and gets {b} more. How many {item} now?", a + b
+    elif difficulty == 2:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        c = rng.randint(0, a + b)
+        q, n = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many {item} now?", a + b - c
+    else:
+        a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(0, 9)
+        q, n = f"{name} buys {a} boxes of {b} {item} and finds {c} more. How many {item} now?", a * b + c
+    return Example(q, f"#### {n}", "gsm8k")
+
+
+def arithmetic_examples(n: int, difficulty: int = 1, seed: int = 0) -> list[Example]:
+    rng = random.Random(f"arith-{difficulty}-{seed}")
+    return [arithmetic_example(rng, difficulty) for _ in range(n)]
+
+
+def _rows(path: Path):
+    if not path.exists():
+        raise DataError(f"data: no such file {path}")
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        try:
+            yield from enumerate(pd.read_parquet(path).to_dict("records"), 1)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"data: {path}: unreadable parquet ({type(e).__name__})") from None
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"data: {path} line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data: {path} line {i}: expected a JSON object")
+            yield i, row
+
+
+def _field(row: dict, key: str, path, i) -> str:
+    v = row.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise DataError(f"data: {path} row {i}: missing or empty string field '{key}'")
+    return v
+
+
+def load_gsm8k(source: str) -> list[Example]:
+    """GSM8K-format rows (question, answer with '#### n') from a JSONL/Parquet file or hub name."""
+    path = Path(source)
+    rows = _rows(path) if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() else _hub(source, "main")
+    out = []
+    for i, row in rows:
+        q, a = _field(row, "question", source, i), _field(row, "answer", source, i)
+        if "####" not in a:
+            raise DataError(f"data: {source} row {i}: answer has no '#### n' final answer")
+        out.append(Example(q, a, "gsm8k"))
+    if not out:
+        raise DataError(f"data: {source}: no rows")
+    return out
+
+
+def load_math(source: str) -> list[Example]:
+    """MATH-format rows (problem, solution with \\boxed{}) from a JSONL/Parquet file or hub name."""
+    path = Path(source)
+    rows = _rows(path) if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() else _hub(source, None)
+    out = []
+    for i, row in rows:
+        q, s = _field(row, "problem", source, i), _field(row, "solution", source, i)
+        if "\\boxed" not in s:
+            raise DataError(f"data: {source} row {i}: solution has no \\boxed{{}} answer")
+        out.append(Example(q, s, "math"))
+    if not out:
+        raise DataError(f"data: {source}: no rows")
+    return out
+
+
+def _hub(name: str, config: str | None):
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split="train") if config else datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, unknown name, ...: one line
+        raise DataError(f"data: cannot load hub dataset {name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    yield from enumerate(ds, 1)
+
+
+def load_data(spec: str, n_arith: int = 2000, difficulty: int = 1, seed: int = 0) -> list[Example]:
+    """'arith' (generated), 'gsm8k:PATH_OR_NAME' or 'math:PATH_OR_NAME'."""
+    if spec == "arith":
+        return arithmetic_examples(n_arith, difficulty, seed)
+    kind, _, src = spec.partition(":")
+    if kind == "gsm8k" and src:
+        return load_gsm8k(src)
+    if kind == "math" and src:
+        return load_math(src)
+    raise DataError(f"data: expected 'arith', 'gsm8k:PATH' or 'math:PATH', got {spec!r}")

@@ -1,0 +1,333 @@
+"""Policy-gradient training of a causal LM with the simulator's estimators and diagnostics.
+
+Dimension legend: P prompts per step (all ranks), G completions per prompt, N = P*G sequences,
+L sequence length, V vocabulary, n parameters in the diagnostic subset.
+
+Each step: sample G completions for each of P prompts, score them (sim.llm.rewards), turn the
+[P, G] rewards into advantages with sim.estimators.advantages (the same function as the
+simulator), and take one optimizer step on the sequence-level policy-gradient loss
+
+    loss = - agg_{sequences k, tokens t} A_k log pi(y_k,t | x, y_k,<t)
+
+with the aggregation named as TRL / verl name it (DESIGN.md §4):
+    seq-mean-token-mean      TRL loss_type="grpo", verl "seq-mean-token-mean"
+    token-mean               TRL "dapo" / "bnpo", verl "token-mean"
+    seq-mean-token-sum-norm  TRL "dr_grpo", verl "seq-mean-token-sum-norm" (token sum / max_new_tokens)
+
+Under `accelerate launch` (DDP) the prompts are split across ranks; rewards are gathered so
+every rank computes the advantages of the whole batch (grpo_batch's batch std included) and
+keeps its own rows; DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+import theory
+from sim import estimators
+from sim.config import ConfigError, check_value
+from sim.llm import data as data_mod
+from sim.llm import model as model_mod
+from sim.llm.rewards import reward
+from sim.problems import _opt
+from sim.results import write_json, write_parquet
+
+LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+LLM_ESTIMATORS = ("grpo", "reinforce", "dr_grpo", "rloo", "grpo_batch") + tuple(estimators.PRESETS)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """One LLM training run."""
+
+    model: str = field(default="models/tiny", metadata=_opt("model directory or hub name"))
+    data: str = field(default="arith", metadata=_opt("arith | gsm8k:PATH | math:PATH"))
+    difficulty: int = field(default=1, metadata=_opt("difficulty of generated arithmetic problems", min=1, max=3))
+    estimator: str = field(default="grpo", metadata=_opt("advantage estimator", choices=LLM_ESTIMATORS))
+    group_size: int = field(default=8, metadata=_opt("completions G per prompt", min=1, max=1024))
+    prompts_per_step: int = field(default=16, metadata=_opt("prompts P per step (all ranks)", min=1, max=4096))
+    steps: int = field(default=200, metadata=_opt("training steps", min=1, max=1_000_000))
+    lr: float = field(default=5e-4, metadata=_opt("learning rate", min=0.0, max=10.0, open_min=True))
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata=_opt("optimizer",
+                                                                             choices=("adamw", "sgd")))
+    loss_agg: str = field(default="seq-mean-token-mean", metadata=_opt("loss aggregation (TRL/verl names)",
+                                                                       choices=LOSS_AGGREGATIONS))
+    max_new_tokens: int = field(default=8, metadata=_opt("completion length limit", min=1, max=4096))
+    temperature: float = field(default=1.0, metadata=_opt("sampling temperature", min=0.0, max=10.0,
+                                                          open_min=True))
+    eps: float = field(default=1e-4, metadata=_opt("eps added to the std (GRPO-type)", min=0.0, max=1e3))
+    ddof: int = field(default=1, metadata=_opt("ddof of the group std", min=0, max=1))
+    seed: int = field(default=0, metadata=_opt("seed of prompt order and sampling", min=0, max=2**31))
+    diag_every: int = field(default=10, metadata=_opt("diagnostics every k steps (0 = never)", min=0,
+                                                     max=1_000_000))
+    diag_params: str = field(default="last-mlp", metadata=_opt(
+        "parameter subset of the per-prompt gradients: last-mlp, lm_head, or a name substring"))
+    diag_proj: int = field(default=0, metadata=_opt("random projection dim of per-prompt gradients (0 = none)",
+                                                    min=0, max=1_000_000))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_opt("device",
+                                                                              choices=("auto", "cpu", "cuda")))
+    save_every: int = field(default=0, metadata=_opt("checkpoint every k steps (0 = only at the end)", min=0,
+                                                     max=1_000_000))
+
+
+def validate(cfg: LLMConfig) -> None:
+    for f in dataclasses.fields(LLMConfig):
+        check_value(LLMConfig, f.name, getattr(cfg, f.name))
+    if estimators.needs_group(cfg.estimator) and cfg.group_size < 2:
+        raise ConfigError(f"group-size: {cfg.estimator} needs at least 2 completions per prompt")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but no GPU is available")
+
+
+def run_id(cfg: LLMConfig) -> str:
+    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def completion_mask(sequences: torch.Tensor, prompt_len: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """[N, L] -> [N, L-1] mask over predicted positions: completion tokens up to and including the
+    first eos (position j predicts token j+1)."""
+    comp = sequences[:, prompt_len:]  # [N, C]
+    is_eos = comp == eos_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # tokens strictly after the first eos
+    valid = ~after_eos & ~((comp == pad_id) & ~is_eos)
+    mask = torch.zeros(sequences.shape[0], sequences.shape[1] - 1, dtype=torch.bool, device=sequences.device)
+    mask[:, prompt_len - 1:] = valid
+    return mask
+
+
+def token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y_j+1 | y_<=j) for every position: [N, L-1]."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def pg_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, agg: str, max_new_tokens: int) -> torch.Tensor:
+    """Sequence-level policy-gradient loss -agg(A_k log pi) (module docstring). logp, mask [N, L-1]; adv [N]."""
+    m = mask.to(logp.dtype)
+    per_tok = -adv.to(logp.dtype).unsqueeze(-1) * logp * m
+    if agg == "seq-mean-token-mean":
+        return (per_tok.sum(-1) / m.sum(-1).clamp_min(1)).mean()
+    if agg == "token-mean":
+        return per_tok.sum() / m.sum().clamp_min(1)
+    if agg == "seq-mean-token-sum-norm":
+        return per_tok.sum() / (per_tok.shape[0] * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+def diag_parameters(model, spec: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameter subset of the per-prompt gradients (see LLMConfig.diag_params)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec == "last-mlp":
+        cands = [(n, p) for n, p in named if n.endswith("mlp.down_proj.weight")] or [(n, p) for n, p in named
+                                                                                     if p.dim() == 2]
+        return cands[-1:]
+    if spec == "lm_head":
+        out = [(n, p) for n, p in named if "lm_head" in n]
+        return out or [(n, p) for n, p in named if "embed" in n][-1:]
+    out = [(n, p) for n, p in named if spec in n]
+    if not out:
+        raise ConfigError(f"diag-params: no parameter name contains {spec!r}")
+    return out
+
+
+class Trainer:
+    """One run: holds the model, optimizer and accelerate state; `run()` trains and logs."""
+
+    def __init__(self, cfg: LLMConfig, out: Path, accelerator=None, log=print):
+        from accelerate import Accelerator
+
+        validate(cfg)
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.acc = accelerator or Accelerator(cpu=cpu)
+        dtype = torch.bfloat16 if (not cpu and torch.cuda.is_bf16_supported()) else None
+        model, self.tok = model_mod.load(cfg.model, device="cpu", dtype=dtype)
+        self.examples = data_mod.load_data(cfg.data, difficulty=cfg.difficulty, seed=cfg.seed)
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+        torch.manual_seed(cfg.seed)
+        optimizer = opt_cls(model.parameters(), lr=cfg.lr)
+        self.model, self.opt = self.acc.prepare(model, optimizer)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if cfg.prompts_per_step % self.world:
+            raise ConfigError(f"prompts-per-step: {cfg.prompts_per_step} is not divisible by {self.world} processes")
+        self.diag = diag_parameters(self.acc.unwrap_model(self.model), cfg.diag_params)
+        self.proj = None
+
+    # -- one step -------------------------------------------------------------------------
+    def _prompts(self, step: int):
+        rng = random.Random(f"{self.cfg.seed}-{step}")
+        batch = [self.examples[rng.randrange(len(self.examples))] for _ in range(self.cfg.prompts_per_step)]
+        return batch, batch[self.rank::self.world]
+
+    @torch.no_grad()
+    def _generate(self, local, step: int):
+        cfg, tok = self.cfg, self.tok
+        tok.padding_side = "left"
+        enc = tok([e.prompt for e in local], return_tensors="pt", padding=True).to(self.acc.device)
+        torch.manual_seed(hash((cfg.seed, step, self.rank)) % 2**31)
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        seqs = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        model.train(was_training)
+        attn = enc.attention_mask.repeat_interleave(cfg.group_size, 0)
+        attn = torch.cat([attn, torch.ones_like(seqs[:, attn.shape[1]:])], 1)
+        texts = tok.batch_decode(seqs[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        return seqs, attn, enc.input_ids.shape[1], texts
+
+    def _advantages(self, rewards_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather [P, G] rewards from all ranks, compute advantages of the whole batch with
+        sim.estimators.advantages, return (all rewards [P, G], local advantages [P_local, G])."""
+        gathered = self.acc.gather(rewards_local.to(self.acc.device)).cpu()  # [P, G] in rank-major order
+        P_loc = rewards_local.shape[0]
+        adv = estimators.advantages(self.cfg.estimator, gathered.double(), ddof=self.cfg.ddof, eps=self.cfg.eps)
+        return gathered, adv[self.rank * P_loc:(self.rank + 1) * P_loc].float()
+
+    def _per_prompt_grads(self, seqs, attn, mask, adv, P_loc: int) -> torch.Tensor:
+        """g_i = grad over the diagnostic subset of prompt i's share of the loss: [P_loc, n]."""
+        model = self.acc.unwrap_model(self.model)
+        params = [p for _, p in self.diag]
+        logp = token_logprobs(model, seqs, attn)
+        G = self.cfg.group_size
+        grads = []
+        for i in range(P_loc):
+            sl = slice(i * G, (i + 1) * G)
+            loss_i = pg_loss(logp[sl], mask[sl], adv.reshape(-1)[sl], self.cfg.loss_agg, self.cfg.max_new_tokens)
+            g = torch.autograd.grad(loss_i, params, retain_graph=i < P_loc - 1, allow_unused=True)
+            flat = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for x, p in zip(g, params)])
+            grads.append(flat)
+        G_ = torch.stack(grads)  # [P_loc, n]
+        if self.cfg.diag_proj:
+            if self.proj is None:
+                gen = torch.Generator().manual_seed(self.cfg.seed + 7)
+                self.proj = (torch.randn(G_.shape[1], self.cfg.diag_proj, generator=gen)
+                             / math.sqrt(self.cfg.diag_proj)).to(G_.device)
+            G_ = G_ @ self.proj
+        return G_
+
+    def _param_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.acc.unwrap_model(self.model).parameters()])
+
+    def step(self, step: int) -> dict:
+        """One policy-gradient step; on diagnostic steps also rho_t over the per-prompt gradients and
+        the empirical M: max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i,
+        with g_i over the diagnostic subset on the same samples. For an autoregressive policy the
+        score depends on y through its own derivative, Hess J_i = E[(r - mu)(s s^T + grad s)], so
+        this measures the whole Hessian along the update (its rows in the subset), not the
+        third-moment form of the log-linear case (DESIGN.md §7)."""
+        cfg = self.cfg
+        batch, local = self._prompts(step)
+        t0 = time.perf_counter()
+        seqs, attn, plen, texts = self._generate(local, step)
+        rewards_local = torch.tensor([reward(t, e.answer, e.kind) for t, e in
+                                      zip(texts, [e for e in local for _ in range(cfg.group_size)])],
+                                     dtype=torch.float64).reshape(len(local), cfg.group_size)
+        rewards, adv = self._advantages(rewards_local)
+        mask = completion_mask(seqs, plen, self.tok.eos_token_id, self.tok.pad_token_id)
+        diagnose = cfg.diag_every and step % cfg.diag_every == 0
+        t_diag = 0.0
+        if diagnose:
+            td = time.perf_counter()
+            g_before = self._per_prompt_grads(seqs, attn, mask, adv, len(local))
+            theta_before = self._param_vector()
+            t_diag += time.perf_counter() - td
+        logp = token_logprobs(self.model, seqs, attn)
+        loss = pg_loss(logp, mask, adv.reshape(-1).to(logp.device), cfg.loss_agg, cfg.max_new_tokens)
+        self.opt.zero_grad()
+        self.acc.backward(loss)
+        self.opt.step()
+        sigma = rewards.std(-1, correction=0)  # [P] per-prompt sample std (population form)
+        row = {"step": step, "J": float(rewards.mean()), "sigma_bar": float(sigma.mean()),
+               "zero_std_frac": float((sigma == 0).double().mean()), "loss": float(loss.detach()),
+               "reward_mean_per_prompt": rewards.mean(-1).numpy(), "sigma_per_prompt": sigma.numpy(),
+               "diagnosed": bool(diagnose)}
+        if diagnose:
+            td = time.perf_counter()
+            g_after = self._per_prompt_grads(seqs, attn, mask, adv, len(local))
+            dtheta = (self._param_vector() - theta_before).norm()
+            gram = (g_before.double() @ g_before.double().T)
+            row["rho"] = float(theory.gradient_orthogonality(gram))
+            sig_loc = sigma[self.rank * len(local):(self.rank + 1) * len(local)]
+            smooth = (g_after - g_before).norm(dim=-1).double() / float(dtheta.clamp_min(1e-30))  # [P_loc]
+            live = sig_loc > 0
+            row["empirical_M"] = float((smooth[live] / sig_loc[live]).max()) if live.any() else 0.0
+            row["smoothness"] = float(smooth.mean())
+            t_diag += time.perf_counter() - td
+        row["seconds"] = time.perf_counter() - t0
+        row["diag_seconds"] = t_diag
+        return row
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        cfg, rid = self.cfg, run_id(self.cfg)
+        rows = []
+        for step in range(cfg.steps):
+            rows.append(self.step(step))
+            r = rows[-1]
+            if self.acc.is_main_process and (step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1):
+                self.log(f"[{cfg.estimator}] step {step}: reward {r['J']:.3f}, sigma_bar {r['sigma_bar']:.3f}, "
+                         f"zero-std {r['zero_std_frac']:.2f}" + (f", rho {r['rho']:.2f}" if "rho" in r else ""))
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                self.save(self.out / f"checkpoint-{step + 1}")
+        self.save(self.out / "final")
+        steps = self._steps_frame(rows, rid)
+        runs = self._runs_frame(steps, rid)
+        if self.acc.is_main_process:
+            write_json({"package": "grpo-sim", "kind": "llm", "runs": [{"run_id": rid, **dataclasses.asdict(cfg)}],
+                        "world_size": self.world}, self.out / "manifest.json")
+            write_parquet(steps, self.out / "steps.parquet")
+            write_parquet(runs, self.out / "runs.parquet")
+        self.acc.wait_for_everyone()
+        return runs, steps
+
+    def save(self, path: Path) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.acc.unwrap_model(self.model).save_pretrained(path)
+            self.tok.save_pretrained(path)
+
+    def _steps_frame(self, rows: list[dict], rid: str) -> pd.DataFrame:
+        df = pd.DataFrame(rows)
+        df.insert(0, "run_id", rid)
+        sigma_max = 0.5  # binary rewards in {0, 1}: the largest possible std
+        # predicted gain so far: sigma_max / running mean of sigma_bar (theory.predicted_gain)
+        sb = torch.tensor(df["sigma_bar"].to_numpy())
+        df["predicted_gain"] = [float(theory.predicted_gain(sb[: i + 1, None], sigma_max)) for i in range(len(sb))]
+        diag = df[df["diagnosed"]]
+        if len(diag):
+            # phases from (sigma_bar, rho, per-step gain); here the per-step gain is the predicted
+            # sigma_max / sigma_bar_t, since one LLM step cannot be replayed under both estimators
+            labels = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
+                                         (sigma_max / diag["sigma_bar"].clip(lower=1e-12)).to_numpy())
+            df.loc[diag.index, "phase"] = labels
+        return df
+
+    def _runs_frame(self, steps: pd.DataFrame, rid: str) -> pd.DataFrame:
+        cfg = self.cfg
+        k = max(1, len(steps) // 5)
+        row = {"run_id": rid, **dataclasses.asdict(cfg), "world_size": self.world,
+               "initial_J": float(steps["J"].iloc[:k].mean()), "final_J": float(steps["J"].iloc[-k:].mean()),
+               "auc": float(steps["J"].mean()), "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
+               "step_seconds": float(steps["seconds"].mean()),
+               "diag_overhead": float(steps["diag_seconds"].sum() / max(steps["seconds"].sum()
+                                                                        - steps["diag_seconds"].sum(), 1e-9)),
+               "phases": ",".join(dict.fromkeys(steps["phase"].dropna())) if "phase" in steps else ""}
+        if "empirical_M" in steps:
+            row["empirical_M"] = float(steps["empirical_M"].max())
+        return pd.DataFrame([row])

@@ -1,0 +1,228 @@
+"""LLM runner: rewards, data, the loss, the estimator wiring, CLI errors, and 2-process DDP."""
+
+import dataclasses
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the llm extra is not installed (pip install -e '.[llm]')")
+pytest.importorskip("accelerate", reason="the llm extra is not installed (pip install -e '.[llm]')")
+
+from sim import estimators  # noqa: E402
+from sim.llm import data as data_mod  # noqa: E402
+from sim.llm import model as model_mod  # noqa: E402
+from sim.llm import rewards as R  # noqa: E402
+from sim.llm import trainer as T  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """An untrained tiny Llama with the char tokenizer, saved like make-tiny saves (fast)."""
+    out = tmp_path_factory.mktemp("tiny")
+    tok = model_mod.char_tokenizer()
+    model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("completion,reference,expected", [
+    (" #### 7", "#### 7", 1.0),
+    ("3 + 4 = 7\n#### 7", "#### 7", 1.0),
+    ("#### 1,234", "#### 1234", 1.0),
+    ("#### $10.", "#### 10", 1.0),
+    ("#### 7.0", "#### 7", 1.0),
+    ("#### -3", "#### -3", 1.0),
+    ("#### 8", "#### 7", 0.0),
+    ("7", "#### 7", 0.0),                        # no final-answer marker
+    ("", "#### 7", 0.0),
+    ("#### ", "#### 7", 0.0),
+    ("#### seven", "#### 7", 0.0),
+    ("#### 7 #### 8", "#### 7", 0.0),            # the last marker counts
+    ("#### 8 #### 7", "#### 7", 1.0),
+    ("####" * 500 + "7", "#### 7", 1.0),         # adversarial repetition
+    ("\x00\ufffd#### 7", "#### 7", 1.0),
+    (None, "#### 7", 0.0),                       # not even a string
+    ("#### 1e400", "#### 7", 0.0),
+])
+def test_gsm8k_rewards(completion, reference, expected):
+    assert R.gsm8k_reward(completion, reference) == expected
+
+
+@pytest.mark.parametrize("completion,reference,expected", [
+    ("so \\boxed{\\frac{5}{6}}", "\\boxed{\\frac{5}{6}}", 1.0),
+    ("\\boxed{\\dfrac{5}{6}}", "\\boxed{\\frac{5}{6}}", 1.0),
+    ("\\boxed{1024}", "$2^{10} = \\boxed{1024}$", 1.0),
+    ("\\boxed{x = 3}", "\\boxed{3}", 1.0),
+    ("\\boxed{1023}", "\\boxed{1024}", 0.0),
+    ("\\boxed{\\frac{5}{6}", "\\boxed{\\frac{5}{6}}", 0.0),   # unbalanced braces
+    ("no box here: 5/6", "\\boxed{\\frac{5}{6}}", 0.0),
+    ("\\boxed{}", "\\boxed{3}", 0.0),
+    ("\\boxed{" * 300, "\\boxed{3}", 0.0),
+])
+def test_math_rewards(completion, reference, expected):
+    assert R.math_reward(completion, reference) == expected
+
+
+def test_extract_boxed_nested():
+    assert R.extract_boxed("a \\boxed{\\frac{a}{b}} then \\boxed{x^{2}}") == "x^{2}"
+    assert R.normalize_math("\\left( 1, 2 \\right)") == "(1,2)"
+    assert R.normalize_math("\\frac{2}{4}") == "1/2"
+
+
+def test_loaders_read_sample_files_and_reject_malformed_rows(tmp_path):
+    g = data_mod.load_data(f"gsm8k:{DATA / 'gsm8k_sample.jsonl'}")
+    assert len(g) == 3 and g[0].prompt.startswith("Q: Natalia") and R.extract_gsm8k(g[0].answer) == "72"
+    m = data_mod.load_data(f"math:{DATA / 'math_sample.jsonl'}")
+    assert [R.extract_boxed(e.answer) for e in m] == ["\\frac{5}{6}", "1024", "3"]
+    import pandas as pd
+
+    pd.DataFrame([{"question": e.question, "answer": e.answer} for e in g]).to_parquet(tmp_path / "g.parquet")
+    assert data_mod.load_data(f"gsm8k:{tmp_path / 'g.parquet'}") == g
+    with pytest.raises(data_mod.DataError, match="row 2: missing or empty string field 'answer'"):
+        data_mod.load_data(f"gsm8k:{DATA / 'gsm8k_malformed.jsonl'}")
+    (tmp_path / "bad.jsonl").write_text('{"question": "x", "answer": "#### 1"}\n{not json\n')
+    with pytest.raises(data_mod.DataError, match="line 2: not valid JSON"):
+        data_mod.load_data(f"gsm8k:{tmp_path / 'bad.jsonl'}")
+
+
+def test_arithmetic_generator_is_deterministic_and_correct():
+    a = data_mod.arithmetic_examples(50, difficulty=2, seed=3)
+    assert a == data_mod.arithmetic_examples(50, difficulty=2, seed=3)
+    for e in a:
+        nums = [int(t) for t in re.findall(r"\d+", e.question)]
+        x, y, z = nums  # has x, gets y more, gives away z
+        assert R.extract_gsm8k(e.answer) == str(x + y - z)
+
+
+def test_completion_mask_stops_after_first_eos():
+    # prompt of 3 tokens, then completion: 5 6 EOS(2) PAD(0) PAD(0)
+    seqs = torch.tensor([[9, 9, 9, 5, 6, 2, 0, 0], [9, 9, 9, 5, 6, 7, 8, 3]])
+    mask = T.completion_mask(seqs, prompt_len=3, eos_id=2, pad_id=0)
+    # position j predicts token j+1: predicted completion tokens are positions 2..6
+    assert mask[0].tolist() == [False, False, True, True, True, False, False]
+    assert mask[1].tolist() == [False, False, True, True, True, True, True]
+
+
+@pytest.mark.parametrize("agg", T.LOSS_AGGREGATIONS)
+def test_loss_gradient_equals_hand_computed_policy_gradient(agg, tiny_dir):
+    model, tok = model_mod.load(str(tiny_dir))
+    torch.manual_seed(0)
+    seqs = torch.randint(4, len(tok), (4, 10))
+    attn = torch.ones_like(seqs)
+    mask = T.completion_mask(seqs, prompt_len=4, eos_id=2, pad_id=0)
+    mask[1, 7:] = False  # a shorter completion
+    adv = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    params = [p for p in model.parameters()]
+    loss = T.pg_loss(T.token_logprobs(model, seqs, attn), mask, adv, agg, max_new_tokens=6)
+    auto = torch.autograd.grad(loss, params)
+    # hand-computed: sum_k w_k A_k grad log pi(y_k | x) with the aggregation's weights w_k
+    lens = mask.sum(-1).float()
+    w = {"seq-mean-token-mean": 1 / (4 * lens), "token-mean": torch.full((4,), 1 / float(lens.sum())),
+         "seq-mean-token-sum-norm": torch.full((4,), 1 / (4 * 6.0))}[agg]
+    hand = [torch.zeros_like(p) for p in params]
+    for k in range(4):
+        lp = T.token_logprobs(model, seqs[k:k + 1], attn[k:k + 1])
+        g = torch.autograd.grad((lp * mask[k:k + 1]).sum(), params)  # grad log pi(y_k | x)
+        for h, gi in zip(hand, g):
+            h -= w[k] * adv[k] * gi
+    for a, h in zip(auto, hand):
+        torch.testing.assert_close(a, h, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_uses_sim_estimators(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    real = estimators.advantages
+
+    def spy(name, rewards, **kw):
+        calls.append((name, tuple(rewards.shape)))
+        return real(name, rewards, **kw)
+
+    monkeypatch.setattr(estimators, "advantages", spy)
+    cfg = T.LLMConfig(model=str(tiny_dir), estimator="rloo", steps=2, prompts_per_step=3, group_size=4,
+                      diag_every=1, max_new_tokens=4)
+    runs, steps = T.Trainer(cfg, tmp_path / "run", log=lambda *a: None).run()
+    assert calls == [("rloo", (3, 4)), ("rloo", (3, 4))]
+    assert (tmp_path / "run" / "runs.parquet").exists() and (tmp_path / "run" / "final" / "config.json").exists()
+    assert {"J", "sigma_bar", "zero_std_frac", "rho", "empirical_M", "predicted_gain"} <= set(steps.columns)
+
+    # and the update is driven by those advantages: all-zero advantages leave the model unchanged (SGD)
+    monkeypatch.setattr(estimators, "advantages", lambda name, rewards, **kw: torch.zeros_like(rewards))
+    cfg0 = dataclasses.replace(cfg, optimizer="sgd", diag_every=0)
+    tr = T.Trainer(cfg0, tmp_path / "zero", log=lambda *a: None)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.step(0)
+    assert all(torch.equal(b, p) for b, p in zip(before, tr.model.parameters()))
+
+
+def _cli(args, capsys):
+    from sim.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, err
+
+
+def test_missing_or_corrupt_model_and_bad_data_are_one_line_errors(tiny_dir, tmp_path, capsys):
+    code, err = _cli(["llm", "train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.startswith("error: model:") and len(err.strip().splitlines()) == 1
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in tiny_dir.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, err = _cli(["llm", "train", "--model", str(corrupt), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.startswith("error: model: cannot load") and len(err.strip().splitlines()) == 1
+    code, err = _cli(["llm", "train", "--model", str(tiny_dir), "--data", f"gsm8k:{DATA / 'gsm8k_malformed.jsonl'}",
+                      "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "row 2" in err and len(err.strip().splitlines()) == 1
+    code, err = _cli(["llm", "train", "--model", str(tiny_dir), "--estimator", "ppo"], capsys)
+    assert code == 2 and err.startswith("error: estimator:")
+    code, err = _cli(["llm", "compare", "--model", str(tiny_dir), "--estimators", "grpo,nope"], capsys)
+    assert code == 2 and "nope" in err
+
+
+def test_compare_runs_both_estimators_from_one_checkpoint(tiny_dir, tmp_path, capsys):
+    code, err = _cli(["llm", "compare", "--model", str(tiny_dir), "--steps", "2", "--prompts-per-step", "2",
+                      "--group-size", "2", "--max-new-tokens", "3", "--diag-every", "1",
+                      "--out", str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    import sim
+
+    for est in ("grpo", "reinforce"):
+        runs, steps = sim.load_results(tmp_path / "cmp" / est)
+        assert runs.estimator.iloc[0] == est and len(steps) == 2
+
+
+def test_two_process_ddp_ranks_end_with_identical_parameters(tiny_dir, tmp_path):
+    worker = Path(__file__).parent / "llm_ddp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000), str(worker), str(tiny_dir),
+                        str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    hashes = [(tmp_path / "ddp" / f"rank{r}.sha1").read_text() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    # and training changed the parameters
+    model, _ = model_mod.load(str(tiny_dir))
+    h0 = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    assert hashes[0] != h0
+
+
+@pytest.mark.slow
+def test_make_tiny_reaches_the_accuracy_band_and_reloads(tmp_path):
+    """Slow (about 2 minutes): the offline default model as `sim llm make-tiny` builds it."""
+    rec = model_mod.make_tiny(tmp_path / "tiny", log=lambda *a: None)
+    assert 0.2 <= rec["sampled_accuracy"] <= 0.8
+    model, tok = model_mod.load(str(tmp_path / "tiny"))  # the from_pretrained path of a real model
+    held_out = data_mod.arithmetic_examples(200, 1, 10_000)
+    acc = model_mod.sampled_accuracy(model, tok, held_out, seed=rec["steps"])
+    assert acc == pytest.approx(rec["sampled_accuracy"])
