@@ -42,7 +42,7 @@ def _click_classes(name: str) -> tuple[type, ...]:
 USAGE_ERRORS = _click_classes("UsageError")
 ABORTS = _click_classes("Abort")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="grpo-sim: when does GRPO's per-prompt std normalization beat REINFORCE?")
 console = Console(width=None if sys.stdout.isatty() else 132)
 
@@ -50,6 +50,20 @@ console = Console(width=None if sys.stdout.isatty() else 132)
 ALIASES = {"estimator": ["--estimators"], "reward_noise": ["--noise"]}
 #: Fields the sweep sets itself (not options).
 NOT_OPTIONS = ("lr", "lr_rule", "seed")
+
+
+def _with_signature(command, params: list[inspect.Parameter], name: str, doc: str):
+    """Give a generated command the signature typer reads its options from."""
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = name
+    return command
+
+
+def _param(name: str, option, annotation=Optional[str]) -> inspect.Parameter:
+    """A keyword-only parameter carrying a typer.Option."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
 
 
 def _axis_fields(classes=(ProblemConfig, TrainConfig)):
@@ -180,30 +194,20 @@ def _make_command(name: str, list_valued: bool, doc: str):
 
     params = []
     if list_valued:
-        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                        default=typer.Option(None, "--config", help="sweep config TOML "
+        params.append(_param("config", typer.Option(None, "--config", help="sweep config TOML "
                                                              "(experiments/NAME.toml); options override it")))
     params += _option_params(list_valued)
     params += [
-        inspect.Parameter("seeds", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--seeds", help="training seeds per setting [default: 5]")),
-        inspect.Parameter("lr", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--lr", help="learning rates: comma list, 'theory' "
+        _param("seeds", typer.Option(None, "--seeds", help="training seeds per setting [default: 5]")),
+        _param("lr", typer.Option(None, "--lr", help="learning rates: comma list, 'theory' "
                                                "(ascent-lemma step) or 'tuned' (best of lr_theory*2^j, "
                                                "j=-1..4) [default: theory]")),
-        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--out", help="results directory [default: "
+        _param("out", typer.Option(None, "--out", help="results directory [default: "
                                                f"results/{name}-TIMESTAMP]")),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--resume", help="continue an interrupted sweep in --out")),
-        inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--workers", help="local worker processes [default: 1]")),
+        _param("resume", typer.Option(False, "--resume", help="continue an interrupted sweep in --out"), bool),
+        _param("workers", typer.Option(None, "--workers", help="local worker processes [default: 1]")),
     ]
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    command.__name__ = name
-    return command
+    return _with_signature(command, params, name, doc)
 
 
 app.command("run")(_make_command(
@@ -245,7 +249,7 @@ def figures_command(
     console.print(table)
 
 
-theory_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+theory_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                          help="What the theory predicts for one problem, and whether its conditions hold.")
 app.add_typer(theory_app, name="theory")
 
@@ -270,17 +274,11 @@ def _make_theory_command(name: str, doc: str, default_steps: int):
             print_theory_report(name, report)
 
     params = _option_params(False, (ProblemConfig,)) + [
-        inspect.Parameter("steps", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--steps", help="length of the exact trajectories "
+        _param("steps", typer.Option(None, "--steps", help="length of the exact trajectories "
                                                f"checked [default: {default_steps}]")),
-        inspect.Parameter("json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--json", help="print the report as JSON")),
+        _param("json", typer.Option(False, "--json", help="print the report as JSON"), bool),
     ]
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    command.__name__ = name
-    return command
+    return _with_signature(command, params, name, doc)
 
 
 def print_theory_report(kind: str, report: dict) -> None:
@@ -325,7 +323,7 @@ theory_app.command("predict")(_make_theory_command(
     "predict", "M-bounds, safe step sizes and the predicted gain, beside the measured speedup.", 2000))
 
 
-llm_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+llm_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                       help="LLM-scale runner: GRPO vs REINFORCE on Hugging Face causal LMs (needs the llm extra).")
 app.add_typer(llm_app, name="llm")
 
@@ -397,18 +395,12 @@ def _llm_command(name: str, doc: str):
         _print_llm_table(rows, f"GRPO vs REINFORCE from {cfg.model} (same checkpoint, prompts and seed) → {out}")
 
     params = _option_params(False, (LLMConfig,))
-    params.append(inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                                    default=typer.Option(f"results/llm-{name}", "--out", help="results directory")))
+    params.append(_param("out", typer.Option(f"results/llm-{name}", "--out", help="results directory"), str))
     if name == "compare":
         params = [p for p in params if p.name != "estimator"]
-        params.append(inspect.Parameter("estimators", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                        default=typer.Option(None, "--estimators",
+        params.append(_param("estimators", typer.Option(None, "--estimators",
                                                              help="estimators to compare [default: grpo,reinforce]")))
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    command.__name__ = name
-    return command
+    return _with_signature(command, params, name, doc)
 
 
 def _print_llm_table(rows, title: str) -> None:

@@ -90,34 +90,35 @@ def _field(row: dict, key: str, path, i) -> str:
     return v
 
 
-def load_gsm8k(source: str) -> list[Example]:
-    """GSM8K-format rows (question, answer with '#### n') from a JSONL/Parquet file or hub name."""
+#: per format: (question field, reference field, required marker, hub config, what the marker is)
+FORMATS = {"gsm8k": ("question", "answer", "####", "main", "'#### n' final answer"),
+           "math": ("problem", "solution", "\\boxed", None, "\\boxed{} answer")}
+
+
+def load_examples(kind: str, source: str) -> list[Example]:
+    """Rows of format ``kind`` (FORMATS) from a JSONL/Parquet file or a `datasets` hub name."""
+    q_key, a_key, marker, hub_config, what = FORMATS[kind]
     path = Path(source)
-    rows = _rows(path) if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() else _hub(source, "main")
+    local = path.suffix in (".jsonl", ".json", ".parquet") or path.exists()
     out = []
-    for i, row in rows:
-        q, a = _field(row, "question", source, i), _field(row, "answer", source, i)
-        if "####" not in a:
-            raise DataError(f"data: {source} row {i}: answer has no '#### n' final answer")
-        out.append(Example(q, a, "gsm8k"))
+    for i, row in (_rows(path) if local else _hub(source, hub_config)):
+        q, a = _field(row, q_key, source, i), _field(row, a_key, source, i)
+        if marker not in a:
+            raise DataError(f"data: {source} row {i}: {a_key} has no {what}")
+        out.append(Example(q, a, kind))
     if not out:
         raise DataError(f"data: {source}: no rows")
     return out
+
+
+def load_gsm8k(source: str) -> list[Example]:
+    """GSM8K-format rows (question, answer with '#### n')."""
+    return load_examples("gsm8k", source)
 
 
 def load_math(source: str) -> list[Example]:
-    """MATH-format rows (problem, solution with \\boxed{}) from a JSONL/Parquet file or hub name."""
-    path = Path(source)
-    rows = _rows(path) if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() else _hub(source, None)
-    out = []
-    for i, row in rows:
-        q, s = _field(row, "problem", source, i), _field(row, "solution", source, i)
-        if "\\boxed" not in s:
-            raise DataError(f"data: {source} row {i}: solution has no \\boxed{{}} answer")
-        out.append(Example(q, s, "math"))
-    if not out:
-        raise DataError(f"data: {source}: no rows")
-    return out
+    """MATH-format rows (problem, solution with \\boxed{})."""
+    return load_examples("math", source)
 
 
 def _hub(name: str, config: str | None):
