@@ -33,6 +33,26 @@ STEPS = "steps.parquet"
 PARTS = "parts"
 
 
+#: Failpoint for crash tests: GRPO_SIM_FAULT="POINT" or "POINT:N" ends the process with
+#: os._exit(137), as SIGKILL would, the Nth time (default 1st) POINT is reached. Points:
+#: "tmp-written" (a temp file written, not yet renamed), "part-steps" (a part's steps file
+#: committed, its runs file not yet), "part-committed" (a whole part committed),
+#: "final-steps" (steps.parquet replaced, runs.parquet not yet).
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _failpoint(point: str) -> None:
+    spec = os.environ.get("GRPO_SIM_FAULT")
+    if not spec:
+        return
+    name, _, nth = spec.partition(":")
+    if name != point:
+        return
+    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
+    if _FAULT_COUNTS[point] == int(nth or 1):
+        os._exit(137)
+
+
 class ResultsError(ValueError):
     """A results directory that cannot be used as asked. str(e) is one line."""
 
@@ -46,6 +66,7 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _failpoint("tmp-written")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -118,6 +139,8 @@ def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool) 
         if old.get("fingerprint") != fp:
             raise ResultsError(f"resume: {out} was written by a different sweep config; "
                                "rerun with the same options or choose another directory")
+        for stale in out.rglob(".*.tmp"):  # temp files of a write that a crash cut short
+            stale.unlink()
         return committed_run_ids(out)
     if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise ResultsError(f"out: {out} exists and is not an empty results directory")
@@ -144,7 +167,9 @@ def write_part(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
     """Commit one finished batch: steps file first, then the runs file that marks it done."""
     name = hashlib.sha1(",".join(sorted(runs["run_id"])).encode()).hexdigest()[:16]
     write_parquet(steps, out / PARTS / f"{name}.steps.parquet")
+    _failpoint("part-steps")
     write_parquet(runs, out / PARTS / f"{name}.runs.parquet")
+    _failpoint("part-committed")
 
 
 def read_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -166,6 +191,7 @@ def read_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def finalize(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
     """Write the consolidated steps.parquet, then runs.parquet (the completion marker)."""
     write_parquet(steps, out / STEPS)
+    _failpoint("final-steps")
     write_parquet(runs, out / RUNS)
 
 
