@@ -139,17 +139,24 @@ def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool) 
         if old.get("fingerprint") != fp:
             raise ResultsError(f"resume: {out} was written by a different sweep config; "
                                "rerun with the same options or choose another directory")
-        for stale in out.rglob(".*.tmp"):  # temp files of a write that a crash cut short
-            stale.unlink()
+        _clear_stale_temp_files(out)
         return committed_run_ids(out)
     if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise ResultsError(f"out: {out} exists and is not an empty results directory")
+    if out.exists() and resume:
+        _clear_stale_temp_files(out)  # a crash before the manifest landed
     check_writable(out)
     write_json({
         "package": "grpo-sim", "fingerprint": fp, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "git_commit": _git_commit(), "versions": _versions(), "spec": spec, "runs": run_rows,
     }, manifest_path)
     return set()
+
+
+def _clear_stale_temp_files(out: Path) -> None:
+    """Remove the temp files (.NAME.*.tmp) of writes that a crash cut short."""
+    for stale in out.rglob(".*.tmp"):
+        stale.unlink()
 
 
 def _committed_parts(out: Path) -> list[Path]:
