@@ -44,6 +44,8 @@ SELECTION_RULE = ("lr per (cell, estimator): lowest median steps-to-target over 
                   "(never reached = steps + 1), ties to the higher mean AUC")
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
 MAX_BATCH = 64
+#: A sweep larger than this is refused before anything is built (a typo like --seeds 100000).
+MAX_RUNS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ def theory_lr(problem: ProblemConfig, estimator: str) -> float:
 
 def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
     """Every run of the sweep, validated, in a deterministic order."""
+    n_lr = 1 if spec.lr == "theory" else len(TUNED_FACTORS) if spec.lr == "tuned" else len(spec.lr)
+    n_runs = math.prod(len(v) for _, v in spec.axes) * spec.seeds * n_lr
+    if n_runs > MAX_RUNS:
+        raise ConfigError(f"sweep: {n_runs:,} runs exceed the limit of {MAX_RUNS:,}; shorten the lists or --seeds")
     names = [k for k, _ in spec.axes]
     runs = []
     built: dict[ProblemConfig, object] = {}
