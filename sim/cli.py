@@ -163,7 +163,8 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
     console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")
 
 
-def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, workers: int, prefix: str) -> None:
+def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, workers: int, prefix: str,
+             backend: str = "local", address: Optional[str] = None) -> None:
     if out is None:
         if resume:
             raise ConfigError("resume: needs --out DIR naming the results directory to continue")
@@ -177,7 +178,8 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress)
+        runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
+                                         backend=backend, address=address)
     print_summary(runs_df, spec, out)
 
 
@@ -189,8 +191,10 @@ def _make_command(name: str, list_valued: bool, doc: str):
         out = kwargs.pop("out")
         resume = kwargs.pop("resume")
         workers = sweep_mod.parse_int("workers", kwargs.pop("workers"), 1, 1, 256)
+        backend, address = kwargs.pop("backend"), kwargs.pop("address")
+        sweep_mod.check_backend(backend)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
-        _execute(spec, Path(out) if out else None, resume, workers, prefix=name)
+        _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address)
 
     params = []
     if list_valued:
@@ -205,7 +209,12 @@ def _make_command(name: str, list_valued: bool, doc: str):
         _param("out", typer.Option(None, "--out", help="results directory [default: "
                                                f"results/{name}-TIMESTAMP]")),
         _param("resume", typer.Option(False, "--resume", help="continue an interrupted sweep in --out"), bool),
-        _param("workers", typer.Option(None, "--workers", help="local worker processes [default: 1]")),
+        _param("workers", typer.Option(None, "--workers", help="local worker processes, or CPUs of a local "
+                                       "Ray instance [default: 1]")),
+        _param("backend", typer.Option("local", "--backend", help="local | ray (the ray extra) [default: local]"),
+               str),
+        _param("address", typer.Option(None, "--address", help="Ray cluster to join (ray backend); "
+                                       "without it a local instance starts")),
     ]
     return _with_signature(command, params, name, doc)
 
@@ -223,10 +232,13 @@ def figures_command(
     only: Optional[str] = typer.Option(None, "--only", help="build one figure (by name)"),
     quick: bool = typer.Option(False, "--quick", help="small configs (the [quick] table of each experiment)"),
     results_root: str = typer.Option("results/figures", "--results", help="where the sweeps' results are stored"),
+    backend: str = typer.Option("local", "--backend", help="local | ray: where missing sweeps run"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (ray backend)"),
 ) -> None:
     """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps."""
     from sim import figures as figures_mod
 
+    sweep_mod.check_backend(backend)
     rows = []
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -239,7 +251,8 @@ def figures_command(
             progress.update(task, completed=done, total=total)
 
         outcomes = figures_mod.build_figures(Path(out), only=only, quick=quick, results_root=Path(results_root),
-                                             on_progress=on_progress, on_figure=on_figure)
+                                             on_progress=on_progress, on_figure=on_figure, backend=backend,
+                                             address=address)
     table = Table(title=f"figures → {out}")
     for c in ("figure", "results", "sweep", "seconds"):
         table.add_column(c)

@@ -38,17 +38,19 @@ def results_dir_for(experiment: str, spec: sweep.SweepSpec, root: Path) -> Path:
     return root / f"{Path(experiment).stem}-{digest}"
 
 
-def ensure_results(spec: sweep.SweepSpec, out: Path, on_progress: Callable | None = None):
-    """(runs, steps, reused): load a finished sweep, else resume or run it."""
+def ensure_results(spec: sweep.SweepSpec, out: Path, on_progress: Callable | None = None, **run_kwargs):
+    """(runs, steps, reused): load a finished sweep, else resume or run it (run_kwargs: backend, address)."""
     if (out / results.RUNS).exists():
         runs, steps = results.load_results(out)
         return runs, steps, True
-    runs, steps = sweep.run_sweep(spec, out, resume=(out / results.MANIFEST).exists(), on_progress=on_progress)
+    runs, steps = sweep.run_sweep(spec, out, resume=(out / results.MANIFEST).exists(), on_progress=on_progress,
+                                  **run_kwargs)
     return runs, steps, False
 
 
 def build_figures(out: Path, only: str | None = None, quick: bool = False, results_root: Path = RESULTS_ROOT,
-                  on_progress: Callable | None = None, on_figure: Callable | None = None) -> list[FigureOutcome]:
+                  on_progress: Callable | None = None, on_figure: Callable | None = None,
+                  backend: str = "local", address: str | None = None) -> list[FigureOutcome]:
     """Build every figure (or ``only`` one); returns what was done for each."""
     import matplotlib.pyplot as plt
 
@@ -69,7 +71,7 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
         rdir = results_dir_for(fig.experiment, specs[fig.name], Path(results_root))
         if on_figure:
             on_figure(fig.name, rdir)
-        runs, steps, reused = ensure_results(specs[fig.name], rdir, on_progress)
+        runs, steps, reused = ensure_results(specs[fig.name], rdir, on_progress, backend=backend, address=address)
         figure = fig.render(runs, steps)
         files = []
         for ext in ("pdf", "png"):

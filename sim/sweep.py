@@ -238,13 +238,48 @@ def _run_batch_in_worker(rows: list[dict]):
     return res.runs, res.steps
 
 
+BACKENDS = ("local", "ray")
+
+
+def check_backend(backend: str) -> None:
+    """One-line ConfigError for an unknown backend or a missing optional install."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: unknown value {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("backend: ray is not installed; run: pip install -e '.[ray]'")
+
+
+def _ray_batches(batches, workers: int, address: str | None, on_result) -> None:
+    """Train batches as Ray tasks; results come back to the driver, which alone writes them."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": max(workers, 1)}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    task = ray.remote(num_cpus=1)(_run_batch_in_worker)
+    futures = {task.remote([r.as_flat_dict() for r in b]): b for b in batches}
+    pending = list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for f in done:
+            on_result(futures[f], *ray.get(f))
+
+
 def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1,
               on_progress: Callable[[int, int], None] | None = None,
-              max_batch: int = MAX_BATCH) -> tuple[pd.DataFrame, pd.DataFrame]:
+              max_batch: int = MAX_BATCH, backend: str = "local",
+              address: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every pending run of ``spec`` into ``out``; return (runs, steps) with summary columns.
 
-    ``on_progress(steps_done, steps_total)`` is called as batches advance (steps summed over runs).
+    backend "local": in this process (workers = 1) or a pool of ``workers`` processes; "ray":
+    Ray tasks on the cluster at ``address`` (a local instance with ``workers`` CPUs when None).
+    Only this process writes results. ``on_progress(steps_done, steps_total)`` is called as
+    batches advance (steps summed over runs).
     """
+    check_backend(backend)
     runs = expand(spec)
     rows = [r.as_flat_dict() for r in runs]
     done = results.open_results_dir(out, spec.as_dict(), rows, resume)
@@ -259,7 +294,14 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             on_progress(progress[0], total)
 
     advance(0)
-    if workers <= 1:
+
+    def commit(b, runs_df, steps_df):
+        results.write_part(out, runs_df, steps_df)
+        advance(b[0].train.steps * len(b))
+
+    if backend == "ray":
+        _ray_batches(batches, workers, address, commit)
+    elif workers <= 1:
         for b in batches:
             res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size))
             results.write_part(out, res.runs, res.steps)
@@ -269,10 +311,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b]): b for b in batches}
             for fut in as_completed(futs):
-                b = futs[fut]
-                runs_df, steps_df = fut.result()
-                results.write_part(out, runs_df, steps_df)
-                advance(b[0].train.steps * len(b))
+                commit(futs[fut], *fut.result())
     runs_df, steps_df = results.read_parts(out)
     runs_df = add_comparisons(runs_df)
     results.finalize(out, runs_df, steps_df)

@@ -148,3 +148,28 @@ def test_kill_at_failpoint_then_resume_equals_uninterrupted(fault, tmp_path):
     pd.testing.assert_frame_equal(a_runs, full[0])
     pd.testing.assert_frame_equal(a_steps, full[1])
     assert not list(out.rglob("*.tmp"))  # a crash's temp files are cleared by the resume
+
+
+def test_ray_backend_equals_local_bit_for_bit(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    import ray
+
+    spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "estimator": ["reinforce", "grpo"],
+                              "mode": ["exact", "sampled"], "steps": [50]}, seeds=2)
+    local = S.run_sweep(spec, tmp_path / "local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        remote = S.run_sweep(spec, tmp_path / "ray", backend="ray", max_batch=3)  # other sharding too
+    finally:
+        ray.shutdown()
+    pd.testing.assert_frame_equal(local[0], remote[0])
+    pd.testing.assert_frame_equal(local[1], remote[1])
+
+
+def test_unknown_or_missing_backend_is_one_line(tmp_path, capsys):
+    from sim.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--backend", "dask", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: backend: unknown value 'dask'")
+    assert not (tmp_path / "x").exists()
