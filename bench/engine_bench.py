@@ -21,9 +21,12 @@ from sim.reference import train_one
 
 
 def workload(m: int, runs: int, steps: int, mode: str, estimator: str = "grpo") -> list[RunConfig]:
+    """R runs (4 step sizes x seeds) on one problem. Metrics are logged only at the first and last
+    step (log_points = 2): the loop it is compared with records J and sigma per step but computes
+    none of the per-step diagnostics (Hessians, rho, per-step gain) that logged steps carry."""
     p = ProblemConfig(num_prompts=m, num_responses=8, orthogonality=0.5)
     return [RunConfig(p, TrainConfig(estimator=estimator, mode=mode, group_size=8, steps=steps,
-                                     lr=m / 4 * (1 + r % 4), seed=r // 4)) for r in range(runs)]
+                                     lr=m / 4 * (1 + r % 4), seed=r // 4, log_points=2)) for r in range(runs)]
 
 
 def time_engine(runs: list[RunConfig], repeats: int = 3) -> float:

@@ -133,7 +133,8 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     if len(keys) != 1:
         raise ValueError("train_batch needs runs of one shape and one training setting")
     train = runs[0].train
-    prob = stack_problems([make_problem(r.problem, dtype) for r in runs])
+    unique = {r.problem: make_problem(r.problem, dtype) for r in runs}  # runs often share a problem
+    prob = stack_problems([unique[r.problem] for r in runs])
     R, P, K = prob.bias.shape
     k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
     T = train.steps
@@ -143,6 +144,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     theta_s = torch.zeros(R, s, dtype=dtype)
     # theory step sizes (per-prompt scales of grad J_i) for the measured per-step gain
     M = prob.curvature_bound  # [R]
+    sigma_floor = 1e-9 * prob.sigma_max.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
     scale_reinforce = (1.0 / (M * prob.sigma_max)).unsqueeze(-1)  # [R, 1]: (P/(M sigma_max)) / P
 
     def scale_grpo(sigma):  # [R, P]: (P/M) / (P sigma_i), 0 where sigma_i = 0 (then grad J_i = 0)
@@ -170,7 +172,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
             J_hist[:, step] = J
             sigma_bar_hist[:, step] = sigma.mean(-1)
             if sigma_prev is not None:  # relaxed condition: sigma_i(t) / sigma_i(t-1), where defined
-                live = sigma_prev > 1e-9 * prob.sigma_max.unsqueeze(-1)
+                live = sigma_prev > sigma_floor
                 ratio = torch.where(live, sigma / torch.where(live, sigma_prev, torch.ones_like(sigma)),
                                     torch.full_like(sigma, float("inf")))
                 min_sigma_ratio = torch.minimum(min_sigma_ratio, ratio.amin(-1))
@@ -217,7 +219,9 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     summary["sigma_max_bound"] = prob.sigma_max.numpy()
     # theory beside measurement (DESIGN.md §3; measured_gain is added per cell by the sweep)
     lr_theory = prob.theory_lr(estimators.is_std_normalized(train.estimator))
-    overlap = theory.feature_overlap(prob.phi_private[:, rho_index], prob.phi_shared[:, rho_index]).amax((-2, -1))
+    overlap_of = {cfg: theory.feature_overlap(p.phi_private[rho_index], p.phi_shared[rho_index]).amax()
+                  for cfg, p in unique.items()}  # a property of the problem: once per distinct problem
+    overlap = torch.stack([overlap_of[r.problem] for r in runs])  # [R]
     summary["predicted_gain"] = theory.predicted_gain(sigma_bar_to_target[:, None, None], prob.sigma_max).numpy()
     summary["empirical_M"] = logged["empirical_M"].amax(0).numpy()
     summary["analytic_M"] = logged["analytic_M"].amax(0).numpy()

@@ -1,0 +1,123 @@
+"""All performance numbers in one run (not part of the test suite): python bench/run.py
+
+(a) engine steps/s on the standard workload and its ratio to a per-run numpy loop (sim.reference);
+(b) engine time per step / time of the step's unavoidable matrix products (same tensors, same
+    process): the blockwise logits and the policy-gradient contraction, 4 batched products;
+(c) scaling in prompts, group size and runs;
+(d) local-backend parallel efficiency: one worker vs two on the same sweep;
+(e) Ray backend overhead versus local on the same sweep (skipped without the ray extra).
+Standard workload: R = 256 runs, P = 16 prompts, K = 8 responses, G = 8, k = s = 8, float64,
+sampled GRPO (and exact mode beside it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_bench import time_engine, time_loop, workload  # noqa: E402
+
+import theory  # noqa: E402
+from sim import sweep  # noqa: E402
+from sim.problems import make_problem, stack_problems  # noqa: E402
+
+
+def matmul_floor(runs) -> float:
+    """Seconds per step of the 4 products every step needs: z = phi_private theta_p,
+    phi_shared theta_s, and the gradient blocks w^T phi_private, sum_i w_i^T phi_shared."""
+    prob = stack_problems([make_problem(r.problem) for r in runs])
+    R, P, K = prob.bias.shape
+    tp = torch.randn(R, P, prob.phi_private.shape[-1], dtype=torch.float64)
+    ts = torch.randn(R, prob.phi_shared.shape[-1], dtype=torch.float64)
+    w = torch.randn(R, P, K, dtype=torch.float64)
+
+    def products():
+        theory.logits(torch.zeros_like(prob.bias), prob.phi_private, prob.phi_shared, tp, ts)
+        theory.summed_gradient(w, prob.phi_private, prob.phi_shared)
+
+    products()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            products()
+        best = min(best, (time.perf_counter() - t0) / 50)
+    return best
+
+
+def sweep_time(spec, **kw) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        sweep.run_sweep(spec, Path(d) / "r", **kw)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    steps = 300
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
+    std = workload(16, 256, steps, "sampled")
+    print("\n(a) standard workload: R = 256, P = 16, K = 8, G = 8, sampled GRPO")
+    eng = time_engine(std, repeats=2)
+    loop = time_loop(std[:32]) * 256 / 32
+    print(f"  engine {1 / eng:8.1f} steps/s ({eng * 1e3:.2f} ms/step); numpy loop {1 / loop:6.2f} steps/s "
+          f"-> engine x{loop / eng:.1f}")
+    ex = workload(16, 256, steps, "exact")
+    eng_x, loop_x = time_engine(ex, repeats=2), time_loop(ex[:32]) * 256 / 32
+    print(f"  exact mode: engine {eng_x * 1e3:.2f} ms/step, numpy loop {loop_x * 1e3:.2f} ms/step -> x{loop_x / eng_x:.1f}")
+
+    print("\n(b) engine time per step / matrix-product floor (same tensors)")
+    for name, runs, t in (("sampled", std, eng), ("exact", ex, eng_x)):
+        floor = matmul_floor(runs)
+        print(f"  {name:7s}: floor {floor * 1e3:.3f} ms/step -> engine / floor = {t / floor:.1f}x")
+
+    print("\n(c) scaling (ms per step of the whole batch)")
+    base = None
+    for m in (16, 64, 256):
+        t = time_engine(workload(m, 64, steps, "sampled"), repeats=2)
+        print(f"  prompts m = {m:4d} (R = 64): {t * 1e3:7.2f}" + (f"  x{t / base:.2f} per 4x" if base else ""))
+        base = t
+    from sim.config import RunConfig, TrainConfig
+    import dataclasses
+
+    for G in (4, 16, 64):
+        runs = [RunConfig(r.problem, dataclasses.replace(r.train, group_size=G)) for r in workload(16, 64, steps,
+                                                                                                   "sampled")]
+        print(f"  group size G = {G:3d} (R = 64): {time_engine(runs, repeats=2) * 1e3:7.2f}")
+    for R in (16, 256, 1024):
+        t = time_engine(workload(16, R, steps, "sampled"), repeats=1)
+        print(f"  runs R = {R:5d}: {t * 1e3:7.2f} ms/step, {t / R * 1e6:6.1f} us per run-step")
+
+    print("\n(d) local backend parallel efficiency (24 batches of 32 runs, 1500 steps)")
+    spec = sweep.SweepSpec.build({"num_prompts": [8, 10, 12, 14, 16, 18], "estimator": ["reinforce", "grpo"],
+                                  "orthogonality": [0.2, 0.5, 0.8], "steps": [1500], "log_points": [8]},
+                                 seeds=21)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t1 = sweep_time(spec, workers=1, max_batch=32)
+    torch.set_num_threads(threads)
+    t2 = sweep_time(spec, workers=2, max_batch=32)
+    print(f"  1 worker (1 thread) {t1:.1f} s, 2 workers {t2:.1f} s -> efficiency x{t1 / t2:.2f} "
+          f"(includes starting the worker processes)")
+
+    print("\n(e) Ray backend vs local, same sweep, 2 CPUs")
+    if importlib.util.find_spec("ray") is None:
+        print("  skipped: ray is not installed (pip install -e '.[ray]')")
+        return
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        tr = sweep_time(spec, backend="ray", max_batch=32)
+    finally:
+        ray.shutdown()
+    print(f"  ray {tr:.1f} s vs local 2 workers {t2:.1f} s -> overhead {tr / t2 - 1:+.0%}")
+
+
+if __name__ == "__main__":
+    main()
