@@ -173,3 +173,26 @@ def test_unknown_or_missing_backend_is_one_line(tmp_path, capsys):
         main(["sweep", "--backend", "dask", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: backend: unknown value 'dask'")
     assert not (tmp_path / "x").exists()
+
+
+def test_truncated_or_corrupt_results_files_are_detected_on_load(tmp_path):
+    spec = S.SweepSpec.build({"num_prompts": [3], "num_responses": [3], "estimator": ["reinforce"],
+                              "steps": [10]}, seeds=1)
+    out = tmp_path / "r"
+    S.run_sweep(spec, out)
+    data = (out / "runs.parquet").read_bytes()
+    (out / "runs.parquet").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"runs.parquet: unreadable or corrupt parquet file"):
+        sim.load_results(out)
+    (out / "runs.parquet").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        sim.load_results(out)
+    (out / "steps.parquet").unlink()
+    (out / "runs.parquet").write_bytes(data)
+    with pytest.raises(ValueError, match="missing results file"):
+        sim.load_results(out)
+    # a corrupt committed part is reported on resume, not silently dropped
+    part = next((out / "parts").glob("*.runs.parquet"))
+    part.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        S.run_sweep(spec, out, resume=True)
