@@ -18,6 +18,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from scipy import stats
 
 from sim.results import ResultsError
+from sim.sweep import geometric_ci
 from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
 
 
@@ -103,10 +104,8 @@ def _speedup_by_cell(runs: pd.DataFrame, name: str, cell_cols: list[str], estima
         sp = g["speedup"].to_numpy(dtype=float)
         if not np.isfinite(sp).all():
             raise FigureInputError(f"figure {name}: speedups need REINFORCE runs in the same cells")
-        logs = np.log(sp)
-        m, h = _mean_band(logs)
-        rows.append({**dict(zip(cell_cols, key)), "speedup": math.exp(m), "lo": math.exp(m - h),
-                     "hi": math.exp(m + h), "censored": ",".join(sorted(set(g["speedup_censored"]) - {""})),
+        mean, lo, hi = geometric_ci(sp)
+        rows.append({**dict(zip(cell_cols, key)), "speedup": mean, "lo": lo, "hi": hi, "censored": ",".join(sorted(set(g["speedup_censored"]) - {""})),
                      "predicted_gain": float(g["predicted_gain"].mean()) if "predicted_gain" in g else np.nan})
     return pd.DataFrame(rows)
 

@@ -10,7 +10,8 @@ Update (both modes), with the gradient estimate averaged over prompts (DESIGN.md
     theta <- theta + lr * (1/P) sum_i g_i,   g_i = sum_y w_iy phi(x_i, y)
 
 exact mode:    w_iy = s_i pi_iy (rbar_iy - mu_i), s_i = estimators.population_scale (the
-               G -> infinity limit: 1 for REINFORCE-type, 1/(sigma_i + eps) for GRPO);
+               population form: 1 for REINFORCE-type, 1/(sigma_i + eps) for GRPO, sigma_i the
+               std of the mean reward);
 sampled mode:  w_i = (1/G) sum_k A_ik (e_(y_ik) - pi_i), y_ik ~ pi_i, A = estimators.advantages
                on the observed rewards R_ik = c_i Bernoulli(q(y_ik)).
 
@@ -98,9 +99,8 @@ def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, 
     sub_p, sub_s = g_p[:, rho_index], g_s[:, rho_index]
     gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
     d = theory.centered_features(pi, theory.local_features(prob.phi_private, prob.phi_shared))  # [R,P,K,D]
-    hess_norm = theory.spectral_norm(theory.prompt_hessian(pi, prob.rbar, mu, d))  # [R, P]
-    live = sigma > 1e-12 * prob.sigma_max.unsqueeze(-1)  # sigma ~ 0: ratio undefined, skipped
-    emp = torch.where(live, hess_norm / torch.where(live, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
+    emp = theory.hessian_over_sigma(theory.prompt_hessian(pi, prob.rbar, mu, d), sigma,
+                                    1e-12 * prob.sigma_max.unsqueeze(-1))  # [R, P]
     m_an = theory.m_fourth_moment(pi, d)  # [R, P]
     dj_g = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
                                   scale_grpo(sigma))

@@ -219,14 +219,18 @@ def needs_group(name: str) -> bool:
 
 
 def population_scale(name: str, sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-prompt weight of grad J_i in the G -> infinity limit of the estimator (exact mode).
+    """Per-prompt weight of grad J_i in exact mode: the G -> infinity limit of the estimator with
+    the population sigma_i of DESIGN.md §3.
 
     E[(1/G) sum_k A_ik grad log pi(y_ik)] -> w_i grad J_i with grad J_i = Cov_pi(rbar, phi):
       reinforce, dr_grpo, rloo: w_i = 1   (unbiased or (G-1)/G -> 1)
       grpo, grpo_oracle:        w_i = 1 / (sigma_i + eps)
       grpo_batch:               w_i = 1 / (sigma_B + eps),  sigma_B^2 = mean_i sigma_i^2 + var_i mu_i
-    (the population variance of the reward mixture over the batch). Zero sigma gives w_i = 0,
-    which is exact since grad J_i = 0 there. sigma, mu: [..., P] -> [..., P].
+    (the population variance of the reward mixture over the batch). sigma is the std of the
+    mean reward rbar (DESIGN.md §3): with reward noise the sampled GRPO's group std converges to
+    the std of the observed reward instead, so exact-mode grpo is the limit of grpo_oracle, not
+    of grpo. Zero sigma gives w_i = 1/eps (0 when eps = 0), harmless since grad J_i = 0 there.
+    sigma, mu: [..., P] -> [..., P].
     Presets are rejected: their batch whitening has no per-prompt limit of this form.
     """
     if name in PRESETS:

@@ -184,12 +184,6 @@ def build_spec(axes: dict[str, tuple], seeds, lr) -> SweepSpec:
     return SweepSpec.build(axes, seeds=parse_int("seeds", seeds, 5, 1, 100_000), lr=parse_lr(lr))
 
 
-def theory_lr(problem: ProblemConfig, estimator: str) -> float:
-    """The ascent-lemma learning rate of ``estimator`` on ``problem`` (engine convention):
-    P/M for GRPO-type, P/(M sigma_max) otherwise, M = max_i diam_i^2 (Problem.curvature_bound)."""
-    return float(built_problem(problem).theory_lr(estimators.is_std_normalized(estimator)))
-
-
 def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
     """Every run of the sweep, validated, in a deterministic order."""
     n_lr = 1 if spec.lr == "theory" else len(TUNED_FACTORS) if spec.lr == "tuned" else len(spec.lr)

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 import theory
+from sim import estimators
 from sim.config import RunConfig, TrainConfig
 from sim.engine import train_batch
 from sim.problems import ProblemConfig, make_problem
@@ -52,9 +53,7 @@ def check(problem: ProblemConfig, steps: int = 200) -> dict:
     overlap = theory.feature_overlap(prob.phi_private, prob.phi_shared)
     runs = _exact_runs(problem, steps)
     conds = [theory.orthogonality_condition(overlap)]
-    hn = theory.spectral_norm(q["H"])
-    live = q["sigma"] > 0
-    emp0 = torch.where(live, hn / torch.where(live, q["sigma"], torch.ones_like(q["sigma"])), torch.zeros_like(hn))
+    emp0 = theory.hessian_over_sigma(q["H"], q["sigma"])
     conds.append(dataclasses.replace(theory.m_bound_condition(emp0, theory.m_fourth_moment(q["pi"], q["d"])),
                                      name="M-bound at theta_0"))
     grad_ok = bool((q["g"].norm(dim=-1) <= theory.gradient_bound(q["pi"], q["d"], q["sigma"]) * (1 + 1e-9)
@@ -94,13 +93,10 @@ def predict(problem: ProblemConfig, steps: int = 500) -> dict:
     delta_j = float(prob.rbar.amax(-1).mean() - q["mu"].mean())
     t_ref = max(int(g_row["steps_to_target"]), 1)
     bound_r, bound_g = theory.rate_bounds(t_ref, M, delta_j, smax, sigma_bar)
-    hn = theory.spectral_norm(q["H"])
-    live = q["sigma"] > 0
-    emp = torch.where(live, hn / torch.where(live, q["sigma"], torch.ones_like(q["sigma"])), torch.zeros_like(hn))
-    scale_g = theory.theory_step_size(True, M, smax, P) / P
+    emp = theory.hessian_over_sigma(q["H"], q["sigma"])
+    scale_g = theory.theory_step_size(True, M, smax, P) / P  # per-prompt scale of grad J_i / sigma_i
     dec = theory.step_decomposition(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, q["tp"], q["ts"],
-                                    torch.where(live, scale_g / torch.where(live, q["sigma"], torch.ones_like(hn)),
-                                                torch.zeros_like(hn)))
+                                    scale_g * estimators.population_scale("grpo", q["sigma"], q["mu"], 0.0))
     return {
         "problem": dataclasses.asdict(problem), "steps": steps,
         "M": {"global_4B2": theory.global_curvature_bound(prob.feature_norm_bound), "diameter (used)": M,

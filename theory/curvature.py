@@ -58,6 +58,14 @@ def spectral_norm(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(H).abs().amax(-1)
 
 
+def hessian_over_sigma(H: torch.Tensor, sigma: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Empirical ||Hess J_i|| / sigma_i (the ratio the M-bound caps), 0 where sigma_i <= floor
+    (there the ratio is undefined: Hess J_i -> 0 with sigma_i). H [..., P, D, D], sigma [..., P]."""
+    live = sigma > floor
+    return torch.where(live, spectral_norm(H) / torch.where(live, sigma, torch.ones_like(sigma)),
+                       torch.zeros_like(sigma))
+
+
 def m_fourth_moment(pi: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Analytic M_i(theta) = sqrt(E_pi ||d||^4) >= sup_|u|=1 SD[(u.d)^2] (module docstring): [..., P]."""
     sq = (d * d).sum(-1)  # [..., P, K]

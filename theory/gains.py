@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from theory.curvature import centered_features, local_features, prompt_hessian
+from theory.curvature import centered_features, local_features, m_diameter, prompt_hessian
 from theory.softmax import logits, per_prompt_gradients, prompt_stats
 
 
@@ -105,7 +105,7 @@ def step_decomposition(bias, rbar, phi_private, phi_shared, theta_private, theta
     pi, mu, sigma, w = prompt_stats(z, rbar)
     g_p, g_s = per_prompt_gradients(w, phi_private, phi_shared)  # [..., P, k], [..., P, s]
     a = step_scale
-    d_p, d_s = a.unsqueeze(-1) * g_p, (a.unsqueeze(-1) * g_s).sum(-2)  # Delta blocks
+    d_p, d_s = exact_step(w, a, phi_private, phi_shared)  # Delta blocks
     own = a * ((g_p * g_p).sum(-1) + (g_s * g_s).sum(-1))
     cross = (g_s * (d_s.unsqueeze(-2) - a.unsqueeze(-1) * g_s)).sum(-1)
     phi_loc = local_features(phi_private, phi_shared)
@@ -115,8 +115,7 @@ def step_decomposition(bias, rbar, phi_private, phi_shared, theta_private, theta
     second = 0.5 * (delta_loc.unsqueeze(-2) @ H @ delta_loc.unsqueeze(-1)).squeeze(-1).squeeze(-1)
     mu_new = mean_objective(bias, rbar, phi_private, phi_shared, theta_private + d_p, theta_shared + d_s)
     actual = mu_new - mu
-    diff = phi_loc.unsqueeze(-2) - phi_loc.unsqueeze(-3)
-    diam = (diff * diff).sum(-1).amax((-2, -1)).sqrt()  # [..., P]
+    diam = m_diameter(phi_loc).sqrt()  # [..., P]
     smax = (rbar.amax(-1) - rbar.amin(-1)) / 2
     step_norm = delta_loc.norm(dim=-1)
     return {"own": own, "cross": cross, "second": second, "actual": actual,

@@ -110,7 +110,9 @@ def completion_mask(sequences: torch.Tensor, prompt_len: int, eos_id: int, pad_i
 
 def token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """log pi(y_j+1 | y_<=j) for every position: [N, L-1]."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, :-1].float()
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded input
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=position_ids).logits[:, :-1].float()
     return torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
@@ -198,20 +200,31 @@ class Trainer:
         adv = estimators.advantages(self.cfg.estimator, gathered.double(), ddof=self.cfg.ddof, eps=self.cfg.eps)
         return gathered, adv[self.rank * P_loc:(self.rank + 1) * P_loc].float()
 
-    def _per_prompt_grads(self, seqs, attn, mask, adv, P_loc: int) -> torch.Tensor:
-        """g_i = grad over the diagnostic subset of prompt i's share of the loss: [P_loc, n]."""
+    def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None):
+        """Per-prompt gradient estimates on the diagnostic subset: ([P_loc, n], sequence log-probs [N]).
+
+        g_i = -grad of L_i = (1/G) sum_k c_ik exp(log pi(y_k) - ref_k), c = R - mean_k R (the mean
+        baseline, whatever the training estimator), log pi(y_k) the sequence log-probability. With
+        ref = log pi at the current theta (the default) g_i = (1/G) sum_k c_ik grad log pi(y_k), an
+        estimate of grad J_i = E[(r - mu) grad log pi]; with ref from an earlier theta the same
+        samples are importance-weighted, so the difference of the two estimates follows the whole
+        Hessian of J_i, E[(r - mu)(s s^T + grad s)], along the step.
+        """
         model = self.acc.unwrap_model(self.model)
         params = [p for _, p in self.diag]
-        logp = token_logprobs(model, seqs, attn)
+        seq_logp = (token_logprobs(model, seqs, attn) * mask).sum(-1)  # [N]
+        ref = seq_logp.detach() if ref_logp is None else ref_logp
+        weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
+        c = centred.reshape(-1).to(seq_logp.device, seq_logp.dtype)
         G = self.cfg.group_size
+        P_loc = centred.shape[0]
         grads = []
         for i in range(P_loc):
             sl = slice(i * G, (i + 1) * G)
-            loss_i = pg_loss(logp[sl], mask[sl], adv.reshape(-1)[sl], self.cfg.loss_agg, self.cfg.max_new_tokens)
-            g = torch.autograd.grad(loss_i, params, retain_graph=i < P_loc - 1, allow_unused=True)
-            flat = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for x, p in zip(g, params)])
-            grads.append(flat)
+            surrogate = (c[sl] * weight[sl]).mean()
+            g = torch.autograd.grad(surrogate, params, retain_graph=i < P_loc - 1, allow_unused=True)
+            grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
+                                    for x, p in zip(g, params)]))
         G_ = torch.stack(grads)  # [P_loc, n]
         if self.cfg.diag_proj:
             if self.proj is None:
@@ -219,7 +232,7 @@ class Trainer:
                 self.proj = (torch.randn(G_.shape[1], self.cfg.diag_proj, generator=gen)
                              / math.sqrt(self.cfg.diag_proj)).to(G_.device)
             G_ = G_ @ self.proj
-        return G_
+        return G_, seq_logp.detach()
 
     def _param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.acc.unwrap_model(self.model).parameters()])
@@ -227,10 +240,12 @@ class Trainer:
     def step(self, step: int) -> dict:
         """One policy-gradient step; on diagnostic steps also rho_t over the per-prompt gradients and
         the empirical M: max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i,
-        with g_i over the diagnostic subset on the same samples. For an autoregressive policy the
-        score depends on y through its own derivative, Hess J_i = E[(r - mu)(s s^T + grad s)], so
-        this measures the whole Hessian along the update (its rows in the subset), not the
-        third-moment form of the log-linear case (DESIGN.md §7)."""
+        g_i the mean-baseline gradient estimate of `_per_prompt_grads` on the subset, evaluated at
+        theta_t+1 on the same samples importance-weighted. For an autoregressive policy the score
+        depends on y through its own derivative, Hess J_i = E[(r - mu)(s s^T + grad s)]; this
+        measures that whole Hessian along the update (its rows in the subset), not the
+        third-moment form of the log-linear case (DESIGN.md §7). Both use rank 0's prompts only
+        under DDP."""
         cfg = self.cfg
         batch, local = self._prompts(step)
         t0 = time.perf_counter()
@@ -244,7 +259,8 @@ class Trainer:
         t_diag = 0.0
         if diagnose:
             td = time.perf_counter()
-            g_before = self._per_prompt_grads(seqs, attn, mask, adv, len(local))
+            centred = rewards_local - rewards_local.mean(-1, keepdim=True)  # [P_loc, G]
+            g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
             theta_before = self._param_vector()
             t_diag += time.perf_counter() - td
         logp = token_logprobs(self.model, seqs, attn)
@@ -259,12 +275,12 @@ class Trainer:
                "diagnosed": bool(diagnose)}
         if diagnose:
             td = time.perf_counter()
-            g_after = self._per_prompt_grads(seqs, attn, mask, adv, len(local))
+            g_after, _ = self._per_prompt_grads(seqs, attn, mask, centred, ref_logp=logp_before)
             dtheta = (self._param_vector() - theta_before).norm()
             gram = (g_before.double() @ g_before.double().T)
             row["rho"] = float(theory.gradient_orthogonality(gram))
             sig_loc = sigma[self.rank * len(local):(self.rank + 1) * len(local)]
-            smooth = (g_after - g_before).norm(dim=-1).double() / float(dtheta.clamp_min(1e-30))  # [P_loc]
+            smooth = (g_after - g_before).norm(dim=-1).double().cpu() / float(dtheta.clamp_min(1e-30))  # [P_loc]
             live = sig_loc > 0
             row["empirical_M"] = float((smooth[live] / sig_loc[live]).max()) if live.any() else 0.0
             row["smoothness"] = float(smooth.mean())
