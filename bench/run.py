@@ -51,6 +51,10 @@ def matmul_floor(runs) -> float:
     return best
 
 
+def _import_engine(_):
+    import sim.sweep  # noqa: F401  (what a worker imports before its first batch)
+
+
 def sweep_time(spec, **kw) -> float:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -93,17 +97,24 @@ def main() -> None:
         t = time_engine(workload(16, R, steps, "sampled"), repeats=1)
         print(f"  runs R = {R:5d}: {t * 1e3:7.2f} ms/step, {t / R * 1e6:6.1f} us per run-step")
 
-    print("\n(d) local backend parallel efficiency (24 batches of 32 runs, 1500 steps)")
+    print("\n(d) local backend parallel efficiency (24 batches of 32 runs, 3000 steps)")
     spec = sweep.SweepSpec.build({"num_prompts": [8, 10, 12, 14, 16, 18], "estimator": ["reinforce", "grpo"],
-                                  "orthogonality": [0.2, 0.5, 0.8], "steps": [1500], "log_points": [8]},
+                                  "orthogonality": [0.2, 0.5, 0.8], "steps": [3000], "log_points": [8]},
                                  seeds=21)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t1 = sweep_time(spec, workers=1, max_batch=32)
     torch.set_num_threads(threads)
     t2 = sweep_time(spec, workers=2, max_batch=32)
+    t0 = time.perf_counter()
+    import concurrent.futures
+    import multiprocessing as mp
+
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_import_engine, range(2)))
+    startup = time.perf_counter() - t0
     print(f"  1 worker (1 thread) {t1:.1f} s, 2 workers {t2:.1f} s -> efficiency x{t1 / t2:.2f} "
-          f"(includes starting the worker processes)")
+          f"(includes starting the workers: {startup:.1f} s here, so x{t1 / (t2 - startup):.2f} after start-up)")
 
     print("\n(e) Ray backend vs local, same sweep, 2 CPUs")
     if importlib.util.find_spec("ray") is None:

@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from sim import estimators, results
 from sim.config import ConfigError, RunConfig, TrainConfig, check_value, parse_value, validate_run
@@ -365,6 +364,8 @@ def geometric_ci(ratios: np.ndarray, level: float = 0.95) -> tuple[float, float,
     exp(mean log r +- t_{(1+level)/2, n-1} sd(log r) / sqrt(n)). With n = 1 the interval is the
     point itself (no spread can be estimated; tables mark n).
     """
+    from scipy import stats  # imported here: it costs worker processes about a second at start-up
+
     logs = np.log(np.asarray(ratios, dtype=float))
     m = float(logs.mean())
     if len(logs) < 2:
