@@ -97,7 +97,8 @@ def _parse_axes(values: dict[str, Optional[str]], list_valued: bool,
         text = values.get(f.name)
         if text is None:
             continue
-        items = [t for t in str(text).split(",")] if list_valued else [str(text)]
+        # `sim run` takes single values, except the estimators it compares (DESIGN.md §5)
+        items = str(text).split(",") if list_valued or f.name == "estimator" else [str(text)]
         if any(not t.strip() for t in items):
             raise ConfigError(f"{option_name(f.name)}: empty value in {text!r}")
         axes[f.name] = tuple(parse_value(cls, f.name, t) for t in items)

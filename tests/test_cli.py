@@ -110,6 +110,9 @@ def test_config_file_and_run_command(capsys, tmp_path):
     assert code == 0, err
     code, _, err = run_cli(["run", "--orthogonality", "0.4,0.5", "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "orthogonality" in err
+    code, _, err = run_cli(["run", "--estimators", "grpo,reinforce", *SMALL, "--out", str(tmp_path / "d")], capsys)
+    assert code == 0, err
+    assert set(sim.load_results(tmp_path / "d")[0].estimator) == {"grpo", "reinforce"}
 
 
 def test_load_results_errors(tmp_path):
