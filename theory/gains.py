@@ -30,7 +30,8 @@ def predicted_gain(sigma_history: torch.Tensor, sigma_max: torch.Tensor | float 
 
     ``sigma_max`` None takes the largest sigma in the history (the tightest REINFORCE step that is
     safe along this very trajectory), so equal sigmas give exactly 1. G_pred >= 1 whenever
-    sigma_max bounds every sigma. A history of zeros (nothing left to learn) gives 1. -> [...].
+    sigma_max bounds every sigma. A history of zeros (nothing left to learn) gives 1; the ratio is
+    capped at 1e300 so a subnormal sigma_bar cannot overflow to inf. -> [...].
     """
     sigma_bar = sigma_history.mean((-2, -1))
     if sigma_max is None:
@@ -38,7 +39,9 @@ def predicted_gain(sigma_history: torch.Tensor, sigma_max: torch.Tensor | float 
     else:
         smax = torch.as_tensor(sigma_max, dtype=sigma_history.dtype).expand_as(sigma_bar)
     ok = sigma_bar > 0
-    return torch.where(ok, smax / torch.where(ok, sigma_bar, torch.ones_like(sigma_bar)), torch.ones_like(sigma_bar))
+    ratio = smax / torch.where(ok, sigma_bar, torch.ones_like(sigma_bar))
+    # a sigma_bar near the smallest double would overflow to inf: cap at 1e300 (stays finite)
+    return torch.where(ok, ratio.clamp(max=1e300), torch.ones_like(sigma_bar))
 
 
 def rate_bounds(steps: int, M: float, delta_j: float, sigma_max: float, sigma_bar: float) -> tuple[float, float]:
