@@ -103,9 +103,9 @@ def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, 
                                     1e-12 * prob.sigma_max.unsqueeze(-1))  # [R, P]
     m_an = theory.m_fourth_moment(pi, d)  # [R, P]
     dj_g = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
-                                  scale_grpo(sigma))
+                                  scale_grpo(sigma), stats=(mu, w_true))
     dj_r = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
-                                  scale_reinforce.expand_as(sigma))
+                                  scale_reinforce.expand_as(sigma), stats=(mu, w_true))
     logged["J"][i] = J
     logged["sigma_bar"][i] = sigma.mean(-1)
     logged["sigma_min"][i] = sigma.amin(-1)
@@ -145,10 +145,12 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     # theory step sizes (per-prompt scales of grad J_i) for the measured per-step gain
     M = prob.curvature_bound  # [R]
     sigma_floor = 1e-9 * prob.sigma_max.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
-    scale_reinforce = (1.0 / (M * prob.sigma_max)).unsqueeze(-1)  # [R, 1]: (P/(M sigma_max)) / P
+    lr_grpo = theory.theory_step_size(True, M, prob.sigma_max, P)  # [R]
+    lr_reinforce = theory.theory_step_size(False, M, prob.sigma_max, P)  # [R]
+    scale_reinforce = (lr_reinforce / P).unsqueeze(-1)  # [R, 1]: per-prompt scale of grad J_i
 
-    def scale_grpo(sigma):  # [R, P]: (P/M) / (P sigma_i), 0 where sigma_i = 0 (then grad J_i = 0)
-        return estimators.population_scale("grpo", sigma, sigma, 0.0) / M.unsqueeze(-1)
+    def scale_grpo(sigma):  # [R, P]: (lr_grpo / P) / sigma_i, 0 where sigma_i = 0 (then grad J_i = 0)
+        return estimators.population_scale("grpo", sigma, sigma, 0.0) * (lr_grpo / P).unsqueeze(-1)
 
     min_sigma_ratio = torch.full((R,), float("inf"), dtype=dtype)
     sigma_prev = None
@@ -218,7 +220,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
     summary["sigma_max_bound"] = prob.sigma_max.numpy()
     # theory beside measurement (DESIGN.md §3; measured_gain is added per cell by the sweep)
-    lr_theory = prob.theory_lr(estimators.is_std_normalized(train.estimator))
+    lr_theory = lr_grpo if estimators.is_std_normalized(train.estimator) else lr_reinforce
     overlap_of = {cfg: theory.feature_overlap(p.phi_private[rho_index], p.phi_shared[rho_index]).amax()
                   for cfg, p in unique.items()}  # a property of the problem: once per distinct problem
     overlap = torch.stack([overlap_of[r.problem] for r in runs])  # [R]

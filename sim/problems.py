@@ -139,11 +139,7 @@ class Problem:
 
     def theory_lr(self, std_normalized: bool) -> torch.Tensor:
         """Ascent-lemma learning rate (engine convention, theory.theory_step_size): [..]."""
-        P = self.bias.shape[-2]
-        M, smax = self.curvature_bound, self.sigma_max
-        if std_normalized:
-            return P / M
-        return P / (M * smax)
+        return theory.theory_step_size(std_normalized, self.curvature_bound, self.sigma_max, self.bias.shape[-2])
 
 
 def validate_problem(cfg: ProblemConfig) -> None:

@@ -69,10 +69,15 @@ def exact_step(w: torch.Tensor, step_scale: torch.Tensor, phi_private: torch.Ten
 
 
 def one_step_change(bias, rbar, phi_private, phi_shared, theta_private, theta_shared,
-                    step_scale: torch.Tensor) -> torch.Tensor:
-    """dJ = J(theta + Delta) - J(theta), J = mean_i J_i, for the exact step Delta = sum_j a_j grad J_j: [...]."""
-    z = logits(bias, phi_private, phi_shared, theta_private, theta_shared)
-    _, mu, _, w = prompt_stats(z, rbar)
+                    step_scale: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """dJ = J(theta + Delta) - J(theta), J = mean_i J_i, for the exact step Delta = sum_j a_j grad J_j: [...].
+
+    ``stats`` = (mu [..., P], w [..., P, K]) of prompt_stats at theta, when the caller has them.
+    """
+    if stats is None:
+        _, mu, _, w = prompt_stats(logits(bias, phi_private, phi_shared, theta_private, theta_shared), rbar)
+    else:
+        mu, w = stats
     d_p, d_s = exact_step(w, step_scale, phi_private, phi_shared)
     mu_new = mean_objective(bias, rbar, phi_private, phi_shared, theta_private + d_p, theta_shared + d_s)
     return (mu_new - mu).mean(-1)
