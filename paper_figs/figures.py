@@ -15,10 +15,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
-from scipy import stats
 
 from sim.results import ResultsError
-from sim.sweep import geometric_ci
+from sim.sweep import geometric_ci, mean_t_interval
 from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
 
 
@@ -51,15 +50,6 @@ def _plain_log_ticks(axis, ticks) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _mean_band(values: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% t-interval half width over seeds (0 for one seed)."""
-    n = len(values)
-    m = float(np.mean(values))
-    if n < 2:
-        return m, 0.0
-    return m, float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
-
-
 def learning_curves(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
     """Fig. 1: J_t / J* for GRPO vs REINFORCE (and Dr. GRPO, RLOO), mean and 95% band over seeds,
     one panel per orthogonality."""
@@ -76,7 +66,7 @@ def learning_curves(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
                 rr = cell[cell["estimator"] == est].set_index("run_id")
                 st_ = steps[steps["run_id"].isin(rr.index)].copy()
                 st_["frac"] = st_["J"] / st_["run_id"].map(rr["j_star"])
-                agg = st_.groupby("step")["frac"].apply(lambda v: _mean_band(v.to_numpy()))
+                agg = st_.groupby("step")["frac"].apply(lambda v: mean_t_interval(v.to_numpy()))
                 x = agg.index.to_numpy()
                 m = np.array([a[0] for a in agg])
                 h = np.array([a[1] for a in agg])

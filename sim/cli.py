@@ -365,10 +365,9 @@ def llm_make_tiny(
         raise ConfigError(f"size: unknown value {size!r}; choose from {', '.join(model_mod.SIZES)}")
     level = sweep_mod.parse_int("difficulty", difficulty, 1, 1, 3)
     seed_ = sweep_mod.parse_int("seed", seed, 0, 0, 2**31)
-    results_mod_check = Path(out)
     from sim.results import check_writable
 
-    check_writable(results_mod_check)
+    check_writable(Path(out))
     rec = model_mod.make_tiny(Path(out), size=size, difficulty=level, seed=seed_, log=console.print)
     console.print(f"saved {out}: {rec['parameters']:,} parameters, sampled accuracy {rec['sampled_accuracy']:.2f} "
                   f"on {rec['held_out']} held-out problems after {rec['steps']} steps ({rec['seconds']:.0f} s)")

@@ -358,19 +358,24 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
+def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Mean and half width t_{(1+level)/2, n-1} sd / sqrt(n) of its t-interval (0 for one value)."""
+    from scipy import stats  # imported here: it costs worker processes about a second at start-up
+
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, 0.0
+    return m, float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
 def geometric_ci(ratios: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
     """Geometric mean of positive ratios and its t-interval on the log scale.
 
     exp(mean log r +- t_{(1+level)/2, n-1} sd(log r) / sqrt(n)). With n = 1 the interval is the
     point itself (no spread can be estimated; tables mark n).
     """
-    from scipy import stats  # imported here: it costs worker processes about a second at start-up
-
-    logs = np.log(np.asarray(ratios, dtype=float))
-    m = float(logs.mean())
-    if len(logs) < 2:
-        return math.exp(m), math.exp(m), math.exp(m)
-    half = float(stats.t.ppf((1 + level) / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs)))
+    m, half = mean_t_interval(np.log(np.asarray(ratios, dtype=float)), level)
     return math.exp(m), math.exp(m - half), math.exp(m + half)
 
 
