@@ -324,7 +324,8 @@ class Trainer:
         sigma_max = 0.5  # binary rewards in {0, 1}: the largest possible std
         # predicted gain so far: sigma_max / running mean of sigma_bar (theory.predicted_gain)
         sb = torch.tensor(df["sigma_bar"].to_numpy())
-        df["predicted_gain"] = [float(theory.predicted_gain(sb[: i + 1, None], sigma_max)) for i in range(len(sb))]
+        running_mean = sb.cumsum(0) / torch.arange(1, len(sb) + 1, dtype=sb.dtype)  # sigma_bar over steps <= t
+        df["predicted_gain"] = theory.predicted_gain(running_mean[:, None, None], sigma_max).numpy()
         diag = df[df["diagnosed"]]
         if len(diag):
             # phases from (sigma_bar, rho, per-step gain); here the per-step gain is the predicted
