@@ -71,18 +71,24 @@ RHO_MAX_PROMPTS = 64
 
 
 def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
-                             keys: torch.Tensor, step: int, train: TrainConfig) -> torch.Tensor:
+                             keys: torch.Tensor, step: int, train: TrainConfig,
+                             binary_q: bool = False) -> torch.Tensor:
     """w [R, P, K] = (1/G) sum_k A_ik (e_(y_ik) - pi_i) from G sampled responses per prompt.
 
     pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); keys [R] int64 (sim.rng.run_keys).
+    The step's draws are u [R, 2, P, G]: response picks, then reward flips. ``binary_q`` (every
+    q in {0, 1}: no reward noise) skips the flips: for u in (0, 1), [u < q] = q, so the rewards
+    are the same numbers without drawing them.
     """
     R, P, K = pi.shape
     G = train.group_size
-    u = uniforms(keys, step, (2, P, G), pi.dtype)  # [R, 2, P, G]: response pick, reward flip
+    u = uniforms(keys, step, (2, P, G), pi.dtype, leading=1 if binary_q else None)  # [R, 1 or 2, P, G]
     cdf = pi.cumsum(-1)  # [R, P, K]
-    y = torch.searchsorted(cdf, u[:, 0].contiguous(), right=True).clamp_max(K - 1)  # [R, P, G]: #{cdf <= u}
+    cdf[..., -1] = 2.0  # above every u: y = #{k < K-1: cdf_k <= u} <= K-1 even if rounding left cdf_K < u
+    y = torch.searchsorted(cdf, u[:, 0] if binary_q else u[:, 0].contiguous(), right=True)  # [R, P, G]
     q = problem.q.gather(-1, y)  # [R, P, G]
-    rewards = problem.scale.unsqueeze(-1) * (u[:, 1] < q).to(pi.dtype)  # [R, P, G]
+    hit = q if binary_q else (u[:, 1] < q).to(pi.dtype)
+    rewards = problem.scale.unsqueeze(-1) * hit  # [R, P, G]: c_i Bernoulli(q(y_ik))
     adv = estimators.advantages(train.estimator, rewards, ddof=train.ddof, eps=train.eps, sigma=sigma)
     per_response = torch.zeros_like(pi).scatter_add_(-1, y, adv)  # [R, P, K]: sum_k A_ik e_(y_ik)
     return (per_response - pi * adv.sum(-1, keepdim=True)) / G
@@ -140,6 +146,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     T = train.steps
     lr_over_p = torch.tensor([r.train.lr for r in runs], dtype=dtype) / P  # [R]
     keys = run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64))  # [R]
+    binary_q = bool(((prob.q == 0) | (prob.q == 1)).all())  # no reward noise: flips need no draws
     theta_p = torch.zeros(R, P, k, dtype=dtype)
     theta_s = torch.zeros(R, s, dtype=dtype)
     # theory step sizes (per-prompt scales of grad J_i) for the measured per-step gain
@@ -187,7 +194,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
             if train.mode == "exact":
                 w = w_true * estimators.population_scale(train.estimator, sigma, mu, train.eps).unsqueeze(-1)
             else:
-                w = sampled_response_weights(pi, sigma, prob, keys, step, train)
+                w = sampled_response_weights(pi, sigma, prob, keys, step, train, binary_q)
             g_p, g_s = theory.summed_gradient(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,s]
             theta_p += lr_over_p[:, None, None] * g_p
             theta_s += lr_over_p[:, None] * g_s

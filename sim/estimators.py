@@ -19,10 +19,12 @@ same shape. Semantics follow the LLM-RL libraries (see ../shared/DESIGN.md §4):
     grpo_oracle  A_ik = (R_ik - mean_k R_ik) / (sigma_i + eps)      (true sigma_i; simulator only)
 
 A constant group (all G rewards equal) gets advantage exactly 0 under every
-baselined estimator (everything but ``reinforce``, which has no baseline): this
-is tested for explicitly rather than left to floating point, because
-``mean`` of equal floats can differ from them in the last bit and a tiny
-numerator over a zero std would otherwise give an O(1) advantage.
+baselined estimator (everything but ``reinforce``, which has no baseline). The mean is
+taken relative to the group's first reward, R_ik - mean_k R_ik = d_ik - mean_k d_ik with
+d_ik = R_ik - R_i1: d is exactly 0 for a constant group (x - y == 0 iff x == y in IEEE
+arithmetic), so the centred rewards and the std are exactly 0 there, whereas ``mean`` of
+equal floats can differ from them in the last bit and a tiny numerator over a zero std
+would give an O(1) advantage.
 
 ``population_scale`` gives the G -> infinity limit used by exact-gradient mode.
 ``PRESETS`` name the exact settings of TRL 1.16, verl 0.9 and OpenRLHF 0.11.
@@ -42,15 +44,13 @@ EstimatorName = Literal["reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch", "g
 STD_NORMALIZED = frozenset({"grpo", "grpo_batch", "grpo_oracle"})
 
 
-def _constant_group(rewards: torch.Tensor) -> torch.Tensor:
-    """[..., P, G] -> [..., P, 1] bool: True where all G rewards of a prompt are equal."""
-    return (rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True))
-
-
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den with 0 where den == 0 (no NaN from 0/0)."""
-    ok = den > 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    """num * (1/den), 0 where den == 0 (no NaN from 0/0). den broadcasts against num and is
+    the small tensor (one value per prompt), so the reciprocal and the mask are taken on it;
+    1/den is capped at the largest finite float so that a subnormal den cannot turn a zero
+    numerator into 0 * inf = NaN."""
+    inv = torch.where(den > 0, den.reciprocal().clamp_max(torch.finfo(den.dtype).max), torch.zeros_like(den))
+    return num * inv
 
 
 def group_std(rewards: torch.Tensor, ddof: int, centered: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,9 +65,10 @@ def group_std(rewards: torch.Tensor, ddof: int, centered: torch.Tensor | None = 
 
 
 def _mean_centered(rewards: torch.Tensor) -> torch.Tensor:
-    """R_ik - mean_k R_ik, exactly 0 for constant groups. [..., P, G]."""
-    centered = rewards - rewards.mean(-1, keepdim=True)
-    return torch.where(_constant_group(rewards), torch.zeros_like(centered), centered)
+    """R_ik - mean_k R_ik computed as d_ik - mean_k d_ik, d_ik = R_ik - R_i1: exactly 0 for
+    constant groups (module docstring). [..., P, G]."""
+    d = rewards - rewards[..., :1]
+    return d - d.mean(-1, keepdim=True)
 
 
 def reinforce(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 0.0, sigma=None) -> torch.Tensor:
@@ -88,9 +89,7 @@ def rloo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 0.0, sigma=None) 
     g = rewards.shape[-1]
     if g < 2:
         raise ValueError("rloo needs group size G >= 2")
-    loo = (rewards.sum(-1, keepdim=True) - rewards) / (g - 1)
-    adv = rewards - loo
-    return torch.where(_constant_group(rewards), torch.zeros_like(adv), adv)
+    return _mean_centered(rewards) * (g / (g - 1))
 
 
 def grpo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:

@@ -46,7 +46,7 @@ def run_keys(seeds: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
-             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+             dtype: torch.dtype = torch.float64, leading: int | None = None) -> torch.Tensor:
     """U(0, 1) draws of shape [R, *shape] at ``step`` for runs with stream keys [R] (``run_keys``).
 
     SplitMix64 streams: h[r, c] = mix(key_r + c * GOLDEN) with counter c = step * m + j,
@@ -56,12 +56,17 @@ def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
     2^-32 (the bias this puts on a categorical draw is below 2^-32 per response). Every
     (run, step, index) has its own counter; runs with different seeds start at unrelated points
     of the 2^64 cycle.
+
+    ``leading = j`` returns only the first j entries along ``shape[0]`` ([R, j, *shape[1:]]),
+    bit-identical to slicing the full draw, at the cost of only the hashes they need.
     """
     n = 1
     for d in shape:
         n *= d
     m = (n + 1) // 2
+    rows = shape[0] if leading is None else leading  # shape is non-empty
+    n_out = n // shape[0] * rows
     offset = _signed(step * m * (GOLDEN & _MASK64))  # step * m * GOLDEN mod 2^64
-    counters = torch.arange(m, dtype=torch.int64) * GOLDEN + offset  # [m]
-    halves = mix64(keys.unsqueeze(-1) + counters).view(torch.int32)[:, :n]  # [R, m] int64 -> [R, 2m] -> [R, n]
-    return ((halves.to(dtype) + (2.0**31 + 0.5)) * 2.0**-32).reshape(len(keys), *shape)
+    counters = torch.arange((n_out + 1) // 2, dtype=torch.int64) * GOLDEN + offset  # [m'] (m' <= m)
+    halves = mix64(keys.unsqueeze(-1) + counters).view(torch.int32)[:, :n_out]  # [R, m'] -> [R, 2m'] -> [R, n']
+    return ((halves.to(dtype) + (2.0**31 + 0.5)) * 2.0**-32).reshape(len(keys), rows, *shape[1:])

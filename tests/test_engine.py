@@ -19,6 +19,9 @@ def test_rng_numpy_twin_matches_torch_bit_for_bit():
     for r, s in enumerate(seeds.tolist()):
         assert np.array_equal(u[r].numpy(), np_uniforms(s, 12, (3, 5)))
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    for shape in ((2, 3, 5), (3, 1, 1), (2, 7)):  # leading rows only: the same draws, fewer hashes
+        full = torch_uniforms(run_keys(seeds), 4, shape)
+        assert torch.equal(torch_uniforms(run_keys(seeds), 4, shape, leading=1), full[:, :1])
     odd = torch_uniforms(run_keys(seeds), 3, (7,))  # odd count: the last hash gives one draw
     assert odd.shape == (3, 7) and np.array_equal(odd[1].numpy(), np_uniforms(1, 3, (7,)))
     # mean 1/2, variance 1/12 over 40k draws: the mean's standard error is sqrt(1/12/40000) = 0.0014
