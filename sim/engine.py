@@ -94,17 +94,18 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
     return (per_response - pi * adv.sum(-1, keepdim=True)) / G
 
 
-def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, rho_index,
+def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, phi_red, rho_index,
                  theta_p, theta_s, scale_grpo, scale_reinforce) -> None:
     """Diagnostics at a logged step (DESIGN.md §3), each [R]: J, sigma summary, mean ||grad J_i||,
     rho_t, empirical M = max_i ||Hess J_i|| / sigma_i, analytic M = max_i sqrt(E||d||^4), the
     worst ratio of the two per prompt (must be <= 1), and the measured per-step gain of GRPO's
-    exact step over REINFORCE's, both at their theory step sizes, from the same theta."""
+    exact step over REINFORCE's, both at their theory step sizes, from the same theta.
+    phi_red [R, P, K, r]: theory.reduced_features of the local features (an r x r Hessian)."""
     g_p, g_s = theory.per_prompt_gradients(w_true, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
     sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
     sub_p, sub_s = g_p[:, rho_index], g_s[:, rho_index]
     gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
-    d = theory.centered_features(pi, theory.local_features(prob.phi_private, prob.phi_shared))  # [R,P,K,D]
+    d = theory.centered_features(pi, phi_red)  # [R, P, K, r]
     emp = theory.hessian_over_sigma(theory.prompt_hessian(pi, prob.rbar, mu, d), sigma,
                                     1e-12 * prob.sigma_max.unsqueeze(-1))  # [R, P]
     m_an = theory.m_fourth_moment(pi, d)  # [R, P]
@@ -141,6 +142,9 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     train = runs[0].train
     unique = {r.problem: make_problem(r.problem, dtype) for r in runs}  # runs often share a problem
     prob = stack_problems([unique[r.problem] for r in runs])
+    reduced = {cfg: theory.reduced_features(theory.local_features(p.phi_private, p.phi_shared))
+               for cfg, p in unique.items()}  # once per distinct problem
+    phi_red = torch.stack([reduced[r.problem] for r in runs])  # [R, P, K, min(K, k + s)]
     R, P, K = prob.bias.shape
     k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
     T = train.steps
@@ -187,7 +191,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
                 min_sigma_ratio = torch.minimum(min_sigma_ratio, ratio.amin(-1))
             sigma_prev = sigma
             if step in log_index:
-                _log_metrics(logged, log_index[step], J, pi, mu, sigma, w_true, prob, rho_index,
+                _log_metrics(logged, log_index[step], J, pi, mu, sigma, w_true, prob, phi_red, rho_index,
                              theta_p, theta_s, scale_grpo, scale_reinforce)
             if step == T:
                 break

@@ -105,6 +105,16 @@ def test_m_bound_chain_and_gradient_bound_never_fail(data):
     assert (m_diam <= theory.global_curvature_bound(prob.feature_norm_bound) * (1 + tol)).all()
     g = theory.prompt_gradient(pi, prob.rbar, mu, d)
     assert (g.norm(dim=-1) <= theory.gradient_bound(pi, d, sigma) * (1 + tol) + 1e-13).all()
+    # the engine's r = min(K, D) coordinates (same Gram matrix) give the same ||Hess||, M and ||grad||
+    d_red = theory.centered_features(pi, theory.reduced_features(theory.local_features(prob.phi_private,
+                                                                                       prob.phi_shared)))
+    assert d_red.shape[-1] == min(d.shape[-2], d.shape[-1])
+    scale = 1e-12 * (1 + float(prob.scale.max()))
+    torch.testing.assert_close(theory.spectral_norm(theory.prompt_hessian(pi, prob.rbar, mu, d_red)), hess_norm,
+                               rtol=1e-9, atol=scale)
+    torch.testing.assert_close(theory.m_fourth_moment(pi, d_red), m_4, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(theory.prompt_gradient(pi, prob.rbar, mu, d_red).norm(dim=-1), g.norm(dim=-1),
+                               rtol=1e-9, atol=scale)
 
 
 @SETTINGS

@@ -15,7 +15,7 @@ from theory.orthogonality import feature_overlap, gradient_orthogonality  # noqa
 from theory.curvature import (centered_features, gradient_bound, hessian_over_sigma,  # noqa: F401
                               local_features, m_diameter,
                               m_directional, m_fourth_moment, prompt_gradient, prompt_hessian,
-                              spectral_norm)
+                              reduced_features, spectral_norm)
 from theory.gains import (one_step_change, per_step_gain, predicted_gain, rate_bounds,  # noqa: F401
                           step_decomposition)
 from theory.conditions import (Condition, m_bound_condition, orthogonality_condition,  # noqa: F401

@@ -35,6 +35,16 @@ def local_features(phi_private: torch.Tensor, phi_shared: torch.Tensor) -> torch
     return torch.cat([phi_private, phi_shared], dim=-1)
 
 
+def reduced_features(phi_loc: torch.Tensor) -> torch.Tensor:
+    """Features in r = min(K, D) coordinates with the same Gram matrix: R_i^T from the reduced QR
+    phi_loc_i^T = Q_i R_i (Q_i [D, r], orthonormal columns), so phi_loc_i = R_i^T Q_i^T. Every
+    per-prompt quantity here depends on the features only through phi_loc_i phi_loc_i^T = R_i^T R_i
+    (||d_y||, the M's, and the non-zero eigenvalues of Hess J_i = Q_i Hess' Q_i^T, Hess' computed
+    from these features), so they agree in both coordinates; the reduced ones make the Hessian an
+    r x r matrix. theta-independent: computed once per problem. [..., P, K, D] -> [..., P, K, r]."""
+    return torch.linalg.qr(phi_loc.transpose(-1, -2), mode="reduced").R.transpose(-1, -2)
+
+
 def centered_features(pi: torch.Tensor, phi_loc: torch.Tensor) -> torch.Tensor:
     """d_y = phi_loc(y) - E_pi phi_loc: [..., P, K, D]."""
     phibar = (pi.unsqueeze(-1) * phi_loc).sum(-2, keepdim=True)  # [..., P, 1, D]
