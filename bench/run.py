@@ -55,6 +55,34 @@ def _import_engine(_):
     import sim.sweep  # noqa: F401  (what a worker imports before its first batch)
 
 
+def _timed_batch(rows: list[dict]) -> float:
+    """Seconds one worker (1 torch thread) spends on one batch, as in the local backend."""
+    from sim.config import RunConfig
+    from sim.engine import train_batch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    train_batch([RunConfig.from_flat_dict(r) for r in rows])
+    return time.perf_counter() - t0
+
+
+def concurrency_ceiling(batch) -> tuple[float, float]:
+    """The same batch alone in one worker, then in both workers at once: (alone s, together s).
+    2 * alone / together is the best 2-worker efficiency this machine allows for this work
+    (shared caches, memory bandwidth, clock), whatever the scheduler does."""
+    import concurrent.futures
+    import multiprocessing as mp
+
+    rows = [r.as_flat_dict() for r in batch]
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_import_engine, range(2)))
+        pool.submit(_timed_batch, rows).result()  # warm-up
+        alone = min(pool.submit(_timed_batch, rows).result() for _ in range(2))
+        together = min(max(f.result() for f in [pool.submit(_timed_batch, rows) for _ in range(2)])
+                       for _ in range(2))
+    return alone, together
+
+
 def sweep_time(spec, **kw) -> float:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -115,6 +143,9 @@ def main() -> None:
     startup = time.perf_counter() - t0
     print(f"  1 worker (1 thread) {t1:.1f} s, 2 workers {t2:.1f} s -> efficiency x{t1 / t2:.2f} "
           f"(includes starting the workers: {startup:.1f} s here, so x{t1 / (t2 - startup):.2f} after start-up)")
+    alone, together = concurrency_ceiling(sweep.make_batches(list(sweep.expand(spec)), 32)[0])
+    print(f"  ceiling: one batch alone {alone:.2f} s, the same batch in both workers at once {together:.2f} s "
+          f"-> at most x{2 * alone / together:.2f} from 2 workers on this machine")
 
     print("\n(e) Ray backend vs local, same sweep, 2 CPUs")
     if importlib.util.find_spec("ray") is None:

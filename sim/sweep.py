@@ -16,6 +16,8 @@ A cell is one setting of every config field except estimator, lr, lr_rule and se
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import itertools
 import math
@@ -223,6 +225,18 @@ def make_batches(runs: list[RunConfig], max_batch: int = MAX_BATCH) -> list[list
     return out
 
 
+def batch_cost(batch: list[RunConfig]) -> int:
+    """Rough work of a batch (run-steps x prompts x responses), to hand out the largest first:
+    with p workers the last batches then finish close together (longest-processing-time order)."""
+    p = batch[0].problem
+    return len(batch) * batch[0].train.steps * p.num_prompts * p.num_responses
+
+
+def _warm_worker() -> None:
+    """Import what a batch needs, so a worker's start-up overlaps the driver's preparations."""
+    import sim.engine  # noqa: F401
+
+
 def _run_batch_in_worker(rows: list[dict]):
     import torch
 
@@ -273,11 +287,24 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     batches advance (steps summed over runs).
     """
     check_backend(backend)
-    runs = expand(spec)
+    runs = expand(spec)  # validates the whole sweep before any process starts
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if backend == "local" and workers > 1:  # start the workers now: they import while we prepare
+            import multiprocessing as mp
+
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")))
+            for _ in range(workers):
+                pool.submit(_warm_worker)
+        return _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool)
+
+
+def _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool):
+    """run_sweep's body, with the local worker pool (or None) already started."""
     rows = [r.as_flat_dict() for r in runs]
     done = results.open_results_dir(out, spec.as_dict(), rows, resume)
     pending = [r for r in runs if r.run_id not in done]
-    batches = make_batches(pending, max_batch)
+    batches = sorted(make_batches(pending, max_batch), key=batch_cost, reverse=True)  # stable: ties keep order
     total = sum(b[0].train.steps * len(b) for b in batches)
     progress = [0]
 
@@ -299,12 +326,9 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size))
             results.write_part(out, res.runs, res.steps)
     else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b]): b for b in batches}
-            for fut in as_completed(futs):
-                commit(futs[fut], *fut.result())
+        futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b]): b for b in batches}
+        for fut in as_completed(futs):
+            commit(futs[fut], *fut.result())
     runs_df, steps_df = results.read_parts(out)
     runs_df = add_comparisons(runs_df)
     results.finalize(out, runs_df, steps_df)
