@@ -28,7 +28,7 @@ from sim import sweep  # noqa: E402
 from sim.problems import make_problem, stack_problems  # noqa: E402
 
 
-def matmul_floor(runs) -> float:
+def matmul_floor(runs, reps: int = 50) -> float:
     """Seconds per step of the 4 products every step needs: z = phi_private theta_p,
     phi_shared theta_s, and the gradient blocks w^T phi_private, sum_i w_i^T phi_shared."""
     prob = stack_problems([make_problem(r.problem) for r in runs])
@@ -42,13 +42,25 @@ def matmul_floor(runs) -> float:
         theory.summed_gradient(w, prob.phi_private, prob.phi_shared)
 
     products()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(50):
-            products()
-        best = min(best, (time.perf_counter() - t0) / 50)
-    return best
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        products()
+    return (time.perf_counter() - t0) / reps
+
+
+def paired_rounds(runs, rounds: int = 3, loop_runs: int = 32) -> list[tuple[float, float, float]]:
+    """(engine, numpy loop, product floor) seconds per step of the whole batch, measured back to
+    back in each round, so that each round's ratios see the same machine speed (it drifts here)."""
+    out = []
+    for _ in range(rounds):
+        eng = time_engine(runs, repeats=1)
+        loop = time_loop(runs[:loop_runs]) * len(runs) / loop_runs
+        out.append((eng, loop, matmul_floor(runs)))
+    return out
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
 def _import_engine(_):
@@ -93,20 +105,21 @@ def sweep_time(spec, **kw) -> float:
 def main() -> None:
     steps = 300
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
-    std = workload(16, 256, steps, "sampled")
-    print("\n(a) standard workload: R = 256, P = 16, K = 8, G = 8, sampled GRPO")
-    eng = time_engine(std, repeats=2)
-    loop = time_loop(std[:32]) * 256 / 32
-    print(f"  engine {1 / eng:8.1f} steps/s ({eng * 1e3:.2f} ms/step); numpy loop {1 / loop:6.2f} steps/s "
-          f"-> engine x{loop / eng:.1f}")
-    ex = workload(16, 256, steps, "exact")
-    eng_x, loop_x = time_engine(ex, repeats=2), time_loop(ex[:32]) * 256 / 32
-    print(f"  exact mode: engine {eng_x * 1e3:.2f} ms/step, numpy loop {loop_x * 1e3:.2f} ms/step -> x{loop_x / eng_x:.1f}")
+    std, ex = workload(16, 256, steps, "sampled"), workload(16, 256, steps, "exact")
+    measured = {"sampled": paired_rounds(std), "exact": paired_rounds(ex)}
+    print("\n(a) standard workload: R = 256, P = 16, K = 8, G = 8, sampled GRPO (and exact mode); "
+          "median of 3 back-to-back rounds [min, max]")
+    for mode, rounds in measured.items():
+        eng, loop = _median([r[0] for r in rounds]), _median([r[1] for r in rounds])
+        ratios = [r[1] / r[0] for r in rounds]
+        print(f"  {mode:7s}: engine {1 / eng:7.1f} steps/s ({eng * 1e3:.2f} ms/step), numpy loop "
+              f"{loop * 1e3:6.2f} ms/step -> engine x{_median(ratios):.1f} [{min(ratios):.1f}, {max(ratios):.1f}]")
 
-    print("\n(b) engine time per step / matrix-product floor (same tensors)")
-    for name, runs, t in (("sampled", std, eng), ("exact", ex, eng_x)):
-        floor = matmul_floor(runs)
-        print(f"  {name:7s}: floor {floor * 1e3:.3f} ms/step -> engine / floor = {t / floor:.1f}x")
+    print("\n(b) engine time per step / matrix-product floor (same tensors, same rounds)")
+    for mode, rounds in measured.items():
+        ratios = [r[0] / r[2] for r in rounds]
+        print(f"  {mode:7s}: floor {_median([r[2] for r in rounds]) * 1e3:.3f} ms/step -> engine / floor = "
+              f"{_median(ratios):.1f}x [{min(ratios):.1f}, {max(ratios):.1f}]")
 
     print("\n(c) scaling (ms per step of the whole batch)")
     base = None

@@ -17,7 +17,6 @@ A cell is one setting of every config field except estimator, lr, lr_rule and se
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import itertools
 import math
