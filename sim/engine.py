@@ -75,7 +75,7 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
                              binary_q: bool = False) -> torch.Tensor:
     """w [R, P, K] = (1/G) sum_k A_ik (e_(y_ik) - pi_i) from G sampled responses per prompt.
 
-    pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); keys [R] int64 (sim.rng.run_keys).
+    pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); keys [R] uint64 (sim.rng.run_keys).
     The step's draws are u [R, 2, P, G]: response picks, then reward flips. ``binary_q`` (every
     q in {0, 1}: no reward noise) skips the flips: for u in (0, 1), [u < q] = q, so the rewards
     are the same numbers without drawing them.

@@ -2,9 +2,9 @@
 
 Used by the tests (vectorized engine == this loop on the same seeds) and by bench/ (the
 engine's speedup over a straightforward loop). Mathematics as in sim.engine; the random
-draws are the same counter-based hash (sim.rng), reimplemented on numpy uint64 so that
-both draw identical numbers; advantages come from sim.estimators (the only advantage
-functions in the project), on a zero-copy torch view of the numpy rewards.
+draws come from the same counter-based hash (sim.rng, one run at a time), and advantages
+from sim.estimators (the only advantage functions in the project), on a zero-copy torch
+view of the numpy rewards.
 
 Shapes for one run: P prompts, K responses, G group size, k/s private/shared dims.
 """
@@ -14,31 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sim import estimators
+from sim import estimators, rng
 from sim.config import RunConfig
 from sim.problems import make_problem
 
-_M = np.uint64
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer on uint64 (wraps natively)."""
-    z = x + _M(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _M(30))) * _M(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _M(27))) * _M(0x94D049BB133111EB)
-    return z ^ (z >> _M(31))
-
-
 def uniforms(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
     """The draws of sim.rng.uniforms for one run, [*shape] float64."""
-    with np.errstate(over="ignore"):
-        key = _mix64(np.array([seed], dtype=np.uint64))
-        n = int(np.prod(shape))
-        m = (n + 1) // 2
-        counters = (np.arange(m, dtype=np.uint64) + _M(step) * _M(m)) * _M(0x9E3779B97F4A7C15)
-        h = _mix64(key + counters)
-    halves = h.view(np.int32)[:n]  # [m] uint64 -> [2m] int32 (low half first) -> [n]
-    return ((halves.astype(np.float64) + (2.0**31 + 0.5)) * 2.0**-32).reshape(shape)
+    return rng.uniforms_np(rng.run_keys([seed]), step, shape)[0]
 
 
 def train_one(run: RunConfig) -> dict[str, np.ndarray]:

@@ -1,61 +1,57 @@
-"""Counter-based random numbers: u = hash(seed, step, index), vectorized in torch.
+"""Counter-based random numbers: u = hash(seed, step, index), vectorized over runs.
 
 Each run's draws depend only on its own seed and the counter, never on which other runs
 share its batch, so a run gives the same numbers alone, in any batch, on any worker.
-The hash is SplitMix64's finalizer (Steele, Lea, Flood 2014), composed over the counter
-fields; int64 arithmetic in torch wraps modulo 2^64, and logical right shifts are done
-as arithmetic shifts followed by a mask.
+The hash is SplitMix64's finalizer (Steele, Lea, Flood 2014, "Fast splittable pseudorandom
+number generators"), composed over the counter fields. It runs on numpy uint64, whose
+arithmetic wraps modulo 2^64 and whose right shift is logical, at about a microsecond per
+operation on the small arrays of one step (torch has no unsigned 64-bit shifts, and each of
+its operations costs several microseconds here); the draws are handed to torch without a copy.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-_MASK64 = (1 << 64) - 1
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, SplitMix64's increment
+MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+MUL2 = np.uint64(0x94D049BB133111EB)
 
 
-def _signed(c: int) -> int:
-    c &= _MASK64
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-GOLDEN = _signed(0x9E3779B97F4A7C15)
-MUL1 = _signed(0xBF58476D1CE4E5B9)
-MUL2 = _signed(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 step: a bijection of 64-bit patterns with full avalanche. int64 -> int64."""
-    z = x + GOLDEN
-    z ^= _shr(z, 30)
-    z *= MUL1
-    z ^= _shr(z, 27)
-    z *= MUL2
-    z ^= _shr(z, 31)
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 output for state x: z = x + GOLDEN, then z ^= z >> 30; z *= MUL1;
+    z ^= z >> 27; z *= MUL2; z ^= z >> 31. A bijection of 64-bit patterns with full
+    avalanche. uint64 array -> new uint64 array."""
+    with np.errstate(over="ignore"):
+        z = x + GOLDEN
+        z ^= z >> np.uint64(30)
+        z *= MUL1
+        z ^= z >> np.uint64(27)
+        z *= MUL2
+        z ^= z >> np.uint64(31)
     return z
 
 
-def run_keys(seeds: torch.Tensor) -> torch.Tensor:
-    """Per-run stream origin key_r = mix(seed_r): int64 [R] -> int64 [R]."""
-    return mix64(seeds)
+def run_keys(seeds) -> np.ndarray:
+    """Per-run stream origin key_r = mix(seed_r): seeds (ints >= 0, a sequence, array or
+    torch tensor) [R] -> uint64 [R]."""
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.numpy()
+    return mix64(np.asarray(seeds).astype(np.uint64))
 
 
-def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
-             dtype: torch.dtype = torch.float64, leading: int | None = None) -> torch.Tensor:
-    """U(0, 1) draws of shape [R, *shape] at ``step`` for runs with stream keys [R] (``run_keys``).
+def uniforms_np(keys: np.ndarray, step: int, shape: tuple[int, ...], leading: int | None = None) -> np.ndarray:
+    """U(0, 1) draws of shape [R, *shape] at ``step`` for runs with stream keys [R] (``run_keys``),
+    float64 numpy.
 
     SplitMix64 streams: h[r, c] = mix(key_r + c * GOLDEN) with counter c = step * m + j,
     m = ceil(n / 2) hashes per step, n = prod(shape). Each 64-bit hash gives two draws, its two
     32-bit halves read as signed int32 x (a zero-copy view; low half first, as on every
-    little-endian machine): u = (x + 2^31 + 1/2) * 2^-32, strictly inside (0, 1) on a grid of
-    2^-32 (the bias this puts on a categorical draw is below 2^-32 per response). Every
-    (run, step, index) has its own counter; runs with different seeds start at unrelated points
-    of the 2^64 cycle.
+    little-endian machine): u = (x + 2^31 + 1/2) * 2^-32, exact in float64, strictly inside
+    (0, 1) on a grid of 2^-32 (the bias this puts on a categorical draw is below 2^-32 per
+    response). Every (run, step, index) has its own counter; runs with different seeds start at
+    unrelated points of the 2^64 cycle.
 
     ``leading = j`` returns only the first j entries along ``shape[0]`` ([R, j, *shape[1:]]),
     bit-identical to slicing the full draw, at the cost of only the hashes they need.
@@ -66,7 +62,17 @@ def uniforms(keys: torch.Tensor, step: int, shape: tuple[int, ...],
     m = (n + 1) // 2
     rows = shape[0] if leading is None else leading  # shape is non-empty
     n_out = n // shape[0] * rows
-    offset = _signed(step * m * (GOLDEN & _MASK64))  # step * m * GOLDEN mod 2^64
-    counters = torch.arange((n_out + 1) // 2, dtype=torch.int64) * GOLDEN + offset  # [m'] (m' <= m)
-    halves = mix64(keys.unsqueeze(-1) + counters).view(torch.int32)[:, :n_out]  # [R, m'] -> [R, 2m'] -> [R, n']
-    return ((halves.to(dtype) + (2.0**31 + 0.5)) * 2.0**-32).reshape(len(keys), rows, *shape[1:])
+    with np.errstate(over="ignore"):
+        counters = (np.arange((n_out + 1) // 2, dtype=np.uint64) + np.uint64(step) * np.uint64(m)) * GOLDEN
+        hashes = mix64(np.asarray(keys, dtype=np.uint64)[:, None] + counters)  # [R, m'] (m' <= m)
+    halves = hashes.view(np.int32)[:, :n_out]  # [R, m'] -> [R, 2m'] int32 -> [R, n']
+    u = halves.astype(np.float64)
+    u += 2.0**31 + 0.5
+    u *= 2.0**-32
+    return u.reshape(len(hashes), rows, *shape[1:])
+
+
+def uniforms(keys: np.ndarray, step: int, shape: tuple[int, ...],
+             dtype: torch.dtype = torch.float64, leading: int | None = None) -> torch.Tensor:
+    """``uniforms_np`` as a torch tensor of ``dtype`` (no copy for float64): [R, *shape]."""
+    return torch.from_numpy(uniforms_np(keys, step, shape, leading)).to(dtype)

@@ -236,6 +236,19 @@ def _warm_worker() -> None:
     import sim.engine  # noqa: F401
 
 
+def worker_context():
+    """Start method of the local workers: a fork server that has imported the engine once (each
+    worker is then a fork of it: no second torch import, no OpenMP state from this process), or
+    spawn where fork servers do not exist."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["sim.engine"])
+    return ctx
+
+
 def _run_batch_in_worker(rows: list[dict]):
     import torch
 
@@ -290,9 +303,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     with contextlib.ExitStack() as stack:
         pool = None
         if backend == "local" and workers > 1:  # start the workers now: they import while we prepare
-            import multiprocessing as mp
-
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")))
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()))
             for _ in range(workers):
                 pool.submit(_warm_worker)
         return _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool)

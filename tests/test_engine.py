@@ -9,14 +9,37 @@ from sim.engine import train_batch
 from sim.problems import ProblemConfig
 from sim.reference import train_one
 from sim.reference import uniforms as np_uniforms
-from sim.rng import run_keys
+from sim.rng import mix64, run_keys
 from sim.rng import uniforms as torch_uniforms
 
 
-def test_rng_numpy_twin_matches_torch_bit_for_bit():
+def _splitmix64_outputs(state: int, count: int) -> list[int]:
+    """The SplitMix64 generator in plain Python integers (Steele, Lea, Flood 2014)."""
+    out, mask = [], (1 << 64) - 1
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_rng_is_splitmix64_and_reference_draws_match():
+    # published first output of SplitMix64 from state 0
+    assert _splitmix64_outputs(0, 1) == [0xE220A8397B1DCDAF]
+    assert int(mix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF
+    # uniforms: counter c of run r is hashed from key_r + c * GOLDEN, i.e. the SplitMix64 stream
+    # started at state key_r; a step of n draws uses the stream's outputs step*m .. step*m + m - 1
     seeds = torch.tensor([0, 1, 2**40 + 7], dtype=torch.int64)
-    u = torch_uniforms(run_keys(seeds), 12, (3, 5))
+    keys = run_keys(seeds)
+    u = torch_uniforms(keys, 12, (3, 5))  # n = 15 draws, m = 8 hashes per step
     for r, s in enumerate(seeds.tolist()):
+        assert int(keys[r]) == _splitmix64_outputs(s, 1)[0]
+        h = _splitmix64_outputs(int(keys[r]), 12 * 8 + 8)[12 * 8:]
+        halves = [x for v in h for x in (v & 0xFFFFFFFF, v >> 32)][:15]  # low 32 bits first
+        expect = [((x - 2**32 if x >= 2**31 else x) + 2**31 + 0.5) * 2.0**-32 for x in halves]
+        assert u[r].reshape(-1).tolist() == expect
         assert np.array_equal(u[r].numpy(), np_uniforms(s, 12, (3, 5)))
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0
     for shape in ((2, 3, 5), (3, 1, 1), (2, 7)):  # leading rows only: the same draws, fewer hashes
