@@ -126,6 +126,48 @@ def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, 
     logged["sigma_per_prompt"][i] = sigma
 
 
+class StepHistory:
+    """J_t and sigma_bar_t for every step ([R, T+1] each) and the relaxed condition's
+    min_t min_i sigma_i(t) / sigma_i(t-1) (over prompts with sigma_i(t-1) above ``sigma_floor``;
+    inf if none) [R]. mu and sigma are buffered for ``chunk`` steps and reduced a chunk at a time:
+    the same numbers as step by step, with a few operations per chunk instead of a dozen per step.
+    Histories are [R, T+1] so every reduction runs along a run's own row: its result cannot
+    depend on which other runs share the batch."""
+
+    def __init__(self, R: int, P: int, T: int, dtype: torch.dtype, sigma_floor: torch.Tensor, chunk: int = 32):
+        self.J = torch.zeros(R, T + 1, dtype=dtype)
+        self.sigma_bar = torch.zeros(R, T + 1, dtype=dtype)
+        self.min_sigma_ratio = torch.full((R,), float("inf"), dtype=dtype)
+        self._mu = torch.empty(chunk, R, P, dtype=dtype)
+        self._sigma = torch.empty(chunk + 1, R, P, dtype=dtype)  # slot 0: the step before the chunk
+        self._floor = sigma_floor  # [R, 1]
+        self._chunk, self._n, self._start = chunk, 0, 0
+
+    def add(self, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Record step ``start + n``'s mu, sigma [R, P]."""
+        self._mu[self._n] = mu
+        self._sigma[self._n + 1] = sigma
+        self._n += 1
+        if self._n == self._chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        n, s = self._n, self._start
+        if n == 0:
+            return
+        self.J[:, s:s + n] = self._mu[:n].mean(-1).T
+        self.sigma_bar[:, s:s + n] = self._sigma[1:n + 1].mean(-1).T
+        first = 1 if s == 0 else 0  # step 0 has no predecessor
+        prev, cur = self._sigma[first:n], self._sigma[first + 1:n + 1]  # [n', R, P]
+        if len(cur):
+            live = prev > self._floor
+            ratio = torch.where(live, cur / torch.where(live, prev, torch.ones_like(prev)),
+                                torch.full_like(cur, float("inf")))
+            self.min_sigma_ratio = torch.minimum(self.min_sigma_ratio, ratio.amin(-1).amin(0))
+        self._sigma[0] = self._sigma[n]
+        self._start, self._n = s + n, 0
+
+
 def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
                 on_progress: Callable[[int], None] | None = None) -> BatchResult:
     """Train ``runs`` (equal ``batch_key``) together; return their summary and step metrics.
@@ -163,35 +205,22 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     def scale_grpo(sigma):  # [R, P]: (lr_grpo / P) / sigma_i, 0 where sigma_i = 0 (then grad J_i = 0)
         return estimators.population_scale("grpo", sigma, sigma, 0.0) * (lr_grpo / P).unsqueeze(-1)
 
-    min_sigma_ratio = torch.full((R,), float("inf"), dtype=dtype)
-    sigma_prev = None
+    history = StepHistory(R, P, T, dtype, sigma_floor)
     rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long()
 
     log_steps = log_spaced_steps(T, train.log_points)
     log_index = {int(t): i for i, t in enumerate(log_steps)}
     logged = {m: torch.zeros(len(log_steps), R, dtype=dtype) for m in STEP_METRICS}
     logged["sigma_per_prompt"] = torch.zeros(len(log_steps), R, P, dtype=dtype)
-    # histories are [R, T+1] so every reduction runs along a run's own row: its result cannot
-    # depend on which other runs share the batch
-    J_hist = torch.zeros(R, T + 1, dtype=dtype)
-    sigma_bar_hist = torch.zeros(R, T + 1, dtype=dtype)
     report_every = max(1, T // 100)
 
     with torch.no_grad():
         for step in range(T + 1):
             z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, theta_p, theta_s)
             pi, mu, sigma, w_true = theory.prompt_stats(z, prob.rbar)  # [R,P,K], [R,P], [R,P], [R,P,K]
-            J = mu.mean(-1)  # [R]
-            J_hist[:, step] = J
-            sigma_bar_hist[:, step] = sigma.mean(-1)
-            if sigma_prev is not None:  # relaxed condition: sigma_i(t) / sigma_i(t-1), where defined
-                live = sigma_prev > sigma_floor
-                ratio = torch.where(live, sigma / torch.where(live, sigma_prev, torch.ones_like(sigma)),
-                                    torch.full_like(sigma, float("inf")))
-                min_sigma_ratio = torch.minimum(min_sigma_ratio, ratio.amin(-1))
-            sigma_prev = sigma
+            history.add(mu, sigma)
             if step in log_index:
-                _log_metrics(logged, log_index[step], J, pi, mu, sigma, w_true, prob, phi_red, rho_index,
+                _log_metrics(logged, log_index[step], mu.mean(-1), pi, mu, sigma, w_true, prob, phi_red, rho_index,
                              theta_p, theta_s, scale_grpo, scale_reinforce)
             if step == T:
                 break
@@ -206,6 +235,8 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
                 on_progress(report_every)
     if on_progress is not None:
         on_progress(T - (T // report_every) * report_every)
+    history.flush()
+    J_hist, sigma_bar_hist, min_sigma_ratio = history.J, history.sigma_bar, history.min_sigma_ratio
 
     j_star = prob.j_star  # [R]
     target = train.target_fraction * j_star

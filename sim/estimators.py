@@ -44,11 +44,15 @@ EstimatorName = Literal["reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch", "g
 STD_NORMALIZED = frozenset({"grpo", "grpo_batch", "grpo_oracle"})
 
 
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num * (1/den), 0 where den == 0 (no NaN from 0/0). den broadcasts against num and is
-    the small tensor (one value per prompt), so the reciprocal and the mask are taken on it;
-    1/den is capped at the largest finite float so that a subnormal den cannot turn a zero
-    numerator into 0 * inf = NaN."""
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """num / den with 0 where den == 0 (no NaN from 0/0), for den = (a non-negative std) + eps.
+
+    eps > 0 keeps den >= eps > 0, so this is a plain division. Otherwise den broadcasts against
+    num and is the small tensor (one value per prompt), so the reciprocal and the mask are taken
+    on it; 1/den is capped at the largest finite float so that a subnormal den cannot turn a
+    zero numerator into 0 * inf = NaN."""
+    if eps > 0:
+        return num / den
     inv = torch.where(den > 0, den.reciprocal().clamp_max(torch.finfo(den.dtype).max), torch.zeros_like(den))
     return num * inv
 
@@ -98,7 +102,7 @@ def grpo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None)
     [..., P, G]. Constant groups give 0; with eps = 0 a zero std gives 0, not NaN.
     """
     centered = _mean_centered(rewards)
-    return _safe_ratio(centered, group_std(rewards, ddof, centered) + eps)
+    return _safe_ratio(centered, group_std(rewards, ddof, centered) + eps, eps)
 
 
 def grpo_batch(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:
@@ -111,7 +115,7 @@ def grpo_batch(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma
         std = torch.zeros_like(flat[..., :1])
     else:
         std = flat.std(-1, correction=ddof, keepdim=True)  # [..., 1]
-    return _safe_ratio(_mean_centered(rewards), std.unsqueeze(-1) + eps)
+    return _safe_ratio(_mean_centered(rewards), std.unsqueeze(-1) + eps, eps)
 
 
 def grpo_oracle(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:
@@ -119,7 +123,7 @@ def grpo_oracle(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     reward under the current policy (DESIGN.md §3), shape [..., P]. Simulator only."""
     if sigma is None:
         raise ValueError("grpo_oracle needs the true per-prompt sigma")
-    return _safe_ratio(_mean_centered(rewards), sigma.unsqueeze(-1) + eps)
+    return _safe_ratio(_mean_centered(rewards), sigma.unsqueeze(-1) + eps, eps)
 
 
 ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
