@@ -78,6 +78,23 @@ def _timed_batch(rows: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
+def cold_worker_startup() -> float:
+    """Seconds from creating the sweep's 2-worker pool to both workers having imported the
+    engine, in a fresh interpreter (as a `sim sweep --workers 2` pays it once)."""
+    import subprocess
+
+    code = ("import time\nfrom concurrent.futures import ProcessPoolExecutor\nfrom sim import sweep\n"
+            "if __name__ == '__main__':\n    t0 = time.perf_counter()\n"
+            "    with ProcessPoolExecutor(2, mp_context=sweep.worker_context()) as pool:\n"
+            "        [f.result() for f in [pool.submit(sweep._warm_worker) for _ in range(2)]]\n"
+            "        print(time.perf_counter() - t0)\n")
+    with tempfile.TemporaryDirectory() as d:
+        script = Path(d) / "startup.py"
+        script.write_text(code)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def concurrency_ceiling(batch) -> tuple[float, float]:
     """The same batch alone in one worker, then in both workers at once: (alone s, together s).
     2 * alone / together is the best 2-worker efficiency this machine allows for this work
@@ -146,16 +163,11 @@ def main() -> None:
     torch.set_num_threads(1)
     t1 = sweep_time(spec, workers=1, max_batch=32)
     torch.set_num_threads(threads)
-    t2 = sweep_time(spec, workers=2, max_batch=32)
-    t0 = time.perf_counter()
-    import concurrent.futures
-    import multiprocessing as mp
-
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        list(pool.map(_import_engine, range(2)))
-    startup = time.perf_counter() - t0
+    t2 = sweep_time(spec, workers=2, max_batch=32)  # the first pool of this process: a cold start
+    startup = cold_worker_startup()
     print(f"  1 worker (1 thread) {t1:.1f} s, 2 workers {t2:.1f} s -> efficiency x{t1 / t2:.2f} "
-          f"(includes starting the workers: {startup:.1f} s here, so x{t1 / (t2 - startup):.2f} after start-up)")
+          f"(includes starting the workers: {startup:.1f} s in a fresh process, so x{t1 / (t2 - startup):.2f} "
+          "after start-up)")
     alone, together = concurrency_ceiling(sweep.make_batches(list(sweep.expand(spec)), 32)[0])
     print(f"  ceiling: one batch alone {alone:.2f} s, the same batch in both workers at once {together:.2f} s "
           f"-> at most x{2 * alone / together:.2f} from 2 workers on this machine")
