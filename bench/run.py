@@ -166,8 +166,7 @@ def main() -> None:
     t2 = sweep_time(spec, workers=2, max_batch=32)  # the first pool of this process: a cold start
     startup = cold_worker_startup()
     print(f"  1 worker (1 thread) {t1:.1f} s, 2 workers {t2:.1f} s -> efficiency x{t1 / t2:.2f} "
-          f"(includes starting the workers: {startup:.1f} s in a fresh process, so x{t1 / (t2 - startup):.2f} "
-          "after start-up)")
+          f"(the 2 workers' time includes starting them: {startup:.1f} s in a fresh process)")
     alone, together = concurrency_ceiling(sweep.make_batches(list(sweep.expand(spec)), 32)[0])
     print(f"  ceiling: one batch alone {alone:.2f} s, the same batch in both workers at once {together:.2f} s "
           f"-> at most x{2 * alone / together:.2f} from 2 workers on this machine")

@@ -69,7 +69,7 @@ def _param(name: str, option, annotation=Optional[str]) -> inspect.Parameter:
 def _axis_fields(classes=(ProblemConfig, TrainConfig)):
     for cls in classes:
         for f in dataclasses.fields(cls):
-            if f.name not in NOT_OPTIONS:
+            if not (cls is TrainConfig and f.name in NOT_OPTIONS):  # sweeps take --lr and --seeds apart
                 yield cls, f
 
 
@@ -356,6 +356,7 @@ def llm_make_tiny(
     size: str = typer.Option("tiny", "--size", help="tiny (CPU, default) | small | base (GPU)"),
     difficulty: str = typer.Option("1", "--difficulty", help="difficulty of the arithmetic problems (1-3)"),
     seed: str = typer.Option("0", "--seed", help="seed of initialization and data"),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when present) | cpu | cuda"),
 ) -> None:
     """Pretrain the offline default model on generated arithmetic problems and save it."""
     _require_llm_extra()
@@ -365,10 +366,17 @@ def llm_make_tiny(
         raise ConfigError(f"size: unknown value {size!r}; choose from {', '.join(model_mod.SIZES)}")
     level = sweep_mod.parse_int("difficulty", difficulty, 1, 1, 3)
     seed_ = sweep_mod.parse_int("seed", seed, 0, 0, 2**31)
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: unknown value {device!r}; choose from auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but no GPU is available")
+    on = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     from sim.results import check_writable
 
     check_writable(Path(out))
-    rec = model_mod.make_tiny(Path(out), size=size, difficulty=level, seed=seed_, log=console.print)
+    rec = model_mod.make_tiny(Path(out), size=size, difficulty=level, seed=seed_, log=console.print, device=on)
     console.print(f"saved {out}: {rec['parameters']:,} parameters, sampled accuracy {rec['sampled_accuracy']:.2f} "
                   f"on {rec['held_out']} held-out problems after {rec['steps']} steps ({rec['seconds']:.0f} s)")
 

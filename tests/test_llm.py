@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sim.config import ConfigError
+
 pytest.importorskip("transformers", reason="the llm extra is not installed (pip install -e '.[llm]')")
 pytest.importorskip("accelerate", reason="the llm extra is not installed (pip install -e '.[llm]')")
 
@@ -161,6 +163,12 @@ def test_trainer_uses_sim_estimators(tiny_dir, tmp_path, monkeypatch):
     tr.step(0)
     assert all(torch.equal(b, p) for b, p in zip(before, tr.model.parameters()))
 
+    # a diverged step (here NaN advantages) stops with one line naming --lr, before it touches the model
+    monkeypatch.setattr(estimators, "advantages", lambda name, rewards, **kw: torch.full_like(rewards, float("nan")))
+    with pytest.raises(ConfigError, match=r"^lr: training diverged at step 0"):
+        tr.step(0)
+    assert all(torch.equal(b, p) for b, p in zip(before, tr.model.parameters()))
+
 
 def _cli(args, capsys):
     from sim.cli import main
@@ -188,6 +196,15 @@ def test_missing_or_corrupt_model_and_bad_data_are_one_line_errors(tiny_dir, tmp
     assert code == 2 and err.startswith("error: estimator:")
     code, err = _cli(["llm", "compare", "--model", str(tiny_dir), "--estimators", "grpo,nope"], capsys)
     assert code == 2 and "nope" in err
+    code, err = _cli(["llm", "train", "--model", str(tiny_dir), "--lr", "-1", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.startswith("error: lr:") and len(err.strip().splitlines()) == 1
+    code, err = _cli(["llm", "compare", "--model", str(tiny_dir), "--seed", "x", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.startswith("error: seed:") and len(err.strip().splitlines()) == 1
+    code, err = _cli(["llm", "make-tiny", "--out", str(tmp_path / "m"), "--device", "tpu"], capsys)
+    assert code == 2 and err.startswith("error: device:") and not (tmp_path / "m").exists()
+    if not torch.cuda.is_available():
+        code, err = _cli(["llm", "make-tiny", "--out", str(tmp_path / "m"), "--device", "cuda"], capsys)
+        assert code == 2 and err.startswith("error: device: cuda") and not (tmp_path / "m").exists()
 
 
 def test_compare_runs_both_estimators_from_one_checkpoint(tiny_dir, tmp_path, capsys):

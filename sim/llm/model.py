@@ -42,9 +42,11 @@ class TinySize:
     layers: int
     heads: int
     intermediate: int
+    sft_lr: float  # AdamW learning rate of make-tiny's pretraining (wider models need smaller steps)
 
 
-SIZES = {"tiny": TinySize(64, 2, 4, 192), "small": TinySize(256, 4, 8, 768), "base": TinySize(512, 8, 8, 1536)}
+SIZES = {"tiny": TinySize(64, 2, 4, 192, 3e-3), "small": TinySize(256, 4, 8, 768, 1e-3),
+         "base": TinySize(512, 8, 8, 1536, 5e-4)}
 
 
 def char_tokenizer():
@@ -82,7 +84,7 @@ def sampled_accuracy(model, tokenizer, examples, max_new_tokens: int = 8, seed: 
     model.eval()
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
-    enc = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True)
+    enc = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True).to(model.device)
     gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
@@ -103,20 +105,21 @@ def sft_batch(tokenizer, examples):
 
 
 def make_tiny(out: Path, size: str = "tiny", difficulty: int = 1, seed: int = 0, target=(0.2, 0.8),
-              stop_at: float = 0.35, max_steps: int = 3000, batch_size: int = 64, lr: float = 3e-3,
-              eval_every: int = 50, log=print) -> dict:
-    """Pretrain and save the offline default model; returns its training record (also saved)."""
+              stop_at: float = 0.35, max_steps: int = 3000, batch_size: int = 64, lr: float | None = None,
+              eval_every: int = 50, log=print, device: str = "cpu") -> dict:
+    """Pretrain and save the offline default model (float32, on ``device``); returns its training
+    record (also saved)."""
     out = Path(out)
     tokenizer = char_tokenizer()
-    model = tiny_model(len(tokenizer), size, seed)
+    model = tiny_model(len(tokenizer), size, seed).to(device)
     train = arithmetic_examples(batch_size * max_steps, difficulty, seed)
     held_out = arithmetic_examples(200, difficulty, seed + 10_000)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=SIZES[size].sft_lr if lr is None else lr)
     t0 = time.perf_counter()
     acc, step = 0.0, 0
     for step in range(1, max_steps + 1):
         enc, labels = sft_batch(tokenizer, train[(step - 1) * batch_size: step * batch_size])
-        loss = model(**enc, labels=labels).loss
+        loss = model(**enc.to(device), labels=labels.to(device)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,7 +134,8 @@ def make_tiny(out: Path, size: str = "tiny", difficulty: int = 1, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    record = {"size": size, "difficulty": difficulty, "seed": seed, "steps": step, "sampled_accuracy": acc,
+    record = {"size": size, "device": str(device), "difficulty": difficulty, "seed": seed, "steps": step,
+              "sampled_accuracy": acc,
               "held_out": len(held_out), "seconds": time.perf_counter() - t0,
               "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(SIZES[size])}
     (out / "grpo_sim_pretraining.json").write_text(json.dumps(record, indent=1))
