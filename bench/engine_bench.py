@@ -29,13 +29,14 @@ def workload(m: int, runs: int, steps: int, mode: str, estimator: str = "grpo") 
                                      lr=m / 4 * (1 + r % 4), seed=r // 4, log_points=2)) for r in range(runs)]
 
 
-def time_engine(runs: list[RunConfig], repeats: int = 3) -> float:
-    """Best-of-repeats seconds per step for the whole batch."""
-    train_batch(runs[:2])  # warm-up
+def time_engine(runs: list[RunConfig], repeats: int = 3, device: str = "cpu") -> float:
+    """Best-of-repeats seconds per step for the whole batch (its results end on the CPU, so a GPU
+    run is complete when the clock stops)."""
+    train_batch(runs[:2], device=device)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        train_batch(runs)
+        train_batch(runs, device=device)
         best = min(best, time.perf_counter() - t0)
     return best / runs[0].train.steps
 
@@ -52,16 +53,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=64)
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--device", default="cpu", help="where the engine runs (cuda: a GPU); the loop stays numpy")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {default_threads} threads; R = {args.runs} runs, K = 8, G = 8, "
-          f"k = s = 8, float64")
+          f"k = s = 8, float64, engine on {args.device}")
 
     print("\n1. scaling in prompts (time per step of the whole batch, default threads)")
     for mode in ("exact", "sampled"):
         prev = None
         for m in (16, 64, 256):
-            t = time_engine(workload(m, args.runs, args.steps, mode))
+            t = time_engine(workload(m, args.runs, args.steps, mode), device=args.device)
             ratio = f"  x{t / prev:.2f} per 4x prompts" if prev else ""
             print(f"  {mode:7s} m = {m:4d}: {t * 1e3:8.3f} ms/step{ratio}")
             prev = t
@@ -72,9 +74,9 @@ def main() -> None:
         for mode in ("sampled", "exact"):
             runs = workload(16, R, args.steps, mode)
             loop = time_loop(runs[:32]) * R / 32
-            for threads in sorted({1, default_threads}):
+            for threads in sorted({1, default_threads}) if args.device == "cpu" else [default_threads]:
                 torch.set_num_threads(threads)
-                eng = time_engine(runs, repeats=2)
+                eng = time_engine(runs, repeats=2, device=args.device)
                 print(f"  R = {R:4d} {mode:7s} torch threads {threads}: engine {eng * 1e3:7.3f} ms/step, "
                       f"numpy loop {loop * 1e3:8.2f} ms/step -> speedup x{loop / eng:.1f}")
             torch.set_num_threads(default_threads)

@@ -1,10 +1,14 @@
 """All performance numbers in one run (not part of the test suite): python bench/run.py
 
 (a) engine steps/s on the standard workload and its ratio to a per-run numpy loop (sim.reference);
-(b) engine time per step / time of the step's unavoidable matrix products (same tensors, same
-    process): the blockwise logits and the policy-gradient contraction, 4 batched products;
+(b) engine time per step / time of the step's unavoidable matrix products: the blockwise logits
+    and the policy-gradient contraction, 4 batched products, timed where the engine's loop calls
+    them (and, beside it, the same products timed alone on the same tensors);
+    (a) and (b) are measured back to back in 3 rounds (median and range), as this machine's
+    speed drifts by tens of percent between separate measurements;
 (c) scaling in prompts, group size and runs;
-(d) local-backend parallel efficiency: one worker vs two on the same sweep;
+(d) local-backend parallel efficiency: one worker vs two on the same sweep, and the machine's
+    ceiling for it (one batch alone vs the same batch in both workers at once);
 (e) Ray backend overhead versus local on the same sweep (skipped without the ray extra).
 Standard workload: R = 256 runs, P = 16 prompts, K = 8 responses, G = 8, k = s = 8, float64,
 sampled GRPO (and exact mode beside it).
@@ -48,14 +52,45 @@ def matmul_floor(runs, reps: int = 50) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def paired_rounds(runs, rounds: int = 3, loop_runs: int = 32) -> list[tuple[float, float, float]]:
-    """(engine, numpy loop, product floor) seconds per step of the whole batch, measured back to
-    back in each round, so that each round's ratios see the same machine speed (it drifts here)."""
+def engine_with_product_time(runs) -> tuple[float, float]:
+    """(engine seconds per step, seconds per step spent inside its matrix products) from one run:
+    theory.logits and theory.summed_gradient (the step's 4 products) are timed where the training
+    loop calls them, so both numbers see the same machine speed."""
+    from sim.engine import train_batch
+
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spent[0] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    original = theory.logits, theory.summed_gradient
+    theory.logits, theory.summed_gradient = timed(original[0]), timed(original[1])
+    try:
+        train_batch(runs[:2])  # warm-up
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        train_batch(runs)
+        total = time.perf_counter() - t0
+    finally:
+        theory.logits, theory.summed_gradient = original
+    steps = runs[0].train.steps
+    return total / steps, spent[0] / steps
+
+
+def paired_rounds(runs, rounds: int = 3, loop_runs: int = 32) -> list[tuple[float, float, float, float]]:
+    """(engine, numpy loop, products inside the engine's loop, the same products alone) seconds per
+    step of the whole batch, measured back to back in each round, so that each round's ratios see
+    the same machine speed (it drifts here)."""
     out = []
     for _ in range(rounds):
-        eng = time_engine(runs, repeats=1)
+        eng, inside = engine_with_product_time(runs)
         loop = time_loop(runs[:loop_runs]) * len(runs) / loop_runs
-        out.append((eng, loop, matmul_floor(runs)))
+        out.append((eng, loop, inside, matmul_floor(runs)))
     return out
 
 
@@ -132,11 +167,15 @@ def main() -> None:
         print(f"  {mode:7s}: engine {1 / eng:7.1f} steps/s ({eng * 1e3:.2f} ms/step), numpy loop "
               f"{loop * 1e3:6.2f} ms/step -> engine x{_median(ratios):.1f} [{min(ratios):.1f}, {max(ratios):.1f}]")
 
-    print("\n(b) engine time per step / matrix-product floor (same tensors, same rounds)")
+    print("\n(b) engine time per step / time of its matrix products (timed inside the same runs; "
+          "the same products timed alone beside them)")
     for mode, rounds in measured.items():
         ratios = [r[0] / r[2] for r in rounds]
-        print(f"  {mode:7s}: floor {_median([r[2] for r in rounds]) * 1e3:.3f} ms/step -> engine / floor = "
-              f"{_median(ratios):.1f}x [{min(ratios):.1f}, {max(ratios):.1f}]")
+        alone = [r[0] / r[3] for r in rounds]
+        print(f"  {mode:7s}: products {_median([r[2] for r in rounds]) * 1e3:.3f} ms/step -> engine / products = "
+              f"{_median(ratios):.1f}x [{min(ratios):.1f}, {max(ratios):.1f}]; products alone "
+              f"{_median([r[3] for r in rounds]) * 1e3:.3f} ms/step -> {_median(alone):.1f}x "
+              f"[{min(alone):.1f}, {max(alone):.1f}]")
 
     print("\n(c) scaling (ms per step of the whole batch)")
     base = None

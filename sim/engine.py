@@ -82,7 +82,7 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
     """
     R, P, K = pi.shape
     G = train.group_size
-    u = uniforms(keys, step, (2, P, G), pi.dtype, leading=1 if binary_q else None)  # [R, 1 or 2, P, G]
+    u = uniforms(keys, step, (2, P, G), pi.dtype, leading=1 if binary_q else None).to(pi.device)  # [R, 1|2, P, G]
     cdf = pi.cumsum(-1)  # [R, P, K]
     cdf[..., -1] = 2.0  # above every u: y = #{k < K-1: cdf_k <= u} <= K-1 even if rounding left cdf_K < u
     y = torch.searchsorted(cdf, u[:, 0] if binary_q else u[:, 0].contiguous(), right=True)  # [R, P, G]
@@ -135,11 +135,12 @@ class StepHistory:
     depend on which other runs share the batch."""
 
     def __init__(self, R: int, P: int, T: int, dtype: torch.dtype, sigma_floor: torch.Tensor, chunk: int = 32):
-        self.J = torch.zeros(R, T + 1, dtype=dtype)
-        self.sigma_bar = torch.zeros(R, T + 1, dtype=dtype)
-        self.min_sigma_ratio = torch.full((R,), float("inf"), dtype=dtype)
-        self._mu = torch.empty(chunk, R, P, dtype=dtype)
-        self._sigma = torch.empty(chunk + 1, R, P, dtype=dtype)  # slot 0: the step before the chunk
+        on = {"dtype": dtype, "device": sigma_floor.device}
+        self.J = torch.zeros(R, T + 1, **on)
+        self.sigma_bar = torch.zeros(R, T + 1, **on)
+        self.min_sigma_ratio = torch.full((R,), float("inf"), **on)
+        self._mu = torch.empty(chunk, R, P, **on)
+        self._sigma = torch.empty(chunk + 1, R, P, **on)  # slot 0: the step before the chunk
         self._floor = sigma_floor  # [R, 1]
         self._chunk, self._n, self._start = chunk, 0, 0
 
@@ -169,7 +170,7 @@ class StepHistory:
 
 
 def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
-                on_progress: Callable[[int], None] | None = None) -> BatchResult:
+                on_progress: Callable[[int], None] | None = None, device: str | torch.device = "cpu") -> BatchResult:
     """Train ``runs`` (equal ``batch_key``) together; return their summary and step metrics.
 
     Summary per run: initial_J, final_J, j_star, target_J, reached_target, steps_to_target
@@ -177,24 +178,29 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     auc = mean_t J_t / J*, sigma_bar_to_target (mean over t < steps_to_target of the
     prompt-mean sigma, used by the predicted gain), sigma_max_bound (max possible sigma).
     ``on_progress(n)`` is called with the number of steps done since its last call.
+    ``device``: where the training loop runs (a GPU, e.g. "cuda"); problems are built and the
+    summary is assembled on the CPU. Bit-identity across batch compositions is established (and
+    tested) on the CPU; on a GPU runs agree to rounding.
     """
     keys = {batch_key(r) for r in runs}
     if len(keys) != 1:
         raise ValueError("train_batch needs runs of one shape and one training setting")
     train = runs[0].train
     unique = {r.problem: make_problem(r.problem, dtype) for r in runs}  # runs often share a problem
-    prob = stack_problems([unique[r.problem] for r in runs])
+    prob_cpu = stack_problems([unique[r.problem] for r in runs])
+    prob = prob_cpu.to(device)
     reduced = {cfg: theory.reduced_features(theory.local_features(p.phi_private, p.phi_shared))
                for cfg, p in unique.items()}  # once per distinct problem
-    phi_red = torch.stack([reduced[r.problem] for r in runs])  # [R, P, K, min(K, k + s)]
+    phi_red = torch.stack([reduced[r.problem] for r in runs]).to(device)  # [R, P, K, min(K, k + s)]
+    on = {"dtype": dtype, "device": device}
     R, P, K = prob.bias.shape
     k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
     T = train.steps
-    lr_over_p = torch.tensor([r.train.lr for r in runs], dtype=dtype) / P  # [R]
+    lr_over_p = torch.tensor([r.train.lr for r in runs], **on) / P  # [R]
     keys = run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64))  # [R]
     binary_q = bool(((prob.q == 0) | (prob.q == 1)).all())  # no reward noise: flips need no draws
-    theta_p = torch.zeros(R, P, k, dtype=dtype)
-    theta_s = torch.zeros(R, s, dtype=dtype)
+    theta_p = torch.zeros(R, P, k, **on)
+    theta_s = torch.zeros(R, s, **on)
     # theory step sizes (per-prompt scales of grad J_i) for the measured per-step gain
     M = prob.curvature_bound  # [R]
     sigma_floor = 1e-9 * prob.sigma_max.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
@@ -206,12 +212,12 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
         return estimators.population_scale("grpo", sigma, sigma, 0.0) * (lr_grpo / P).unsqueeze(-1)
 
     history = StepHistory(R, P, T, dtype, sigma_floor)
-    rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long()
+    rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long().to(device)
 
     log_steps = log_spaced_steps(T, train.log_points)
     log_index = {int(t): i for i, t in enumerate(log_steps)}
-    logged = {m: torch.zeros(len(log_steps), R, dtype=dtype) for m in STEP_METRICS}
-    logged["sigma_per_prompt"] = torch.zeros(len(log_steps), R, P, dtype=dtype)
+    logged = {m: torch.zeros(len(log_steps), R, **on) for m in STEP_METRICS}
+    logged["sigma_per_prompt"] = torch.zeros(len(log_steps), R, P, **on)
     report_every = max(1, T // 100)
 
     with torch.no_grad():
@@ -236,7 +242,13 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     if on_progress is not None:
         on_progress(T - (T // report_every) * report_every)
     history.flush()
-    J_hist, sigma_bar_hist, min_sigma_ratio = history.J, history.sigma_bar, history.min_sigma_ratio
+    # the summary is assembled on the CPU (no-ops when training ran there)
+    J_hist, sigma_bar_hist, min_sigma_ratio = (t.cpu() for t in (history.J, history.sigma_bar,
+                                                                 history.min_sigma_ratio))
+    logged = {m: v.cpu() for m, v in logged.items()}
+    theta_p, theta_s, lr_over_p, M, lr_grpo, lr_reinforce, rho_index = (
+        t.cpu() for t in (theta_p, theta_s, lr_over_p, M, lr_grpo, lr_reinforce, rho_index))
+    prob = prob_cpu
 
     j_star = prob.j_star  # [R]
     target = train.target_fraction * j_star

@@ -137,6 +137,10 @@ class Problem:
         theta. At most 4 B^2 = 4; 2 for tabular features. [..]."""
         return theory.m_diameter(theory.local_features(self.phi_private, self.phi_shared)).amax(-1)
 
+    def to(self, device) -> "Problem":
+        """The same problem with every tensor on ``device``."""
+        return Problem(**{f.name: getattr(self, f.name).to(device) for f in fields(Problem)})
+
     def theory_lr(self, std_normalized: bool) -> torch.Tensor:
         """Ascent-lemma learning rate (engine convention, theory.theory_step_size): [..]."""
         return theory.theory_step_size(std_normalized, self.curvature_bound, self.sigma_max, self.bias.shape[-2])

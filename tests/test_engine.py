@@ -111,3 +111,12 @@ def test_summary_metrics_follow_the_curve():
             after = curve[curve.step >= row.steps_to_target]
             assert (before.J < row.target_J).all() and after.J.iloc[0] >= row.target_J
         assert 0 < row.auc <= 1.0  # auc = mean_t J_t / J*
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the engine's device option)")
+def test_engine_on_gpu_agrees_with_cpu_to_rounding():
+    for mode, estimator in (("sampled", "grpo"), ("exact", "grpo")):
+        runs = mixed_runs(mode, estimator, steps=30)
+        cpu, gpu = train_batch(runs), train_batch(runs, device="cuda")
+        np.testing.assert_allclose(gpu.runs.final_J, cpu.runs.final_J, rtol=1e-9)
+        np.testing.assert_allclose(gpu.theta_private.numpy(), cpu.theta_private.numpy(), rtol=1e-7, atol=1e-9)
