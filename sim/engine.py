@@ -106,8 +106,9 @@ def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, 
     sub_p, sub_s = g_p[:, rho_index], g_s[:, rho_index]
     gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
     d = theory.centered_features(pi, phi_red)  # [R, P, K, r]
-    emp = theory.hessian_over_sigma(theory.prompt_hessian(pi, prob.rbar, mu, d), sigma,
-                                    1e-12 * prob.sigma_max.unsqueeze(-1))  # [R, P]
+    H = theory.prompt_hessian(pi, prob.rbar, mu, d)  # [R, P, r, r]
+    # eigenvalues on the CPU: cuSOLVER's batched syevd failed (internal error) for 65k 8 x 8 matrices
+    emp = theory.hessian_over_sigma(H.cpu(), sigma.cpu(), 1e-12 * prob.sigma_max.unsqueeze(-1).cpu()).to(pi.device)
     m_an = theory.m_fourth_moment(pi, d)  # [R, P]
     dj_g = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
                                   scale_grpo(sigma), stats=(mu, w_true))
