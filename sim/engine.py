@@ -71,7 +71,7 @@ RHO_MAX_PROMPTS = 64
 
 
 def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
-                             keys: torch.Tensor, step: int, train: TrainConfig,
+                             keys: np.ndarray, step: int, train: TrainConfig,
                              binary_q: bool = False) -> torch.Tensor:
     """w [R, P, K] = (1/G) sum_k A_ik (e_(y_ik) - pi_i) from G sampled responses per prompt.
 
@@ -136,6 +136,7 @@ class StepHistory:
     depend on which other runs share the batch."""
 
     def __init__(self, R: int, P: int, T: int, dtype: torch.dtype, sigma_floor: torch.Tensor, chunk: int = 32):
+        chunk = max(1, min(chunk, (1 << 22) // (R * P)))  # buffers of at most 4M numbers each
         on = {"dtype": dtype, "device": sigma_floor.device}
         self.J = torch.zeros(R, T + 1, **on)
         self.sigma_bar = torch.zeros(R, T + 1, **on)

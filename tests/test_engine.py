@@ -120,3 +120,24 @@ def test_engine_on_gpu_agrees_with_cpu_to_rounding():
         cpu, gpu = train_batch(runs), train_batch(runs, device="cuda")
         np.testing.assert_allclose(gpu.runs.final_J, cpu.runs.final_J, rtol=1e-9)
         np.testing.assert_allclose(gpu.theta_private.numpy(), cpu.theta_private.numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_step_history_equals_the_per_step_reductions_for_any_chunk():
+    from sim.engine import StepHistory
+
+    torch.manual_seed(0)
+    R, P, T = 3, 5, 70
+    mu, sigma = torch.rand(T + 1, R, P, dtype=torch.float64), torch.rand(T + 1, R, P, dtype=torch.float64)
+    sigma[10, 0, 2] = 0.0  # a ratio out of 0 is not defined: skipped, as are ratios below the floor
+    sigma[11, 1, :] = 1e-20
+    floor = torch.full((R, 1), 1e-9, dtype=torch.float64)
+    live = sigma[:-1] > floor  # step by step: sigma_i(t) / sigma_i(t-1) where sigma_i(t-1) is above the floor
+    ratio = torch.where(live, sigma[1:] / torch.where(live, sigma[:-1], torch.ones_like(sigma[1:])),
+                        torch.full_like(sigma[1:], float("inf")))
+    for chunk in (1, 3, 32, 100):
+        h = StepHistory(R, P, T, torch.float64, floor, chunk=chunk)
+        for t in range(T + 1):
+            h.add(mu[t], sigma[t])
+        h.flush()
+        assert torch.equal(h.J, mu.mean(-1).T) and torch.equal(h.sigma_bar, sigma.mean(-1).T)
+        assert torch.equal(h.min_sigma_ratio, ratio.amin(-1).amin(0))
