@@ -165,7 +165,7 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
 
 
 def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, workers: int, prefix: str,
-             backend: str = "local", address: Optional[str] = None) -> None:
+             backend: str = "local", address: Optional[str] = None, device: str = "cpu") -> None:
     if out is None:
         if resume:
             raise ConfigError("resume: needs --out DIR naming the results directory to continue")
@@ -180,7 +180,7 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
             progress.update(task, completed=done, total=total)
 
         runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
-                                         backend=backend, address=address)
+                                         backend=backend, address=address, device=device)
     print_summary(runs_df, spec, out)
 
 
@@ -192,10 +192,12 @@ def _make_command(name: str, list_valued: bool, doc: str):
         out = kwargs.pop("out")
         resume = kwargs.pop("resume")
         workers = sweep_mod.parse_int("workers", kwargs.pop("workers"), 1, 1, 256)
-        backend, address = kwargs.pop("backend"), kwargs.pop("address")
+        backend, address, device = kwargs.pop("backend"), kwargs.pop("address"), kwargs.pop("device")
         sweep_mod.check_backend(backend)
+        sweep_mod.check_device(device, backend)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
-        _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address)
+        _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address,
+                 device=device)
 
     params = []
     if list_valued:
@@ -216,6 +218,8 @@ def _make_command(name: str, list_valued: bool, doc: str):
                str),
         _param("address", typer.Option(None, "--address", help="Ray cluster to join (ray backend); "
                                        "without it a local instance starts")),
+        _param("device", typer.Option("cpu", "--device", help="cpu | cuda: where each batch trains "
+                                      "(cuda: local backend) [default: cpu]"), str),
     ]
     return _with_signature(command, params, name, doc)
 

@@ -249,12 +249,29 @@ def worker_context():
     return ctx
 
 
-def _run_batch_in_worker(rows: list[dict]):
+def _run_batch_in_worker(rows: list[dict], device: str = "cpu"):
     import torch
 
     torch.set_num_threads(1)
-    res = train_batch([RunConfig.from_flat_dict(r) for r in rows])
+    res = train_batch([RunConfig.from_flat_dict(r) for r in rows], device=device)
     return res.runs, res.steps
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str, backend: str = "local") -> None:
+    """One-line ConfigError for an unknown device, a GPU that is not there, or cuda on Ray (Ray
+    hides GPUs from tasks that do not reserve them)."""
+    if device not in DEVICES:
+        raise ConfigError(f"device: unknown value {device!r}; choose from {', '.join(DEVICES)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda requested but no GPU is available")
+        if backend != "local":
+            raise ConfigError("device: cuda runs on the local backend only")
 
 
 BACKENDS = ("local", "ray")
@@ -290,15 +307,17 @@ def _ray_batches(batches, workers: int, address: str | None, on_result) -> None:
 def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1,
               on_progress: Callable[[int, int], None] | None = None,
               max_batch: int = MAX_BATCH, backend: str = "local",
-              address: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+              address: str | None = None, device: str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every pending run of ``spec`` into ``out``; return (runs, steps) with summary columns.
 
     backend "local": in this process (workers = 1) or a pool of ``workers`` processes; "ray":
     Ray tasks on the cluster at ``address`` (a local instance with ``workers`` CPUs when None).
     Only this process writes results. ``on_progress(steps_done, steps_total)`` is called as
-    batches advance (steps summed over runs).
+    batches advance (steps summed over runs). ``device`` "cuda" trains each batch on the GPU
+    (local backend); runs then agree with CPU ones to rounding, not bit for bit.
     """
     check_backend(backend)
+    check_device(device, backend)
     runs = expand(spec)  # validates the whole sweep before any process starts
     with contextlib.ExitStack() as stack:
         pool = None
@@ -306,10 +325,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()))
             for _ in range(workers):
                 pool.submit(_warm_worker)
-        return _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool)
+        return _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool,
+                            device)
 
 
-def _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool):
+def _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool, device):
     """run_sweep's body, with the local worker pool (or None) already started."""
     rows = [r.as_flat_dict() for r in runs]
     done = results.open_results_dir(out, spec.as_dict(), rows, resume)
@@ -333,10 +353,10 @@ def _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backe
         _ray_batches(batches, workers, address, commit)
     elif workers <= 1:
         for b in batches:
-            res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size))
+            res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device)
             results.write_part(out, res.runs, res.steps)
     else:
-        futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b]): b for b in batches}
+        futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device): b for b in batches}
         for fut in as_completed(futs):
             commit(futs[fut], *fut.result())
     runs_df, steps_df = results.read_parts(out)

@@ -42,6 +42,8 @@ def run_cli(args, capsys):
     (["--no-such-option", "1"], "no-such-option"),
     (["--resume"], "resume"),
     (["--config", "/nonexistent/x.toml"], "config"),
+    (["--device", "tpu"], "device"),
+    (["--device", "cuda", "--backend", "ray"], "device"),  # no GPU here, and cuda is local-only anyway
 ])
 def test_bad_sweep_option_one_line_exit_2_nothing_written(args, needle, capsys, tmp_path):
     out_dir = tmp_path / "res"
