@@ -47,10 +47,10 @@ STD_NORMALIZED = frozenset({"grpo", "grpo_batch", "grpo_oracle"})
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """num / den with 0 where den == 0 (no NaN from 0/0), for den = (a non-negative std) + eps.
 
-    eps > 0 keeps den >= eps > 0, so this is a plain division. Otherwise den broadcasts against
-    num and is the small tensor (one value per prompt), so the reciprocal and the mask are taken
-    on it; 1/den is capped at the largest finite float so that a subnormal den cannot turn a
-    zero numerator into 0 * inf = NaN."""
+    eps > 0 keeps den >= eps > 0, so this is a plain division. Otherwise it is num * (1/den): den
+    broadcasts against num and is the small tensor (one value per prompt), so the reciprocal and
+    the mask are taken on it; 1/den is capped at the largest finite float so that a den below
+    1/max (subnormal) cannot turn a zero numerator into 0 * inf = NaN."""
     if eps > 0:
         return num / den
     inv = torch.where(den > 0, den.reciprocal().clamp_max(torch.finfo(den.dtype).max), torch.zeros_like(den))

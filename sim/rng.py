@@ -74,5 +74,6 @@ def uniforms_np(keys: np.ndarray, step: int, shape: tuple[int, ...], leading: in
 
 def uniforms(keys: np.ndarray, step: int, shape: tuple[int, ...],
              dtype: torch.dtype = torch.float64, leading: int | None = None) -> torch.Tensor:
-    """``uniforms_np`` as a torch tensor of ``dtype`` (no copy for float64): [R, *shape]."""
+    """``uniforms_np`` as a torch tensor of ``dtype`` (no copy for float64): [R, *shape]. Other
+    dtypes round the float64 draws (in float32 a draw may round to 1.0)."""
     return torch.from_numpy(uniforms_np(keys, step, shape, leading)).to(dtype)

@@ -332,7 +332,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
 def _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool, device):
     """run_sweep's body, with the local worker pool (or None) already started."""
     rows = [r.as_flat_dict() for r in runs]
-    done = results.open_results_dir(out, spec.as_dict(), rows, resume)
+    # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
+    # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
+    # fingerprint they always had
+    recorded = spec.as_dict() if device == "cpu" else {**spec.as_dict(), "device": device}
+    done = results.open_results_dir(out, recorded, rows, resume)
     pending = [r for r in runs if r.run_id not in done]
     batches = sorted(make_batches(pending, max_batch), key=batch_cost, reverse=True)  # stable: ties keep order
     total = sum(b[0].train.steps * len(b) for b in batches)

@@ -267,8 +267,10 @@ class Trainer:
         loss = pg_loss(logp, mask, adv.reshape(-1).to(logp.device), cfg.loss_agg, cfg.max_new_tokens)
         self.opt.zero_grad()
         self.acc.backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))  # measures only
-        if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # same on every rank under DDP
+        finite = bool(torch.isfinite(loss.detach()))
+        if self.acc.mixed_precision != "fp16":  # under fp16 loss scaling, inf gradients are skipped steps
+            finite &= bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))))
+        if not finite:  # the same on every rank under DDP (gradients are all-reduced)
             raise ConfigError(f"lr: training diverged at step {step} (non-finite loss or gradient, before the "
                               f"update); lower --lr (now {cfg.lr:g})")
         self.opt.step()
