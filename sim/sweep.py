@@ -249,6 +249,19 @@ def worker_context():
     return ctx
 
 
+@contextlib.contextmanager
+def _started_pool(workers: int):
+    """A pool of ``workers`` local processes (None for one), started at once: the workers import
+    the engine while the driver prepares the sweep."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+        for _ in range(workers):
+            pool.submit(_warm_worker)
+        yield pool
+
+
 def _run_batch_in_worker(rows: list[dict], device: str = "cpu"):
     import torch
 
@@ -319,54 +332,43 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     check_backend(backend)
     check_device(device, backend)
     runs = expand(spec)  # validates the whole sweep before any process starts
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if backend == "local" and workers > 1:  # start the workers now: they import while we prepare
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()))
-            for _ in range(workers):
-                pool.submit(_warm_worker)
-        return _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool,
-                            device)
+    with _started_pool(workers if backend == "local" else 1) as pool:
+        rows = [r.as_flat_dict() for r in runs]
+        # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
+        # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
+        # fingerprint they always had
+        recorded = spec.as_dict() if device == "cpu" else {**spec.as_dict(), "device": device}
+        done = results.open_results_dir(out, recorded, rows, resume)
+        pending = [r for r in runs if r.run_id not in done]
+        batches = sorted(make_batches(pending, max_batch), key=batch_cost, reverse=True)  # ties keep order
+        total = sum(b[0].train.steps * len(b) for b in batches)
+        progress = [0]
 
+        def advance(n):
+            progress[0] += n
+            if on_progress:
+                on_progress(progress[0], total)
 
-def _run_pending(spec, runs, out, resume, workers, on_progress, max_batch, backend, address, pool, device):
-    """run_sweep's body, with the local worker pool (or None) already started."""
-    rows = [r.as_flat_dict() for r in runs]
-    # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
-    # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
-    # fingerprint they always had
-    recorded = spec.as_dict() if device == "cpu" else {**spec.as_dict(), "device": device}
-    done = results.open_results_dir(out, recorded, rows, resume)
-    pending = [r for r in runs if r.run_id not in done]
-    batches = sorted(make_batches(pending, max_batch), key=batch_cost, reverse=True)  # stable: ties keep order
-    total = sum(b[0].train.steps * len(b) for b in batches)
-    progress = [0]
+        advance(0)
 
-    def advance(n):
-        progress[0] += n
-        if on_progress:
-            on_progress(progress[0], total)
+        def commit(b, runs_df, steps_df):
+            results.write_part(out, runs_df, steps_df)
+            advance(b[0].train.steps * len(b))
 
-    advance(0)
-
-    def commit(b, runs_df, steps_df):
-        results.write_part(out, runs_df, steps_df)
-        advance(b[0].train.steps * len(b))
-
-    if backend == "ray":
-        _ray_batches(batches, workers, address, commit)
-    elif workers <= 1:
-        for b in batches:
-            res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device)
-            results.write_part(out, res.runs, res.steps)
-    else:
-        futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device): b for b in batches}
-        for fut in as_completed(futs):
-            commit(futs[fut], *fut.result())
-    runs_df, steps_df = results.read_parts(out)
-    runs_df = add_comparisons(runs_df)
-    results.finalize(out, runs_df, steps_df)
-    return runs_df, steps_df
+        if backend == "ray":
+            _ray_batches(batches, workers, address, commit)
+        elif workers <= 1:
+            for b in batches:
+                res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device)
+                results.write_part(out, res.runs, res.steps)
+        else:
+            futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device): b for b in batches}
+            for fut in as_completed(futs):
+                commit(futs[fut], *fut.result())
+        runs_df, steps_df = results.read_parts(out)
+        runs_df = add_comparisons(runs_df)
+        results.finalize(out, runs_df, steps_df)
+        return runs_df, steps_df
 
 
 def cell_columns(runs: pd.DataFrame) -> list[str]:
