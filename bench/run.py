@@ -98,18 +98,10 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def _import_engine(_):
-    import sim.sweep  # noqa: F401  (what a worker imports before its first batch)
-
-
 def _timed_batch(rows: list[dict]) -> float:
-    """Seconds one worker (1 torch thread) spends on one batch, as in the local backend."""
-    from sim.config import RunConfig
-    from sim.engine import train_batch
-
-    torch.set_num_threads(1)
+    """Seconds one local-backend worker spends on one batch (sim.sweep's own worker function)."""
     t0 = time.perf_counter()
-    train_batch([RunConfig.from_flat_dict(r) for r in rows])
+    sweep._run_batch_in_worker(rows)
     return time.perf_counter() - t0
 
 
@@ -135,11 +127,10 @@ def concurrency_ceiling(batch) -> tuple[float, float]:
     2 * alone / together is the best 2-worker efficiency this machine allows for this work
     (shared caches, memory bandwidth, clock), whatever the scheduler does."""
     import concurrent.futures
-    import multiprocessing as mp
 
     rows = [r.as_flat_dict() for r in batch]
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        list(pool.map(_import_engine, range(2)))
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=sweep.worker_context()) as pool:
+        [f.result() for f in [pool.submit(sweep._warm_worker) for _ in range(2)]]
         pool.submit(_timed_batch, rows).result()  # warm-up
         alone = min(pool.submit(_timed_batch, rows).result() for _ in range(2))
         together = min(max(f.result() for f in [pool.submit(_timed_batch, rows) for _ in range(2)])
