@@ -85,7 +85,7 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
     u = uniforms(keys, step, (2, P, G), pi.dtype, leading=1 if binary_q else None).to(pi.device)  # [R, 1|2, P, G]
     cdf = pi.cumsum(-1)  # [R, P, K]
     cdf[..., -1] = 2.0  # above every u: y = #{k < K-1: cdf_k <= u} <= K-1 even if rounding left cdf_K < u
-    y = torch.searchsorted(cdf, u[:, 0] if binary_q else u[:, 0].contiguous(), right=True)  # [R, P, G]
+    y = torch.searchsorted(cdf, u[:, 0].contiguous(), right=True)  # [R, P, G]
     q = problem.q.gather(-1, y)  # [R, P, G]
     hit = q if binary_q else (u[:, 1] < q).to(pi.dtype)
     rewards = problem.scale.unsqueeze(-1) * hit  # [R, P, G]: c_i Bernoulli(q(y_ik))
