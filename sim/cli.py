@@ -406,9 +406,9 @@ def _llm_command(name: str, doc: str):
             return
         names = [e.strip() for e in (ests or "grpo,reinforce").split(",")]
         for e in names:
-            if e not in trainer_mod.LLM_ESTIMATORS:
+            if e not in estimators.LLM_NAMES:
                 raise ConfigError(f"estimators: unknown estimator {e!r}; choose from "
-                                  f"{', '.join(trainer_mod.LLM_ESTIMATORS)}")
+                                  f"{', '.join(estimators.LLM_NAMES)}")
             trainer_mod.validate(dataclasses.replace(cfg, estimator=e))
         from sim.results import check_writable
 

@@ -142,9 +142,9 @@ def validate_run(run: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t = run.train
-    if t.mode == "sampled" and estimators.needs_group(t.estimator) and t.group_size < 2:
-        raise ConfigError(f"group-size: {t.estimator} needs a group of at least 2 responses, got {t.group_size}")
+    spec = estimators.get(t.estimator)
+    if t.mode == "sampled" and t.group_size < spec.min_group:
+        raise ConfigError(f"group-size: {t.estimator} needs a group of at least {spec.min_group} responses, "
+                          f"got {t.group_size}")
     if t.mode == "sampled" and t.estimator == "grpo_batch" and t.group_size * run.problem.num_prompts < 2:
         raise ConfigError("group-size: grpo_batch needs at least 2 rewards in the batch")
-    if t.mode == "exact" and t.estimator in estimators.PRESETS:
-        raise ConfigError(f"estimators: preset {t.estimator!r} has no exact-mode limit; use --mode sampled")

@@ -1,64 +1,68 @@
-"""Advantage estimators: pure torch functions on a group-structured reward tensor.
+"""Advantage estimators: pure torch functions on a group-structured reward tensor, and the
+registry that ties each to its theory.
 
-These are the only advantage functions in the project: the simulator (sim.engine)
-and the LLM runner (sim.llm) both call them.
+These are the only advantage functions in the project: the simulator (sim.engine), the LLM
+runner (sim.llm) and the figures all read them through ``REGISTRY``.
 
 Dimension legend
-    ...  any leading batch dimensions (e.g. R runs)
+    ...  any leading batch dimensions (e.g. runs)
     P    prompts in the batch
-    G    group size: responses sampled per prompt
+    G    group size: responses sampled per prompt; g, h index them
 
-Every function takes rewards of shape [..., P, G] and returns advantages of the
+Every advantage function takes rewards of shape [..., P, G] and returns advantages of the
 same shape. Semantics follow the LLM-RL libraries (see ../shared/DESIGN.md §4):
 
-    reinforce    A_ik = R_ik                                        (no baseline)
-    dr_grpo      A_ik = R_ik - mean_k R_ik                          (Liu et al. 2025, "Dr. GRPO")
-    rloo         A_ik = R_ik - (sum_j R_ij - R_ik) / (G - 1)        (Ahmadian et al. 2024)
-    grpo         A_ik = (R_ik - mean_k R_ik) / (std_k R_ik + eps)   (Shao et al. 2024)
-    grpo_batch   A_ik = (R_ik - mean_k R_ik) / (std_batch R + eps)  (TRL scale_rewards="batch")
-    grpo_oracle  A_ik = (R_ik - mean_k R_ik) / (sigma_i + eps)      (true sigma_i; simulator only)
+    reinforce    A_ig = R_ig                                        (no baseline)
+    dr_grpo      A_ig = R_ig - mean_g R_ig                          (Liu et al. 2025, "Dr. GRPO")
+    rloo         A_ig = R_ig - (sum_h R_ih - R_ig) / (G - 1)        (Ahmadian et al. 2024)
+    grpo         A_ig = (R_ig - mean_g R_ig) / (std_g R_ig + eps)   (Shao et al. 2024)
+    grpo_batch   A_ig = (R_ig - mean_g R_ig) / (std_batch R + eps)  (TRL scale_rewards="batch")
+    grpo_oracle  A_ig = (R_ig - mean_g R_ig) / (sigma_i + eps)      (true sigma_i; simulator only)
 
 A constant group (all G rewards equal) gets advantage exactly 0 under every
 baselined estimator (everything but ``reinforce``, which has no baseline). The mean is
-taken relative to the group's first reward, R_ik - mean_k R_ik = d_ik - mean_k d_ik with
-d_ik = R_ik - R_i1: d is exactly 0 for a constant group (x - y == 0 iff x == y in IEEE
+taken relative to the group's first reward, R_ig - mean_g R_ig = d_ig - mean_g d_ig with
+d_ig = R_ig - R_i1: d is exactly 0 for a constant group (x - y == 0 iff x == y in IEEE
 arithmetic), so the centred rewards and the std are exactly 0 there, whereas ``mean`` of
 equal floats can differ from them in the last bit and a tiny numerator over a zero std
 would give an O(1) advantage.
 
-``population_scale`` gives the G -> infinity limit used by exact-gradient mode.
-``PRESETS`` name the exact settings of TRL 1.16, verl 0.9 and OpenRLHF 0.11.
+Each ``EstimatorSpec`` carries its exact-mode limit (``population_scale``): with
+w_iy = pi_iy (rbar_iy - mu_i), so that grad J_i = sum_y w_iy phi(x_i, y) (DESIGN.md §3), the
+expected sampled update E[(1/G) sum_g A_ig (e_(y_ig) - pi_i)] is s_i w_i with
+s_i = ``exact_factor(G) * population_scale`` exactly when ``exact_factor`` is given, and
+s_i -> ``population_scale`` as G -> infinity otherwise (for noise-free rewards: the group std
+then tends to sigma_i, the std of the mean reward). tests/test_estimator_registry.py checks
+every entry. Library presets (TRL 1.16, verl 0.9, OpenRLHF 0.11) are entries too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
-EstimatorName = Literal["reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch", "grpo_oracle"]
+from theory.shapes import check_shapes
+from theory.softmax import safe_reciprocal
 
-#: Estimators that divide by a reward std ("GRPO-type"): their theory step size is 1/M,
-#: the others' is 1/(M sigma_max) (DESIGN.md §3).
-STD_NORMALIZED = frozenset({"grpo", "grpo_batch", "grpo_oracle"})
+Advantage = Callable[..., torch.Tensor]  # (rewards [..., P, G], *, ddof, eps, sigma [..., P]) -> [..., P, G]
+Limit = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (sigma, mu [..., P], eps) -> [..., P]
 
 
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """num / den with 0 where den == 0 (no NaN from 0/0), for den = (a non-negative std) + eps.
 
-    eps > 0 keeps den >= eps > 0, so this is a plain division. Otherwise it is num * (1/den): den
-    broadcasts against num and is the small tensor (one value per prompt), so the reciprocal and
-    the mask are taken on it; 1/den is capped at the largest finite float so that a den below
-    1/max (subnormal) cannot turn a zero numerator into 0 * inf = NaN."""
+    eps > 0 keeps den >= eps > 0, so this is a plain division. Otherwise it is
+    num * theory.softmax.safe_reciprocal(den): den broadcasts against num and is the small
+    tensor (one value per prompt), so the reciprocal and the mask are taken on it."""
     if eps > 0:
         return num / den
-    inv = torch.where(den > 0, den.reciprocal().clamp_max(torch.finfo(den.dtype).max), torch.zeros_like(den))
-    return num * inv
+    return num * safe_reciprocal(den)
 
 
 def group_std(rewards: torch.Tensor, ddof: int, centered: torch.Tensor | None = None) -> torch.Tensor:
-    """Within-prompt std sqrt(sum_k (R_ik - mean)^2 / (G - ddof)), [..., P, G] -> [..., P, 1];
+    """Within-prompt std sqrt(sum_g (R_ig - mean)^2 / (G - ddof)), [..., P, G] -> [..., P, 1];
     0 where G - ddof <= 0. ``centered`` may pass R - mean if already computed."""
     g = rewards.shape[-1]
     if g - ddof <= 0:
@@ -69,26 +73,26 @@ def group_std(rewards: torch.Tensor, ddof: int, centered: torch.Tensor | None = 
 
 
 def _mean_centered(rewards: torch.Tensor) -> torch.Tensor:
-    """R_ik - mean_k R_ik computed as d_ik - mean_k d_ik, d_ik = R_ik - R_i1: exactly 0 for
+    """R_ig - mean_g R_ig computed as d_ig - mean_g d_ig, d_ig = R_ig - R_i1: exactly 0 for
     constant groups (module docstring). [..., P, G]."""
     d = rewards - rewards[..., :1]
     return d - d.mean(-1, keepdim=True)
 
 
 def reinforce(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 0.0, sigma=None) -> torch.Tensor:
-    """A_ik = R_ik (Williams 1992): no baseline. [..., P, G] -> [..., P, G]."""
+    """A_ig = R_ig (Williams 1992): no baseline. [..., P, G] -> [..., P, G]."""
     return rewards.clone()
 
 
 def dr_grpo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 0.0, sigma=None) -> torch.Tensor:
-    """A_ik = R_ik - mean_k R_ik (Dr. GRPO; TRL scale_rewards="none"). [..., P, G]."""
+    """A_ig = R_ig - mean_g R_ig (Dr. GRPO; TRL scale_rewards="none"). [..., P, G]."""
     return _mean_centered(rewards)
 
 
 def rloo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 0.0, sigma=None) -> torch.Tensor:
-    """A_ik = R_ik - (sum_j R_ij - R_ik) / (G - 1): leave-one-out baseline, unbiased.
+    """A_ig = R_ig - (sum_h R_ih - R_ig) / (G - 1): leave-one-out baseline, unbiased.
 
-    Algebraically A_ik = G/(G-1) (R_ik - mean_k R_ik). [..., P, G], needs G >= 2.
+    Algebraically A_ig = G/(G-1) (R_ig - mean_g R_ig). [..., P, G], needs G >= 2.
     """
     g = rewards.shape[-1]
     if g < 2:
@@ -97,7 +101,7 @@ def rloo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 0.0, sigma=None) 
 
 
 def grpo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:
-    """A_ik = (R_ik - mean_k R_ik) / (std_k(R_ik; ddof) + eps) (Shao et al. 2024, eq. 3).
+    """A_ig = (R_ig - mean_g R_ig) / (std_g(R_ig; ddof) + eps) (Shao et al. 2024, eq. 3).
 
     [..., P, G]. Constant groups give 0; with eps = 0 a zero std gives 0, not NaN.
     """
@@ -106,7 +110,7 @@ def grpo(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None)
 
 
 def grpo_batch(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:
-    """A_ik = (R_ik - mean_k R_ik) / (std over all P*G raw rewards (ddof) + eps).
+    """A_ig = (R_ig - mean_g R_ig) / (std over all P*G raw rewards (ddof) + eps).
 
     TRL's scale_rewards="batch": the std includes between-prompt spread. [..., P, G].
     """
@@ -119,21 +123,11 @@ def grpo_batch(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma
 
 
 def grpo_oracle(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:
-    """A_ik = (R_ik - mean_k R_ik) / (sigma_i + eps), sigma_i the true std of the mean
+    """A_ig = (R_ig - mean_g R_ig) / (sigma_i + eps), sigma_i the true std of the mean
     reward under the current policy (DESIGN.md §3), shape [..., P]. Simulator only."""
     if sigma is None:
         raise ValueError("grpo_oracle needs the true per-prompt sigma")
     return _safe_ratio(_mean_centered(rewards), sigma.unsqueeze(-1) + eps, eps)
-
-
-ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
-    "reinforce": reinforce,
-    "dr_grpo": dr_grpo,
-    "rloo": rloo,
-    "grpo": grpo,
-    "grpo_batch": grpo_batch,
-    "grpo_oracle": grpo_oracle,
-}
 
 
 def whiten(adv: torch.Tensor, *, ddof: int, var_floor: float = 0.0, eps: float = 0.0,
@@ -153,96 +147,193 @@ def whiten(adv: torch.Tensor, *, ddof: int, var_floor: float = 0.0, eps: float =
     return out * torch.rsqrt(torch.clamp(var, min=var_floor) + eps)
 
 
+# -- exact-mode limits: per-prompt weight s_i of grad J_i, sigma and mu [..., P] -> [..., P] ----------
+
+def _unit_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
+    """s_i = 1: E[A_ig | y_ig] - baseline terms average to the true gradient (REINFORCE, RLOO, Dr. GRPO)."""
+    return torch.ones_like(sigma)
+
+
+def _group_std_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
+    """s_i = 1 / (sigma_i + eps), 0 where sigma_i + eps = 0 (then grad J_i = 0 too)."""
+    return _safe_ratio(torch.ones_like(sigma), sigma + eps)
+
+
+def _batch_std_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
+    """s_i = 1 / (sigma_B + eps), sigma_B^2 = mean_i sigma_i^2 + var_i mu_i: the population variance
+    of the reward mixture over the batch (the std of all P*G raw rewards as G -> infinity)."""
+    var_b = (sigma**2).mean(-1, keepdim=True) + mu.var(-1, correction=0, keepdim=True)  # [..., 1]
+    return _safe_ratio(torch.ones_like(sigma), var_b.sqrt() + eps).expand_as(sigma)
+
+
 @dataclass(frozen=True)
-class Preset:
-    """A named library setting: base estimator, its ddof/eps, and optional batch whitening."""
+class Whitening:
+    """Batch whitening after the base estimator (verl / OpenRLHF baselines): see ``whiten``."""
 
-    estimator: str
     ddof: int
-    eps: float
-    source: str
-    whiten_ddof: int | None = None
-    whiten_var_floor: float = 0.0
-    whiten_eps: float = 0.0
+    var_floor: float = 0.0
+    eps: float = 0.0
 
 
-#: Exact library settings (DESIGN.md §4 table). Whitening runs after the base estimator.
-PRESETS: dict[str, Preset] = {
-    "trl_group": Preset("grpo", 1, 1e-4, "TRL 1.16 GRPOTrainer scale_rewards='group' (default)"),
-    "trl_batch": Preset("grpo_batch", 1, 1e-4, "TRL 1.16 GRPOTrainer scale_rewards='batch'"),
-    "trl_none": Preset("dr_grpo", 1, 0.0, "TRL 1.16 GRPOTrainer scale_rewards='none'"),
-    "verl_grpo": Preset("grpo", 1, 1e-6, "verl 0.9 adv_estimator=grpo, norm_adv_by_std_in_grpo=True"),
-    "verl_rloo": Preset("rloo", 1, 0.0, "verl 0.9 adv_estimator=rloo"),
-    "verl_rfpp_baseline": Preset("dr_grpo", 1, 0.0,
-                                 "verl 0.9 adv_estimator=reinforce_plus_plus_baseline",
-                                 whiten_ddof=1, whiten_eps=1e-8),
-    "openrlhf_group_norm": Preset("grpo", 1, 1e-9, "OpenRLHF 0.11 advantage_estimator=group_norm"),
-    "openrlhf_rloo": Preset("rloo", 1, 0.0, "OpenRLHF 0.11 advantage_estimator=rloo"),
-    "openrlhf_reinforce_baseline": Preset("dr_grpo", 1, 0.0,
-                                          "OpenRLHF 0.11 advantage_estimator=reinforce_baseline",
-                                          whiten_ddof=0, whiten_var_floor=1e-8),
-}
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator (or library preset) and its theory.
 
-ALL_NAMES: tuple[str, ...] = tuple(ESTIMATORS) + tuple(PRESETS)
+    name             registry key (--estimators, TrainConfig.estimator, LLMConfig.estimator)
+    label            display name (tables, figure legends)
+    advantage        (rewards [..., P, G], *, ddof, eps, sigma [..., P]) -> advantages [..., P, G]
+    population_scale exact-mode limit: (sigma, mu [..., P], eps) -> s_i [..., P], the weight of
+                     grad J_i that the expected sampled update tends to (module docstring)
+    exact_factor     G -> c(G) with E[sampled update] = c(G) * s_i * grad J_i exactly at every G;
+                     None when s_i is only the G -> infinity limit
+    std_normalized   divides by a reward std (GRPO-type): theory step size P/M, else P/(M sigma_bound)
+    min_group        smallest group size it is defined for (1: no baseline)
+    llm              the LLM runner may use it (False: it needs the true sigma_i)
+    library          the name peers use for it (TRL / verl / OpenRLHF)
+    base             the estimator a preset configures (itself for base estimators)
+    ddof, eps        fixed by a preset (None: the caller's value)
+    """
+
+    name: str
+    label: str
+    advantage: Advantage
+    population_scale: Limit
+    exact_factor: Callable[[int], float] | None
+    std_normalized: bool
+    min_group: int
+    llm: bool
+    library: str
+    base: str = ""
+    ddof: int | None = None
+    eps: float | None = None
+
+    def __post_init__(self):
+        if not callable(self.advantage) or not callable(self.population_scale):
+            raise TypeError(f"estimator {self.name!r} needs an advantage function and its exact-mode limit")
+        if self.exact_factor is not None and not callable(self.exact_factor):
+            raise TypeError(f"estimator {self.name!r}: exact_factor must be a function of G or None")
+        if not self.base:
+            object.__setattr__(self, "base", self.name)
+
+    def advantages(self, rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4,
+                   sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """A [..., P, G] for rewards [..., P, G]; a preset's own ddof/eps override the arguments."""
+        check_shapes(self.name, rewards=(rewards, "... P G"), sigma=(sigma, "... P"))
+        return self.advantage(rewards, ddof=self.ddof if self.ddof is not None else ddof,
+                              eps=self.eps if self.eps is not None else eps, sigma=sigma)
+
+    def scale(self, sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
+        """s_i [..., P] of the exact-mode update s_i grad J_i (a preset's own eps overrides ``eps``)."""
+        check_shapes(self.name, sigma=(sigma, "... P"), mu=(mu, "... P"))
+        return self.population_scale(sigma, mu, self.eps if self.eps is not None else eps)
+
+
+def _mean_baseline_factor(G: int) -> float:
+    """E[(R_g - mean_h R_h) s_g] = (G-1)/G Cov(R, s): the mean includes the sample's own reward."""
+    return (G - 1) / G
+
+
+_BASE = (
+    EstimatorSpec("reinforce", "REINFORCE", reinforce, _unit_limit, lambda G: 1.0, False, 1, True,
+                  "no baseline (REINFORCE)"),
+    EstimatorSpec("dr_grpo", "Dr. GRPO", dr_grpo, _unit_limit, _mean_baseline_factor, False, 2, True,
+                  "TRL scale_rewards='none'; verl/OpenRLHF mean baseline"),
+    EstimatorSpec("rloo", "RLOO", rloo, _unit_limit, lambda G: 1.0, False, 2, True,
+                  "TRL RLOOTrainer; verl/OpenRLHF 'rloo'"),
+    EstimatorSpec("grpo", "GRPO", grpo, _group_std_limit, None, True, 2, True,
+                  "TRL scale_rewards='group'; verl/OpenRLHF 'grpo' / 'group_norm'"),
+    EstimatorSpec("grpo_batch", "GRPO (batch std)", grpo_batch, _batch_std_limit, None, True, 2, True,
+                  "TRL scale_rewards='batch'"),
+    EstimatorSpec("grpo_oracle", "GRPO (true sigma)", grpo_oracle, _group_std_limit, _mean_baseline_factor,
+                  True, 2, False, "none (the simulator knows sigma_i)"),
+)
+_BY_BASE = {s.name: s for s in _BASE}
+
+
+def _preset(name: str, base: str, ddof: int, eps: float, library: str,
+            whitening: Whitening | None = None) -> EstimatorSpec:
+    """A library setting of a base estimator, optionally followed by batch whitening.
+
+    Whitening divides by the batch std of the base advantages; for a centred base (every group's
+    advantages sum to 0, as for dr_grpo) they tend to s_i (R_ig - mu_i), so the batch variance
+    tends to V = mean_i (s_i sigma_i)^2 and the limit is s_i / sqrt(max(V, var_floor) + eps_w)."""
+    b = _BY_BASE[base]
+    if whitening is None:
+        return EstimatorSpec(name, f"{b.label} [{name}]", b.advantage, b.population_scale, b.exact_factor,
+                             b.std_normalized, b.min_group, b.llm, library, base=base, ddof=ddof, eps=eps)
+    w = whitening
+
+    def advantage(rewards, *, ddof, eps, sigma=None):
+        return whiten(b.advantage(rewards, ddof=ddof, eps=eps, sigma=sigma), ddof=w.ddof,
+                      var_floor=w.var_floor, eps=w.eps)
+
+    def population_scale(sigma, mu, eps):
+        s = b.population_scale(sigma, mu, eps)
+        var = ((s * sigma) ** 2).mean(-1, keepdim=True)  # [..., 1]
+        return s * torch.rsqrt(torch.clamp(var, min=w.var_floor) + w.eps)
+
+    return EstimatorSpec(name, f"{b.label} + whitening [{name}]", advantage, population_scale, None,
+                         b.std_normalized, b.min_group, b.llm, library, base=base, ddof=ddof, eps=eps)
+
+
+_PRESETS = (
+    _preset("trl_group", "grpo", 1, 1e-4, "TRL 1.16 GRPOTrainer scale_rewards='group' (default)"),
+    _preset("trl_batch", "grpo_batch", 1, 1e-4, "TRL 1.16 GRPOTrainer scale_rewards='batch'"),
+    _preset("trl_none", "dr_grpo", 1, 0.0, "TRL 1.16 GRPOTrainer scale_rewards='none'"),
+    _preset("verl_grpo", "grpo", 1, 1e-6, "verl 0.9 adv_estimator=grpo, norm_adv_by_std_in_grpo=True"),
+    _preset("verl_rloo", "rloo", 1, 0.0, "verl 0.9 adv_estimator=rloo"),
+    _preset("verl_rfpp_baseline", "dr_grpo", 1, 0.0, "verl 0.9 adv_estimator=reinforce_plus_plus_baseline",
+            Whitening(ddof=1, eps=1e-8)),
+    _preset("openrlhf_group_norm", "grpo", 1, 1e-9, "OpenRLHF 0.11 advantage_estimator=group_norm"),
+    _preset("openrlhf_rloo", "rloo", 1, 0.0, "OpenRLHF 0.11 advantage_estimator=rloo"),
+    _preset("openrlhf_reinforce_baseline", "dr_grpo", 1, 0.0, "OpenRLHF 0.11 advantage_estimator=reinforce_baseline",
+            Whitening(ddof=0, var_floor=1e-8)),
+)
+
+#: Every estimator and preset, by name (DESIGN.md §4 table); the order is the display order.
+REGISTRY: dict[str, EstimatorSpec] = {s.name: s for s in _BASE + _PRESETS}
+ALL_NAMES: tuple[str, ...] = tuple(REGISTRY)
+BASE_NAMES: tuple[str, ...] = tuple(s.name for s in _BASE)
+PRESET_NAMES: tuple[str, ...] = tuple(s.name for s in _PRESETS)
+LLM_NAMES: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.llm)
+
+
+def get(name: str) -> EstimatorSpec:
+    """The registry entry of ``name``; ValueError naming the choices for an unknown one."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; choose from {', '.join(ALL_NAMES)}") from None
 
 
 def advantages(name: str, rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4,
                sigma: torch.Tensor | None = None) -> torch.Tensor:
-    """Advantages of estimator or preset ``name`` for rewards [..., P, G].
+    """Advantages of estimator or preset ``name`` for rewards [..., P, G] (EstimatorSpec.advantages).
 
     For a preset, its own ddof/eps override the arguments (they are what the preset
     reproduces); ``sigma`` [..., P] is only read by ``grpo_oracle``.
     """
-    if name in PRESETS:
-        p = PRESETS[name]
-        adv = ESTIMATORS[p.estimator](rewards, ddof=p.ddof, eps=p.eps)
-        if p.whiten_ddof is not None:
-            adv = whiten(adv, ddof=p.whiten_ddof, var_floor=p.whiten_var_floor, eps=p.whiten_eps)
-        return adv
-    try:
-        fn = ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown estimator {name!r}; choose from {', '.join(ALL_NAMES)}") from None
-    return fn(rewards, ddof=ddof, eps=eps, sigma=sigma)
+    return get(name).advantages(rewards, ddof=ddof, eps=eps, sigma=sigma)
 
 
-def base_estimator(name: str) -> str:
-    """The base estimator of a name (a preset maps to the estimator it configures)."""
-    return PRESETS[name].estimator if name in PRESETS else name
+def population_scale(name: str, sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-prompt weight s_i of grad J_i in exact mode (EstimatorSpec.population_scale):
+      reinforce, dr_grpo, rloo: s_i = 1   (unbiased or (G-1)/G -> 1)
+      grpo, grpo_oracle:        s_i = 1 / (sigma_i + eps)
+      grpo_batch:               s_i = 1 / (sigma_B + eps),  sigma_B^2 = mean_i sigma_i^2 + var_i mu_i
+      whitened presets:         s_i = 1 / sqrt(max(mean_i sigma_i^2, floor) + eps_w)
+    sigma is the std of the mean reward rbar (DESIGN.md §3): with reward noise the sampled GRPO's
+    group std converges to the std of the observed reward instead, so exact-mode grpo is the limit
+    of grpo_oracle, not of grpo. Zero sigma gives s_i = 1/eps (0 when eps = 0), harmless since
+    grad J_i = 0 there. sigma, mu: [..., P] -> [..., P].
+    """
+    return get(name).scale(sigma, mu, eps)
 
 
 def is_std_normalized(name: str) -> bool:
     """True for GRPO-type estimators (divide by a reward std), including their presets."""
-    return base_estimator(name) in STD_NORMALIZED
+    return get(name).std_normalized
 
 
-def needs_group(name: str) -> bool:
-    """True when the estimator needs G >= 2 (any baseline or std)."""
-    return base_estimator(name) != "reinforce"
-
-
-def population_scale(name: str, sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-prompt weight of grad J_i in exact mode: the G -> infinity limit of the estimator with
-    the population sigma_i of DESIGN.md §3.
-
-    E[(1/G) sum_k A_ik grad log pi(y_ik)] -> w_i grad J_i with grad J_i = Cov_pi(rbar, phi):
-      reinforce, dr_grpo, rloo: w_i = 1   (unbiased or (G-1)/G -> 1)
-      grpo, grpo_oracle:        w_i = 1 / (sigma_i + eps)
-      grpo_batch:               w_i = 1 / (sigma_B + eps),  sigma_B^2 = mean_i sigma_i^2 + var_i mu_i
-    (the population variance of the reward mixture over the batch). sigma is the std of the
-    mean reward rbar (DESIGN.md §3): with reward noise the sampled GRPO's group std converges to
-    the std of the observed reward instead, so exact-mode grpo is the limit of grpo_oracle, not
-    of grpo. Zero sigma gives w_i = 1/eps (0 when eps = 0), harmless since grad J_i = 0 there.
-    sigma, mu: [..., P] -> [..., P].
-    Presets are rejected: their batch whitening has no per-prompt limit of this form.
-    """
-    if name in PRESETS:
-        raise ValueError(f"preset {name!r} has no exact-mode limit; use --mode sampled")
-    if name in ("reinforce", "dr_grpo", "rloo"):
-        return torch.ones_like(sigma)
-    if name in ("grpo", "grpo_oracle"):
-        return _safe_ratio(torch.ones_like(sigma), sigma + eps)
-    if name == "grpo_batch":
-        var_b = (sigma**2).mean(-1, keepdim=True) + mu.var(-1, correction=0, keepdim=True)  # [..., 1]
-        return _safe_ratio(torch.ones_like(sigma), var_b.sqrt() + eps).expand_as(sigma)
-    raise ValueError(f"unknown estimator {name!r}; choose from {', '.join(ALL_NAMES)}")
+if len(REGISTRY) != len(_BASE) + len(_PRESETS):  # import-time guard: names are unique
+    raise RuntimeError("duplicate estimator name in the registry")

@@ -38,7 +38,6 @@ def run_cli(args, capsys):
     (["--difficulty-spread", "-1"], "difficulty-spread"),
     (["--base-success", "1"], "base-success"),
     (["--kind", "tabular", "--private-dim", "2"], "private-dim"),
-    (["--mode", "exact", "--estimators", "trl_group"], "estimators"),
     (["--no-such-option", "1"], "no-such-option"),
     (["--resume"], "resume"),
     (["--config", "/nonexistent/x.toml"], "config"),

@@ -141,3 +141,13 @@ def test_step_history_equals_the_per_step_reductions_for_any_chunk():
         h.flush()
         assert torch.equal(h.J, mu.mean(-1).T) and torch.equal(h.sigma_bar, sigma.mean(-1).T)
         assert torch.equal(h.min_sigma_ratio, ratio.amin(-1).amin(0))
+
+
+@pytest.mark.parametrize("preset,base,eps", [("trl_group", "grpo", 1e-4), ("verl_grpo", "grpo", 1e-6),
+                                             ("trl_none", "dr_grpo", 0.0), ("verl_rloo", "rloo", 0.0)])
+def test_exact_mode_preset_is_its_base_estimator_at_the_presets_eps(preset, base, eps):
+    # a preset without whitening has its base estimator's limit with its own eps (whatever --eps says)
+    runs = mixed_runs("exact", preset, steps=20)
+    runs = [RunConfig(r.problem, TrainConfig(**{**r.train.__dict__, "eps": 0.5})) for r in runs]
+    same = [RunConfig(r.problem, TrainConfig(**{**r.train.__dict__, "estimator": base, "eps": eps})) for r in runs]
+    assert torch.equal(train_batch(runs).theta_private, train_batch(same).theta_private)

@@ -20,6 +20,12 @@ def logits(bias: torch.Tensor, phi_private: torch.Tensor, phi_shared: torch.Tens
     return bias + z_private + z_shared
 
 
+def safe_reciprocal(den: torch.Tensor) -> torch.Tensor:
+    """1 / den where den > 0, else 0 (for den = a non-negative std): no inf or NaN. 1/den is capped
+    at the largest finite float, so a subnormal den cannot make 0 * (1/den) = 0 * inf = NaN."""
+    return torch.where(den > 0, den.reciprocal().clamp_max(torch.finfo(den.dtype).max), torch.zeros_like(den))
+
+
 def prompt_stats(z: torch.Tensor, rbar: torch.Tensor):
     """Population statistics of each prompt under pi = softmax(z).
 

@@ -45,7 +45,6 @@ from sim.problems import _opt
 from sim.results import write_json, write_parquet
 
 LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-LLM_ESTIMATORS = ("grpo", "reinforce", "dr_grpo", "rloo", "grpo_batch") + tuple(estimators.PRESETS)
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class LLMConfig:
     model: str = field(default="models/tiny", metadata=_opt("model directory or hub name"))
     data: str = field(default="arith", metadata=_opt("arith | gsm8k:PATH | math:PATH"))
     difficulty: int = field(default=1, metadata=_opt("difficulty of generated arithmetic problems", min=1, max=3))
-    estimator: str = field(default="grpo", metadata=_opt("advantage estimator", choices=LLM_ESTIMATORS))
+    estimator: str = field(default="grpo", metadata=_opt("advantage estimator", choices=estimators.LLM_NAMES))
     group_size: int = field(default=8, metadata=_opt("completions G per prompt", min=1, max=1024))
     prompts_per_step: int = field(default=16, metadata=_opt("prompts P per step (all ranks)", min=1, max=4096))
     steps: int = field(default=200, metadata=_opt("training steps", min=1, max=1_000_000))
@@ -85,8 +84,9 @@ class LLMConfig:
 def validate(cfg: LLMConfig) -> None:
     for f in dataclasses.fields(LLMConfig):
         check_value(LLMConfig, f.name, getattr(cfg, f.name))
-    if estimators.needs_group(cfg.estimator) and cfg.group_size < 2:
-        raise ConfigError(f"group-size: {cfg.estimator} needs at least 2 completions per prompt")
+    min_group = estimators.get(cfg.estimator).min_group
+    if cfg.group_size < min_group:
+        raise ConfigError(f"group-size: {cfg.estimator} needs at least {min_group} completions per prompt")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but no GPU is available")
 

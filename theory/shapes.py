@@ -1,0 +1,49 @@
+"""Shape checks at the entry points of theory/ and sim.estimators (as rlax does with chex asserts).
+
+A legend names each dimension of an argument, e.g. ``"... P K"`` (DESIGN.md §8 shape legends):
+named dimensions must agree across the arguments of one call, ``...`` stands for leading batch
+dimensions that must broadcast against each other, and a number is a fixed size. A mismatch
+raises ValueError naming the function, the argument and the dimension, instead of letting
+broadcasting turn a [P, 1] sigma into a [P, P, G] result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_shapes(fn: str, **args) -> dict[str, int]:
+    """Check ``name=(tensor or None, "... P K")`` pairs; return the sizes bound to each letter.
+
+    Rule: for every argument, shape = leading + named with len(named) = the legend's letters;
+    a letter binds one size for the whole call (size_X(arg_a) = size_X(arg_b)); the leading
+    parts broadcast (torch.broadcast_shapes). None arguments are skipped."""
+    sizes: dict[str, tuple[int, str]] = {}
+    leading = []
+    for arg, (x, legend) in args.items():
+        if x is None:
+            continue
+        names = legend.split()
+        batched = bool(names) and names[0] == "..."
+        named = names[1:] if batched else names
+        shape = tuple(x.shape)
+        if len(shape) < len(named) or (not batched and len(shape) != len(named)):
+            raise ValueError(f"{fn}: {arg} must have shape [{', '.join(names)}], got {list(shape)}")
+        tail = shape[len(shape) - len(named):]
+        for letter, size in zip(named, tail):
+            if letter.isdigit():
+                if size != int(letter):
+                    raise ValueError(f"{fn}: {arg} must have shape [{', '.join(names)}], got {list(shape)}")
+                continue
+            if letter in sizes and sizes[letter][0] != size:
+                first_size, first_arg = sizes[letter]
+                raise ValueError(f"{fn}: {arg} has {letter} = {size} (shape {list(shape)}) but {first_arg} "
+                                 f"has {letter} = {first_size}")
+            sizes.setdefault(letter, (size, arg))
+        leading.append(shape[:len(shape) - len(named)])
+    try:
+        torch.broadcast_shapes(*leading)
+    except RuntimeError:
+        raise ValueError(f"{fn}: leading (batch) dimensions {[list(s) for s in leading]} do not broadcast "
+                         f"({', '.join(args)})") from None
+    return {k: v for k, (v, _) in sizes.items()}
