@@ -1,7 +1,7 @@
 """Paper figures: one pure function per figure (paper_figs.figures) and the registry that ties
 each to its experiment config (experiments/NAME.toml), its question and its reading.
 
-``sim figures`` (sim.figures.build_figures) runs what is missing and renders every entry.
+``sim figures`` (paper_figs.build.build_figures) runs what is missing and renders every entry.
 """
 
 from __future__ import annotations

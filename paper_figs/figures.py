@@ -17,7 +17,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from sim.results import ResultsError
-from sim.sweep import geometric_ci, mean_t_interval
+from sim.analysis import cell_speedups, mean_t_interval
+from sim.estimators import ALL_NAMES
 from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
 
 
@@ -62,7 +63,7 @@ def learning_curves(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
         fig, axes = plt.subplots(1, len(orths), figsize=(DOUBLE_COLUMN, 2.3), sharey=True, squeeze=False)
         for ax, o in zip(axes[0], orths):
             cell = sel[sel["orthogonality"] == o]
-            for est in [e for e in ("reinforce", "grpo", "dr_grpo", "rloo", "grpo_batch") if e in set(cell.estimator)]:
+            for est in [e for e in ALL_NAMES if e in set(cell.estimator)]:
                 rr = cell[cell["estimator"] == est].set_index("run_id")
                 st_ = steps[steps["run_id"].isin(rr.index)].copy()
                 st_["frac"] = st_["J"] / st_["run_id"].map(rr["j_star"])
@@ -85,19 +86,18 @@ def learning_curves(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
 
 
 def _speedup_by_cell(runs: pd.DataFrame, name: str, cell_cols: list[str], estimator: str = "grpo") -> pd.DataFrame:
+    """sim.analysis.cell_speedups of ``estimator`` over ``cell_cols`` (columns speedup, lo, hi,
+    censored, predicted_gain); cells without a REINFORCE partner are dropped, and a figure with
+    none left fails with one line."""
     require(runs, ["estimator"] + cell_cols, name, "runs")
     sel = _rows(runs, name, estimator=estimator)
     require(sel, cell_cols + ["speedup", "speedup_censored"], name, "runs")
-    rows = []
-    for key, g in sel.groupby(cell_cols):
-        key = key if isinstance(key, tuple) else (key,)
-        sp = g["speedup"].to_numpy(dtype=float)
-        if not np.isfinite(sp).all():
-            raise FigureInputError(f"figure {name}: speedups need REINFORCE runs in the same cells")
-        mean, lo, hi = geometric_ci(sp)
-        rows.append({**dict(zip(cell_cols, key)), "speedup": mean, "lo": lo, "hi": hi, "censored": ",".join(sorted(set(g["speedup_censored"]) - {""})),
-                     "predicted_gain": float(g["predicted_gain"].mean()) if "predicted_gain" in g else np.nan})
-    return pd.DataFrame(rows)
+    cells = cell_speedups(sel, cell_cols).drop(columns=["estimator", "n"])
+    cells = cells.rename(columns={"speedup_lo": "lo", "speedup_hi": "hi", "speedup_censored": "censored"})
+    cells = cells[np.isfinite(cells["speedup"].to_numpy(dtype=float))]
+    if cells.empty:
+        raise FigureInputError(f"figure {name}: speedups need REINFORCE runs in the same cells")
+    return cells.reset_index(drop=True)
 
 
 def speedup_heatmap(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Figure:
@@ -119,7 +119,7 @@ def speedup_heatmap(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Fi
             for j in range(grid.shape[1]):
                 c = cens.iat[i, j]
                 mark = "≥" if c == "lower" else ("–" if c == "both" else "")
-                text = "–" if mark == "–" else f"{mark}{vals[i, j]:.2f}"
+                text = "n/a" if not np.isfinite(vals[i, j]) else "–" if mark == "–" else f"{mark}{vals[i, j]:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6)
         ax.set_xlabel("difficulty spread (logit half-width / logit 0.99)")
         ax.set_ylabel("feature orthogonality o")
@@ -255,8 +255,7 @@ def convergence_rate(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
     sel = _rows(runs, name, mode="exact")
     with apply_style():
         fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.6))
-        for est in [e for e in ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch", "grpo_oracle")
-                    if e in set(sel.estimator)]:
+        for est in [e for e in ALL_NAMES if e in set(sel.estimator)]:
             run = sel[sel["estimator"] == est].sort_values("seed").iloc[0]
             s = steps[steps["run_id"] == run["run_id"]].sort_values("step")
             sub = 1.0 - s["J"].to_numpy() / float(run["j_star"])

@@ -44,4 +44,11 @@ def apply_style():
 
 
 def estimator_style(name: str) -> dict:
-    return ESTIMATOR_STYLE.get(name, {"color": OKABE_ITO["sky"], "linestyle": "-", "marker": "x", "label": name})
+    """Colour, line, marker and label of an estimator; others (presets) get a neutral style and
+    their registry label."""
+    if name in ESTIMATOR_STYLE:
+        return ESTIMATOR_STYLE[name]
+    from sim.estimators import REGISTRY
+
+    label = REGISTRY[name].label if name in REGISTRY else name
+    return {"color": OKABE_ITO["sky"], "linestyle": "-", "marker": "x", "label": label}

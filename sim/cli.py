@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
-from sim import estimators
+from sim import analysis, estimators
 from sim import sweep as sweep_mod
 from sim.config import ConfigError, TrainConfig, option_name, parse_value
 from sim.problems import ProblemConfig
@@ -118,7 +118,7 @@ def _fmt(x: float) -> str:
 
 def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
     """The end-of-sweep table: cell x estimator with steps-to-target, final J, speedup and CI."""
-    table_df = sweep_mod.summarize(runs, group_by=[c for c in spec.varying() if c in runs.columns])
+    table_df = analysis.summarize(runs, group_by=[c for c in spec.varying() if c in runs.columns])
     table_df["_order"] = (table_df["estimator"] != "reinforce").astype(int)  # REINFORCE first in each cell
     table_df = table_df.sort_values([c for c in spec.varying() if c in table_df.columns] + ["_order", "estimator"],
                                     kind="stable")
@@ -158,7 +158,7 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
              "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
              "(≥: most runs never reached it); ≥/≤/~ on a speedup: some runs never reached the target"]
     if spec.lr == "tuned" or not isinstance(spec.lr, str):
-        notes.append(f"lr selection: {sweep_mod.SELECTION_RULE}")
+        notes.append(f"lr selection: {analysis.SELECTION_RULE}")
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
     console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")
@@ -241,7 +241,7 @@ def figures_command(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (ray backend)"),
 ) -> None:
     """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps."""
-    from sim import figures as figures_mod
+    from paper_figs import build as figures_mod  # the CLI is the one sim module that imports paper_figs
 
     sweep_mod.check_backend(backend)
     rows = []

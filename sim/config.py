@@ -73,6 +73,12 @@ class RunConfig:
                          TrainConfig(**{k: v for k, v in d.items() if k in tn}))
 
 
+#: Sweep axes: every config field except those a sweep sets per run (lr, lr_rule, seed).
+PROBLEM_FIELDS = tuple(f.name for f in dataclasses.fields(ProblemConfig))
+TRAIN_AXES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lr", "lr_rule", "seed"))
+AXES = PROBLEM_FIELDS + TRAIN_AXES
+
+
 def _type_of(cls, name: str):
     return get_type_hints(cls)[name]
 

@@ -9,7 +9,7 @@ rates that ``lr`` resolves to for each (problem, estimator):
             P/(M sigma_max) for the others, M = max_i diam_i^2 <= 4 B^2 the global curvature
             bound of the problem (theory.curvature.m_diameter)
     tuned   the grid lr_theory * 2^j, j = -1..4; the lr kept per (cell, estimator) is chosen
-            by ``select_lrs`` (rule: SELECTION_RULE)
+            by sim.analysis.add_comparisons (rule: sim.analysis.SELECTION_RULE)
 
 A cell is one setting of every config field except estimator, lr, lr_rule and seed.
 """
@@ -17,7 +17,6 @@ A cell is one setting of every config field except estimator, lr, lr_rule and se
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 import tomllib
@@ -26,22 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 
 from sim import estimators, results
-from sim.config import ConfigError, RunConfig, TrainConfig, check_value, parse_value, validate_run
+from sim.analysis import add_comparisons
+from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, RunConfig, TrainConfig, check_value,
+                        parse_value, validate_run)
 from sim.engine import batch_key, train_batch
 from sim.problems import ProblemConfig
 
-PROBLEM_FIELDS = tuple(f.name for f in dataclasses.fields(ProblemConfig))
-TRAIN_AXES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lr", "lr_rule", "seed"))
-AXES = PROBLEM_FIELDS + TRAIN_AXES
-#: Config columns that do not define a cell (they vary within one).
-NON_CELL = ("estimator", "lr", "lr_rule", "seed")
 TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
-SELECTION_RULE = ("lr per (cell, estimator): lowest median steps-to-target over seeds "
-                  "(never reached = steps + 1), ties to the higher mean AUC")
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
 MAX_BATCH = 64
 #: A sweep larger than this is refused before anything is built (a typo like --seeds 100000).
@@ -369,105 +362,3 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         runs_df = add_comparisons(runs_df)
         results.finalize(out, runs_df, steps_df)
         return runs_df, steps_df
-
-
-def cell_columns(runs: pd.DataFrame) -> list[str]:
-    cols = [c for c in AXES if c in runs.columns and c not in NON_CELL]
-    return cols
-
-
-def _effective_steps(runs: pd.DataFrame) -> pd.Series:
-    """steps_to_target with never-reached runs counted as steps + 1 (for ranking only)."""
-    return runs["steps_to_target"].where(runs["reached_target"], runs["steps"] + 1)
-
-
-def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add ``selected`` (this run's lr is its estimator's choice in the cell, SELECTION_RULE)
-    and, for selected runs, ``speedup`` = max(1, steps_R) / max(1, steps_X) against the selected
-    REINFORCE run of the same cell and seed, with ``speedup_censored`` in
-    {"", "lower", "upper", "both"}: "lower" when only REINFORCE never reached the target (the
-    true speedup is at least the value), "upper" when only this run never did, "both" when neither.
-    Rows without a REINFORCE partner (the sweep has none) get speedup NaN, censoring "no-reinforce".
-    """
-    runs = runs.copy()
-    cells = cell_columns(runs)
-    runs["_eff"] = _effective_steps(runs)
-    score = (runs.groupby(cells + ["estimator", "lr"], dropna=False)
-             .agg(med=("_eff", "median"), auc=("auc", "mean")).reset_index())
-    score = score.sort_values(["med", "auc", "lr"], ascending=[True, False, True], kind="stable")
-    best = score.drop_duplicates(cells + ["estimator"])[cells + ["estimator", "lr"]]
-    best["selected"] = True
-    runs = runs.merge(best, on=cells + ["estimator", "lr"], how="left")
-    runs["selected"] = runs["selected"].fillna(False).astype(bool)
-
-    ref = runs[runs["selected"] & (runs["estimator"] == "reinforce")][cells + ["seed", "steps_to_target",
-                                                                              "reached_target"]]
-    ref = ref.rename(columns={"steps_to_target": "_ref_steps", "reached_target": "_ref_reached"})
-    runs = runs.merge(ref, on=cells + ["seed"], how="left")
-    has_ref = runs["_ref_steps"].notna() & runs["selected"]
-    ref_steps = runs["_ref_steps"].fillna(1).clip(lower=1)
-    own_steps = runs["steps_to_target"].clip(lower=1)
-    runs["speedup"] = np.where(has_ref, ref_steps / own_steps, np.nan)
-    ref_reached = runs["_ref_reached"].fillna(True).astype(bool)
-    own_reached = runs["reached_target"].astype(bool)
-    cens = np.select([~has_ref, ~ref_reached & ~own_reached, ~ref_reached, ~own_reached],
-                     ["no-reinforce", "both", "lower", "upper"], default="")
-    runs["speedup_censored"] = np.where(runs["selected"], cens, "not-selected")
-    runs["measured_gain"] = runs["speedup"]  # the measured counterpart of predicted_gain (DESIGN.md §3)
-    runs = runs.drop(columns=["_eff", "_ref_steps", "_ref_reached"])
-    return runs.sort_values("run_id", kind="stable").reset_index(drop=True)
-
-
-def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
-    """Mean and half width t_{(1+level)/2, n-1} sd / sqrt(n) of its t-interval (0 for one value)."""
-    from scipy import stats  # imported here: it costs worker processes about a second at start-up
-
-    v = np.asarray(values, dtype=float)
-    m = float(v.mean())
-    if len(v) < 2:
-        return m, 0.0
-    return m, float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-
-
-def geometric_ci(ratios: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Geometric mean of positive ratios and its t-interval on the log scale.
-
-    exp(mean log r +- t_{(1+level)/2, n-1} sd(log r) / sqrt(n)). With n = 1 the interval is the
-    point itself (no spread can be estimated; tables mark n).
-    """
-    m, half = mean_t_interval(np.log(np.asarray(ratios, dtype=float)), level)
-    return math.exp(m), math.exp(m - half), math.exp(m + half)
-
-
-def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataFrame:
-    """One row per (cell, estimator) of selected runs: lr, steps-to-target, final J, speedup + 95% CI.
-
-    ``group_by`` picks the cell columns shown (default: those that vary).
-    """
-    sel = runs[runs["selected"]]
-    cells = cell_columns(sel)
-    if group_by is None:
-        group_by = [c for c in cells if sel[c].nunique() > 1]
-    keys = group_by + ["estimator"]
-    rows = []
-    for key, g in sel.groupby(cells + ["estimator"], sort=True, dropna=False):
-        d = dict(zip(cells + ["estimator"], key))
-        row = {k: d[k] for k in keys}
-        reached = g["reached_target"].astype(bool)
-        row["lr"] = float(g["lr"].iloc[0])
-        row["n"] = len(g)
-        row["reached"] = int(reached.sum())
-        row["steps_to_target"] = float(g["steps_to_target"].median())
-        row["final_J"] = float(g["final_J"].mean())
-        row["j_star"] = float(g["j_star"].mean())
-        row["predicted_gain"] = float(g["predicted_gain"].mean())
-        row["conditions_ok"] = int(g["conditions_ok"].sum())
-        ok = g["speedup_censored"] != "no-reinforce"
-        if ok.any():
-            sp, lo, hi = geometric_ci(g.loc[ok, "speedup"].to_numpy())
-            row.update(speedup=sp, speedup_lo=lo, speedup_hi=hi,
-                       speedup_censored=",".join(sorted(set(g.loc[ok, "speedup_censored"]) - {""})))
-        else:  # no REINFORCE run in the sweep: nothing to compare with
-            row.update(speedup=math.nan, speedup_lo=math.nan, speedup_hi=math.nan, speedup_censored="no-reinforce")
-        rows.append(row)
-    return pd.DataFrame(rows)

@@ -75,7 +75,8 @@ def test_missing_inputs_fail_with_one_clear_line(spec):
 
 
 def test_pipeline_reuses_stored_results_without_training(tmp_path, monkeypatch):
-    from sim import engine, figures, sweep
+    from paper_figs import build as figures
+    from sim import engine, sweep
 
     out, root = tmp_path / "figs", tmp_path / "results"
     first = figures.build_figures(out, only="m_bound_validation", quick=True, results_root=root)

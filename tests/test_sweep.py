@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import sim
+from sim import analysis as A
 from sim import sweep as S
 from sim.problems import ProblemConfig
 
@@ -55,7 +56,7 @@ def test_selection_and_speedup_with_censoring():
         ("grpo", 4.0, 0, 20, True, 0.6), ("grpo", 4.0, 1, 20, True, 0.6), ("grpo", 4.0, 2, 30, True, 0.6),
         ("grpo", 8.0, 0, 20, True, 0.7), ("grpo", 8.0, 1, 20, True, 0.7), ("grpo", 8.0, 2, 100, False, 0.7),
     ])
-    out = S.add_comparisons(runs)
+    out = A.add_comparisons(runs)
     sel = out[out.selected].set_index(["estimator", "seed"])
     assert set(out[out.selected & (out.estimator == "reinforce")].lr) == {1.0}
     assert set(out[out.selected & (out.estimator == "grpo")].lr) == {8.0}
@@ -65,7 +66,7 @@ def test_selection_and_speedup_with_censoring():
     assert sel.loc[("grpo", 2), "speedup_censored"] == "both"
     assert sel.loc[("reinforce", 2), "speedup"] == 1.0
     assert (out[~out.selected].speedup_censored == "not-selected").all()
-    table = S.summarize(out).set_index("estimator")
+    table = A.summarize(out).set_index("estimator")
     # geometric mean of (4, 4.5, 1)
     assert table.loc["grpo", "speedup"] == pytest.approx((4 * 4.5 * 1) ** (1 / 3))
     assert table.loc["grpo", "speedup_lo"] < table.loc["grpo", "speedup"] < table.loc["grpo", "speedup_hi"]
@@ -73,10 +74,10 @@ def test_selection_and_speedup_with_censoring():
 
 def test_geometric_ci_closed_form():
     # logs of (e, e^3): mean 2, sd sqrt(2), n 2 -> half width t_{.975,1} * sqrt(2)/sqrt(2) = 12.706
-    m, lo, hi = S.geometric_ci(np.array([math.e, math.e**3]))
+    m, lo, hi = A.geometric_ci(np.array([math.e, math.e**3]))
     assert m == pytest.approx(math.e**2)
     assert math.log(hi) - 2 == pytest.approx(12.7062047, rel=1e-6)
-    assert S.geometric_ci(np.array([2.0])) == (2.0, 2.0, 2.0)
+    assert A.geometric_ci(np.array([2.0])) == (2.0, 2.0, 2.0)
 
 
 RESUME_ARGS = ["sweep", "--num-prompts", "3,4,5,6", "--num-responses", "4", "--estimators", "reinforce,grpo,rloo",

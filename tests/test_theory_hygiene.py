@@ -1,4 +1,6 @@
-"""theory/ stays pure: it imports nothing from sim, and every public function documents itself."""
+"""theory/ stays pure: it imports nothing from sim, and every public function documents itself;
+the package import graph keeps its direction (DESIGN.md §1): theory <- sim <- paper_figs, with
+sim.cli the one composition root that reaches into paper_figs (for `sim figures`) and sim.llm."""
 
 import ast
 import inspect
@@ -7,17 +9,36 @@ from pathlib import Path
 import theory
 
 THEORY = Path(theory.__file__).parent
+ROOT = THEORY.parent
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def _under(names: set[str], package: str) -> set[str]:
+    return {n for n in names if n == package or n.startswith(package + ".")}
 
 
 def test_theory_imports_nothing_from_sim():
     for path in THEORY.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            assert not any(n == "sim" or n.startswith("sim.") for n in names), f"{path.name} imports {names}"
+        assert not _under(_imports(path), "sim") | _under(_imports(path), "paper_figs"), path.name
+
+
+def test_sim_never_imports_paper_figs_and_only_the_cli_imports_sim_llm():
+    for path in (ROOT / "sim").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        names = _imports(path)
+        if rel != "sim/cli.py":
+            assert not _under(names, "paper_figs"), f"{rel} imports paper_figs"
+            if not rel.startswith("sim/llm/"):
+                assert not _under(names, "sim.llm"), f"{rel} imports sim.llm"
 
 
 def test_every_public_function_has_a_docstring_with_an_equation_or_source():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from paper_figs import BY_NAME, FIGURES
 from sim import results, sweep
 from sim.config import ConfigError
 
@@ -54,8 +55,6 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
     """Build every figure (or ``only`` one); returns what was done for each."""
     import matplotlib.pyplot as plt
 
-    from paper_figs import BY_NAME, FIGURES
-
     if only is not None and only not in BY_NAME:
         raise ConfigError(f"only: unknown figure {only!r}; choose from {', '.join(BY_NAME)}")
     chosen = [BY_NAME[only]] if only else list(FIGURES)
@@ -88,8 +87,6 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
 
 def write_readme(out: Path, quick: bool) -> None:
     """paper_figs/README.md: every figure with its question, config, command and reading."""
-    from paper_figs import FIGURES
-
     lines = ["# Paper figures", "",
              "Regenerate all of them with `sim figures` (or one with `sim figures --only NAME`; "
              "`--quick` for the small configs). Each figure is a pure function of the results in "
