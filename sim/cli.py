@@ -12,7 +12,7 @@ import datetime as _dt
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args, get_type_hints
 
 import typer
 from rich.console import Console
@@ -22,8 +22,8 @@ from rich.table import Table
 
 from sim import analysis, estimators
 from sim import sweep as sweep_mod
-from sim.config import ConfigError, TrainConfig, option_name, parse_value
-from sim.problems import ProblemConfig
+from sim.config import (ConfigError, ProblemConfig, TrainConfig, check_device, option_name, parse_int, parse_value,
+                        range_text, resolve_device)
 from sim.results import ResultsError
 
 def _click_classes(name: str) -> tuple[type, ...]:
@@ -52,6 +52,11 @@ ALIASES = {"estimator": ["--estimators"], "reward_noise": ["--noise"]}
 NOT_OPTIONS = ("lr", "lr_rule", "seed")
 
 
+def _int_option(name: str, text: Optional[str], default: int, lo: int, hi: int) -> int:
+    """An integer option given as text, or its default when absent (sim.config.parse_int)."""
+    return default if text is None else parse_int(name, text, lo, hi)
+
+
 def _with_signature(command, params: list[inspect.Parameter], name: str, doc: str):
     """Give a generated command the signature typer reads its options from."""
     command.__signature__ = inspect.Signature(params)
@@ -73,32 +78,63 @@ def _axis_fields(classes=(ProblemConfig, TrainConfig)):
                 yield cls, f
 
 
-def _option_params(list_valued: bool, classes=(ProblemConfig, TrainConfig)) -> list[inspect.Parameter]:
-    """One typer option per config field; values arrive as text and are parsed by sim.config."""
+#: Choice lists longer than this show as NAME in the option column, with the choices in the help.
+MAX_INLINE_CHOICES = 4
+
+
+def _type_text(cls, f: dataclasses.Field, list_valued: bool) -> tuple[str, str]:
+    """(metavar, extra help) of a field's option from its type and metadata: INTEGER / FLOAT /
+    [a|b] / NAME (long choice lists, listed in the help), ',...' for lists; ranges in the help."""
+    typ = get_type_hints(cls)[f.name]
+    choices = f.metadata.get("choices") or get_args(typ)
+    extra = ""
+    if choices:
+        metavar = "[" + "|".join(choices) + "]" if len(choices) <= MAX_INLINE_CHOICES else "NAME"
+        if len(choices) > MAX_INLINE_CHOICES:
+            extra = f" (one of: {', '.join(choices)})"
+    else:
+        metavar = "INTEGER" if typ is int else "FLOAT" if typ is float else "TEXT"
+        if "min" in f.metadata or "max" in f.metadata:
+            extra = f" (accepted: {range_text(f.metadata)})"
+    return (metavar + ",..." if list_valued else metavar), extra
+
+
+def _option_params(list_valued: bool, classes=(ProblemConfig, TrainConfig),
+                   list_fields: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One typer option per config field, typed in --help from the field (``_type_text``) with its
+    default as a value; values arrive as text and are parsed by sim.config (one parser for the
+    CLI and config files, one-line errors). ``list_fields`` take lists even when the rest do not."""
     params = []
     for cls, f in _axis_fields(classes):
-        default = "DEFAULT_ESTIMATORS" if f.name == "estimator" else f.default
-        help_text = f.metadata.get("help", "")
-        if list_valued:
+        as_list = list_valued or f.name in list_fields
+        default = f.default
+        if cls is TrainConfig and f.name == "estimator":  # a sweep compares these unless told otherwise
+            default = ",".join(sweep_mod.DEFAULT_ESTIMATORS)
+        metavar, extra = _type_text(cls, f, as_list)
+        help_text = f.metadata.get("help", "") + extra
+        if as_list:
             help_text += " (comma-separated list)"
         decls = ALIASES.get(f.name, []) + [f"--{option_name(f.name)}"]
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-            default=typer.Option(None, *decls, help=f"{help_text} [default: {default}]",
+            default=typer.Option(None, *decls, help=f"{help_text} [default: {default}]", metavar=metavar,
                                  rich_help_panel="Problem" if cls is ProblemConfig else "Training",
                                  show_default=False)))
     return params
 
 
+#: `sim run` takes single values, except the estimators it compares (DESIGN.md §5).
+RUN_LIST_FIELDS = ("estimator",)
+
+
 def _parse_axes(values: dict[str, Optional[str]], list_valued: bool,
-                classes=(ProblemConfig, TrainConfig)) -> dict[str, tuple]:
+                classes=(ProblemConfig, TrainConfig), list_fields: tuple[str, ...] = ()) -> dict[str, tuple]:
     axes = {}
     for cls, f in _axis_fields(classes):
         text = values.get(f.name)
         if text is None:
             continue
-        # `sim run` takes single values, except the estimators it compares (DESIGN.md §5)
-        items = str(text).split(",") if list_valued or f.name == "estimator" else [str(text)]
+        items = str(text).split(",") if list_valued or f.name in list_fields else [str(text)]
         if any(not t.strip() for t in items):
             raise ConfigError(f"{option_name(f.name)}: empty value in {text!r}")
         axes[f.name] = tuple(parse_value(cls, f.name, t) for t in items)
@@ -108,7 +144,8 @@ def _parse_axes(values: dict[str, Optional[str]], list_valued: bool,
 def _spec_from_options(values: dict[str, Optional[str]], list_valued: bool, config: Optional[Path],
                        seeds: Optional[str], lr: Optional[str]) -> sweep_mod.SweepSpec:
     file_axes, file_seeds, file_lr = sweep_mod.load_config(config) if config is not None else ({}, None, None)
-    return sweep_mod.build_spec({**file_axes, **_parse_axes(values, list_valued)},
+    list_fields = () if list_valued else RUN_LIST_FIELDS
+    return sweep_mod.build_spec({**file_axes, **_parse_axes(values, list_valued, list_fields=list_fields)},
                                 seeds if seeds is not None else file_seeds, lr if lr is not None else file_lr)
 
 
@@ -152,7 +189,7 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
                       f"{r['predicted_gain']:.2f}" if estimators.is_std_normalized(r["estimator"]) else "",
                       f"{r['conditions_ok']}/{r['n']}")
     console.print(table)
-    notes = ["G_pred = sigma_max / sigma_bar (theory's predicted gain, GRPO-type rows); conditions: runs where "
+    notes = ["G_pred = sigma_bound / sigma_bar (theory's predicted gain, GRPO-type rows); conditions: runs where "
              "orthogonality, the M-bound, step-size safety and the relaxed sigma condition all hold",
              "speedup = REINFORCE steps / estimator steps, same cell and seed, each at its own lr; "
              "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
@@ -191,34 +228,34 @@ def _make_command(name: str, list_valued: bool, doc: str):
         lr = kwargs.pop("lr")
         out = kwargs.pop("out")
         resume = kwargs.pop("resume")
-        workers = sweep_mod.parse_int("workers", kwargs.pop("workers"), 1, 1, 256)
+        workers = _int_option("workers", kwargs.pop("workers"), 1, 1, 256)
         backend, address, device = kwargs.pop("backend"), kwargs.pop("address"), kwargs.pop("device")
         sweep_mod.check_backend(backend)
-        sweep_mod.check_device(device, backend)
+        check_device(device, backend, allow_auto=False)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
         _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address,
                  device=device)
 
     params = []
     if list_valued:
-        params.append(_param("config", typer.Option(None, "--config", help="sweep config TOML "
+        params.append(_param("config", typer.Option(None, "--config", metavar="PATH", help="sweep config TOML "
                                                              "(experiments/NAME.toml); options override it")))
-    params += _option_params(list_valued)
+    params += _option_params(list_valued, list_fields=() if list_valued else RUN_LIST_FIELDS)
     params += [
-        _param("seeds", typer.Option(None, "--seeds", help="training seeds per setting [default: 5]")),
-        _param("lr", typer.Option(None, "--lr", help="learning rates: comma list, 'theory' "
+        _param("seeds", typer.Option(None, "--seeds", metavar="INTEGER", help="training seeds per setting [default: 5]")),
+        _param("lr", typer.Option(None, "--lr", metavar="FLOAT,...|theory|tuned", help="learning rates: comma list, 'theory' "
                                                "(ascent-lemma step) or 'tuned' (best of lr_theory*2^j, "
                                                "j=-1..4) [default: theory]")),
-        _param("out", typer.Option(None, "--out", help="results directory [default: "
+        _param("out", typer.Option(None, "--out", metavar="DIR", help="results directory [default: "
                                                f"results/{name}-TIMESTAMP]")),
         _param("resume", typer.Option(False, "--resume", help="continue an interrupted sweep in --out"), bool),
-        _param("workers", typer.Option(None, "--workers", help="local worker processes, or CPUs of a local "
+        _param("workers", typer.Option(None, "--workers", metavar="INTEGER", help="local worker processes, or CPUs of a local "
                                        "Ray instance [default: 1]")),
-        _param("backend", typer.Option("local", "--backend", help="local | ray (the ray extra) [default: local]"),
+        _param("backend", typer.Option("local", "--backend", metavar="[local|ray]", help="where the runs train (ray: the ray extra) [default: local]"),
                str),
-        _param("address", typer.Option(None, "--address", help="Ray cluster to join (ray backend); "
+        _param("address", typer.Option(None, "--address", metavar="HOST:PORT", help="Ray cluster to join (ray backend); "
                                        "without it a local instance starts")),
-        _param("device", typer.Option("cpu", "--device", help="cpu | cuda: where each batch trains "
+        _param("device", typer.Option("cpu", "--device", metavar="[cpu|cuda]", help="where each batch trains "
                                       "(cuda: local backend) [default: cpu]"), str),
     ]
     return _with_signature(command, params, name, doc)
@@ -233,12 +270,12 @@ app.command("sweep")(_make_command(
 
 @app.command("figures")
 def figures_command(
-    out: str = typer.Option("paper_figs", "--out", help="where the PDF/PNG files and README.md go"),
-    only: Optional[str] = typer.Option(None, "--only", help="build one figure (by name)"),
+    out: str = typer.Option("paper_figs", "--out", metavar="DIR", help="where the PDF/PNG files and README.md go"),
+    only: Optional[str] = typer.Option(None, "--only", metavar="NAME", help="build one figure (by name, see paper_figs/README.md)"),
     quick: bool = typer.Option(False, "--quick", help="small configs (the [quick] table of each experiment)"),
-    results_root: str = typer.Option("results/figures", "--results", help="where the sweeps' results are stored"),
-    backend: str = typer.Option("local", "--backend", help="local | ray: where missing sweeps run"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (ray backend)"),
+    results_root: str = typer.Option("results/figures", "--results", metavar="DIR", help="where the sweeps' results are stored"),
+    backend: str = typer.Option("local", "--backend", metavar="[local|ray]", help="where missing sweeps run"),
+    address: Optional[str] = typer.Option(None, "--address", metavar="HOST:PORT", help="Ray cluster to join (ray backend)"),
 ) -> None:
     """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps."""
     from paper_figs import build as figures_mod  # the CLI is the one sim module that imports paper_figs
@@ -278,7 +315,7 @@ def _make_theory_command(name: str, doc: str, default_steps: int):
         from sim.config import validate_run
 
         as_json = kwargs.pop("json")
-        steps = sweep_mod.parse_int("steps", kwargs.pop("steps"), default_steps, 1, 100_000)
+        steps = _int_option("steps", kwargs.pop("steps"), default_steps, 1, 100_000)
         values = _parse_axes(kwargs, False, (ProblemConfig,))
         problem = ProblemConfig(**{k: v[0] for k, v in values.items()})
         validate_run(sweep_mod.RunConfig(problem, TrainConfig()))
@@ -292,7 +329,7 @@ def _make_theory_command(name: str, doc: str, default_steps: int):
             print_theory_report(name, report)
 
     params = _option_params(False, (ProblemConfig,)) + [
-        _param("steps", typer.Option(None, "--steps", help="length of the exact trajectories "
+        _param("steps", typer.Option(None, "--steps", metavar="INTEGER", help="length of the exact trajectories "
                                                f"checked [default: {default_steps}]")),
         _param("json", typer.Option(False, "--json", help="print the report as JSON"), bool),
     ]
@@ -318,11 +355,11 @@ def print_theory_report(kind: str, report: dict) -> None:
     table.add_column("value", justify="right")
     for k, v in report["M"].items():
         table.add_row(f"M: {k}", f"{v:.4g}")
-    table.add_row("sigma_max", f"{report['sigma_max']:.4g}")
+    table.add_row("sigma_bound (largest possible sigma_i)", f"{report['sigma_bound']:.4g}")
     table.add_row("safe lr GRPO (P/M)", f"{report['step_sizes']['grpo']:.4g}")
-    table.add_row("safe lr REINFORCE (P/(M sigma_max))", f"{report['step_sizes']['reinforce']:.4g}")
+    table.add_row("safe lr REINFORCE (P/(M sigma_bound))", f"{report['step_sizes']['reinforce']:.4g}")
     table.add_row("sigma_bar (GRPO, before target)", f"{report['sigma_bar_grpo_to_target']:.4g}")
-    table.add_row("[bold]predicted gain G_pred = sigma_max / sigma_bar[/bold]", f"{report['predicted_gain']:.3f}")
+    table.add_row("[bold]predicted gain G_pred = sigma_bound / sigma_bar[/bold]", f"{report['predicted_gain']:.3f}")
     m = report["measured"]
     table.add_row(f"[bold]measured speedup (steps to {m['target']})[/bold]",
                   f"{m['speedup']:.3f}" + ("" if m["both_reached"] else " (censored)"))
@@ -356,11 +393,11 @@ def _require_llm_extra() -> None:
 
 @llm_app.command("make-tiny")
 def llm_make_tiny(
-    out: str = typer.Option("models/tiny", "--out", help="directory to save the model and tokenizer"),
-    size: str = typer.Option("tiny", "--size", help="tiny (default; 2 min on 2 CPU cores) | small | base (these two want a GPU)"),
-    difficulty: str = typer.Option("1", "--difficulty", help="difficulty of the arithmetic problems (1-3)"),
-    seed: str = typer.Option("0", "--seed", help="seed of initialization and data"),
-    device: str = typer.Option("auto", "--device", help="auto (a GPU when present) | cpu | cuda"),
+    out: str = typer.Option("models/tiny", "--out", metavar="DIR", help="directory to save the model and tokenizer"),
+    size: str = typer.Option("tiny", "--size", metavar="[tiny|small|base]", help="tiny (2 min on 2 CPU cores); small and base want a GPU"),
+    difficulty: str = typer.Option("1", "--difficulty", metavar="INTEGER", help="difficulty of the arithmetic problems (accepted: [1, 3])"),
+    seed: str = typer.Option("0", "--seed", metavar="INTEGER", help="seed of initialization and data"),
+    device: str = typer.Option("auto", "--device", metavar="[auto|cpu|cuda]", help="auto: a GPU when present"),
 ) -> None:
     """Pretrain the offline default model on generated arithmetic problems and save it."""
     _require_llm_extra()
@@ -368,15 +405,10 @@ def llm_make_tiny(
 
     if size not in model_mod.SIZES:
         raise ConfigError(f"size: unknown value {size!r}; choose from {', '.join(model_mod.SIZES)}")
-    level = sweep_mod.parse_int("difficulty", difficulty, 1, 1, 3)
-    seed_ = sweep_mod.parse_int("seed", seed, 0, 0, 2**31)
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device: unknown value {device!r}; choose from auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no GPU is available")
-    on = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    level = _int_option("difficulty", difficulty, 1, 1, 3)
+    seed_ = _int_option("seed", seed, 0, 0, 2**31)
+    check_device(device)
+    on = resolve_device(device)
     from sim.results import check_writable
 
     check_writable(Path(out))
@@ -420,10 +452,10 @@ def _llm_command(name: str, doc: str):
         _print_llm_table(rows, f"GRPO vs REINFORCE from {cfg.model} (same checkpoint, prompts and seed) → {out}")
 
     params = _option_params(False, (LLMConfig,))
-    params.append(_param("out", typer.Option(f"results/llm-{name}", "--out", help="results directory"), str))
+    params.append(_param("out", typer.Option(f"results/llm-{name}", "--out", metavar="DIR", help="results directory"), str))
     if name == "compare":
         params = [p for p in params if p.name != "estimator"]
-        params.append(_param("estimators", typer.Option(None, "--estimators",
+        params.append(_param("estimators", typer.Option(None, "--estimators", metavar="NAME,...",
                                                              help="estimators to compare [default: grpo,reinforce]")))
     return _with_signature(command, params, name, doc)
 

@@ -1,7 +1,9 @@
 """Run configuration: frozen dataclasses whose field metadata drive the CLI and validation.
 
-A field exists once: its default, help text and accepted range live in its metadata, the
-CLI options are generated from it (sim.cli) and ``validate_fields`` checks it.
+A field exists once: its default, help text and accepted range live in its metadata
+(``option``), the CLI options are generated from it (sim.cli), ``check_value`` checks it and
+``parse_value`` parses it from CLI or TOML text. ProblemConfig (DESIGN.md §2), TrainConfig
+and RunConfig (their pair, with its stable ``run_id``) live here; sim.problems builds tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
 from sim import estimators
-from sim.problems import ProblemConfig, _opt, validate_problem
 
 
 class ConfigError(ValueError):
@@ -22,31 +23,87 @@ class ConfigError(ValueError):
 
 
 def option_name(field_name: str) -> str:
+    """The CLI / TOML spelling of a field: underscores become dashes."""
     return field_name.replace("_", "-")
+
+
+def option(help: str, **meta) -> dict:
+    """Field metadata: the option's help text plus its accepted range (min, max, open_min,
+    open_max, open_bounds) or choices; the CLI and ``check_value`` both read it."""
+    return {"help": help, **meta}
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    """One problem instance: fully determined by these fields (problem_seed included)."""
+
+    kind: Literal["tabular", "linear"] = field(default="linear", metadata=option(
+        "feature family: tabular (one-hot blocks) or linear (random unit directions)"))
+    num_prompts: int = field(default=16, metadata=option("number of prompts P (m)", min=1, max=1_000_000))
+    num_responses: int = field(default=8, metadata=option("candidate responses K per prompt", min=2, max=4096))
+    orthogonality: float = field(default=0.5, metadata=option(
+        "feature orthogonality o: weight of the private block (1 = prompts never share parameters)",
+        min=0.0, max=1.0))
+    private_dim: int = field(default=0, metadata=option(
+        "private block size k (0 = K; tabular needs K)", min=0, max=4096))
+    shared_dim: int = field(default=0, metadata=option(
+        "shared block size s (0 = K; tabular needs K)", min=0, max=4096))
+    base_success: float = field(default=0.3, metadata=option(
+        "centre of the initial success rates p_i(0)", min=1e-6, max=1 - 1e-6, open_bounds=True))
+    difficulty_spread: float = field(default=0.6, metadata=option(
+        "spread of p_i(0) on the logit scale: 0 = all equal, 1 = logit half-width logit(0.99)",
+        min=0.0, max=2.0))
+    difficulty_layout: Literal["even", "random"] = field(default="even", metadata=option(
+        "p_i(0) evenly spaced on the logit interval, or uniform draws from it"))
+    reward_scale_spread: float = field(default=1.0, metadata=option(
+        "c_max: reward scales c_i log-uniform in [1, c_max] (1 = all rewards in {0, 1})",
+        min=1.0, max=1e6))
+    reward_noise: float = field(default=0.0, metadata=option(
+        "probability f that an observed reward is flipped (0 <= f < 0.5)", min=0.0, max=0.5,
+        open_max=True))
+    problem_seed: int = field(default=0, metadata=option("seed of the problem's random draws", min=0,
+                                                       max=2**62))
+
+    @property
+    def k(self) -> int:
+        return self.private_dim or self.num_responses
+
+    @property
+    def s(self) -> int:
+        return self.shared_dim or self.num_responses
+
+
+def validate_problem(cfg: ProblemConfig) -> None:
+    """Cross-field checks of a problem (per-field ranges: check_value). Raises ConfigError(option: why)."""
+    if cfg.kind == "tabular":
+        if cfg.private_dim not in (0, cfg.num_responses):
+            raise ConfigError(f"private-dim: tabular features need private_dim = K = {cfg.num_responses} (or 0)")
+        if cfg.shared_dim not in (0, cfg.num_responses):
+            raise ConfigError(f"shared-dim: tabular features need shared_dim = K = {cfg.num_responses} (or 0)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How one run trains: estimator, mode, step size, seed and what is measured."""
 
-    estimator: str = field(default="grpo", metadata=_opt(
+    estimator: str = field(default="grpo", metadata=option(
         "advantage estimator or library preset", choices=estimators.ALL_NAMES))
-    mode: Literal["exact", "sampled"] = field(default="sampled", metadata=_opt(
-        "exact: population gradients; sampled: G responses per prompt", choices=("exact", "sampled")))
-    group_size: int = field(default=8, metadata=_opt("responses G sampled per prompt", min=1, max=65536))
-    steps: int = field(default=2000, metadata=_opt("training steps T", min=1, max=10_000_000))
-    lr: float = field(default=1.0, metadata=_opt("learning rate on the (1/P)-averaged gradient",
+    mode: Literal["exact", "sampled"] = field(default="sampled", metadata=option(
+        "exact: population gradients; sampled: G responses per prompt"))
+    group_size: int = field(default=8, metadata=option("responses G sampled per prompt", min=1, max=65536))
+    steps: int = field(default=2000, metadata=option("training steps T", min=1, max=10_000_000))
+    lr: float = field(default=1.0, metadata=option("learning rate on the (1/P)-averaged gradient",
                                                  min=0.0, max=1e9, open_min=True))
-    lr_rule: Literal["fixed", "theory", "tuned"] = field(default="fixed", metadata=_opt(
-        "how lr was chosen (set by the sweep)", choices=("fixed", "theory", "tuned")))
-    seed: int = field(default=0, metadata=_opt("training seed (sampling)", min=0, max=2**62))
-    eps: float = field(default=1e-4, metadata=_opt("eps added to the std by GRPO-type estimators",
+    lr_rule: Literal["fixed", "theory", "tuned"] = field(default="fixed", metadata=option(
+        "how lr was chosen (set by the sweep)"))
+    seed: int = field(default=0, metadata=option("training seed (sampling)", min=0, max=2**62))
+    eps: float = field(default=1e-4, metadata=option("eps added to the std by GRPO-type estimators",
                                                    min=0.0, max=1e3))
-    ddof: int = field(default=1, metadata=_opt("ddof of the sample std (TRL/verl/OpenRLHF use 1)",
+    ddof: int = field(default=1, metadata=option("ddof of the sample std (TRL/verl/OpenRLHF use 1)",
                                                min=0, max=1))
-    target_fraction: float = field(default=0.9, metadata=_opt(
+    target_fraction: float = field(default=0.9, metadata=option(
         "target J as a fraction of the optimal J*", min=0.0, max=1.0, open_min=True))
-    log_points: int = field(default=48, metadata=_opt("log-spaced steps at which metrics are logged",
+    log_points: int = field(default=48, metadata=option("log-spaced steps at which metrics are logged",
                                                       min=2, max=100_000))
 
 
@@ -79,6 +136,20 @@ TRAIN_AXES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not
 AXES = PROBLEM_FIELDS + TRAIN_AXES
 
 
+def parse_int(name: str, text, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer option from text, an int or an integral float (TOML), range-checked when lo/hi
+    are given: the one integer parser of the CLI, the config files and the sweep settings."""
+    try:
+        if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+            raise ValueError
+        value = int(text.strip() if isinstance(text, str) else text)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name}: {value} is out of range; accepted: [{lo}, {hi}]")
+    return value
+
+
 def _type_of(cls, name: str):
     return get_type_hints(cls)[name]
 
@@ -91,21 +162,19 @@ def parse_value(cls, name: str, text: str) -> Any:
     meta = f.metadata
     if isinstance(text, str):
         text = text.strip()
+    if typ is int:
+        value = parse_int(opt, text)
+        check_value(cls, name, value)
+        return value
     try:
-        if typ is int:
-            if isinstance(text, bool):
-                raise ValueError
-            value = int(text) if not isinstance(text, float) or text.is_integer() else None
-            if value is None:
-                raise ValueError
-        elif typ is float:
+        if typ is float:
             if isinstance(text, bool):
                 raise ValueError
             value = float(text)
         else:
             value = str(text)
     except (TypeError, ValueError):
-        kind = "an integer" if typ is int else "a number" if typ is float else "a string"
+        kind = "a number" if typ is float else "a string"
         raise ConfigError(f"{opt}: expected {kind}, got {text!r}") from None
     check_value(cls, name, value)
     return value
@@ -126,16 +195,16 @@ def check_value(cls, name: str, value: Any) -> None:
     lo, hi = meta.get("min"), meta.get("max")
     open_lo = meta.get("open_min") or meta.get("open_bounds")
     open_hi = meta.get("open_max") or meta.get("open_bounds")
-    if lo is not None and (value < lo or (open_lo and value == lo)):
-        raise ConfigError(f"{opt}: {value} is out of range; accepted: {_range_text(lo, hi, open_lo, open_hi)}")
-    if hi is not None and (value > hi or (open_hi and value == hi)):
-        raise ConfigError(f"{opt}: {value} is out of range; accepted: {_range_text(lo, hi, open_lo, open_hi)}")
+    if (lo is not None and (value < lo or (open_lo and value == lo))) or \
+            (hi is not None and (value > hi or (open_hi and value == hi))):
+        raise ConfigError(f"{opt}: {value} is out of range; accepted: {range_text(meta)}")
 
 
-def _range_text(lo, hi, open_lo, open_hi) -> str:
-    left = "(" if open_lo else "["
-    right = ")" if open_hi else "]"
-    return f"{left}{lo}, {hi}{right}"
+def range_text(meta) -> str:
+    """A field's accepted range from its metadata, e.g. '[0.0, 1.0]' or '(0.0, 1000000000.0]'."""
+    open_lo = meta.get("open_min") or meta.get("open_bounds")
+    open_hi = meta.get("open_max") or meta.get("open_bounds")
+    return f"{'(' if open_lo else '['}{meta.get('min')}, {meta.get('max')}{')' if open_hi else ']'}"
 
 
 def validate_run(run: RunConfig) -> None:
@@ -143,10 +212,7 @@ def validate_run(run: RunConfig) -> None:
     for cls, obj in ((ProblemConfig, run.problem), (TrainConfig, run.train)):
         for f in dataclasses.fields(cls):
             check_value(cls, f.name, getattr(obj, f.name))
-    try:
-        validate_problem(run.problem)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    validate_problem(run.problem)
     t = run.train
     spec = estimators.get(t.estimator)
     if t.mode == "sampled" and t.group_size < spec.min_group:
@@ -154,3 +220,29 @@ def validate_run(run: RunConfig) -> None:
                           f"got {t.group_size}")
     if t.mode == "sampled" and t.estimator == "grpo_batch" and t.group_size * run.problem.num_prompts < 2:
         raise ConfigError("group-size: grpo_batch needs at least 2 rewards in the batch")
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str, backend: str = "local", allow_auto: bool = True) -> None:
+    """One-line ConfigError for an unknown device, a GPU that is not there, or cuda on a Ray backend
+    (Ray hides GPUs from tasks that do not reserve them). "auto" (a GPU when present) is accepted
+    where ``allow_auto``."""
+    choices = (("auto",) if allow_auto else ()) + DEVICES
+    if device not in choices:
+        raise ConfigError(f"device: unknown value {device!r}; choose from {', '.join(choices)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda requested but no GPU is available")
+        if backend != "local":
+            raise ConfigError("device: cuda runs on the local backend only")
+
+
+def resolve_device(device: str) -> str:
+    """The device a checked ``device`` option names: "auto" is "cuda" when a GPU is present."""
+    import torch
+
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -94,37 +94,94 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
     return (per_response - pi * adv.sum(-1, keepdim=True)) / G
 
 
-def _log_metrics(logged: dict, i: int, J, pi, mu, sigma, w_true, prob: Problem, phi_red, rho_index,
-                 theta_p, theta_s, scale_grpo, scale_reinforce) -> None:
-    """Diagnostics at a logged step (DESIGN.md §3), each [R]: J, sigma summary, mean ||grad J_i||,
-    rho_t, empirical M = max_i ||Hess J_i|| / sigma_i, analytic M = max_i sqrt(E||d||^4), the
-    worst ratio of the two per prompt (must be <= 1), and the measured per-step gain of GRPO's
-    exact step over REINFORCE's, both at their theory step sizes, from the same theta.
-    phi_red [R, P, K, r]: theory.reduced_features of the local features (an r x r Hessian)."""
-    g_p, g_s = theory.per_prompt_gradients(w_true, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
-    sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
-    sub_p, sub_s = g_p[:, rho_index], g_s[:, rho_index]
-    gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
-    d = theory.centered_features(pi, phi_red)  # [R, P, K, r]
-    H = theory.prompt_hessian(pi, prob.rbar, mu, d)  # [R, P, r, r]
-    # eigenvalues on the CPU: cuSOLVER's batched syevd failed (internal error) for 65k 8 x 8 matrices
-    emp = theory.hessian_over_sigma(H.cpu(), sigma.cpu(), 1e-12 * prob.sigma_max.unsqueeze(-1).cpu()).to(pi.device)
-    m_an = theory.m_fourth_moment(pi, d)  # [R, P]
-    dj_g = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
-                                  scale_grpo(sigma), stats=(mu, w_true))
-    dj_r = theory.one_step_change(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_p, theta_s,
-                                  scale_reinforce.expand_as(sigma), stats=(mu, w_true))
-    logged["J"][i] = J
-    logged["sigma_bar"][i] = sigma.mean(-1)
-    logged["sigma_min"][i] = sigma.amin(-1)
-    logged["sigma_max"][i] = sigma.amax(-1)
-    logged["grad_norm"][i] = sq_norm.sqrt().mean(-1)
-    logged["rho"][i] = theory.gradient_orthogonality(gram)
-    logged["empirical_M"][i] = emp.amax(-1)
-    logged["analytic_M"][i] = m_an.amax(-1)
-    logged["m_bound_ratio"][i] = (emp / m_an.clamp_min(1e-300)).amax(-1)
-    logged["step_gain"][i] = theory.per_step_gain(dj_g, dj_r)
-    logged["sigma_per_prompt"][i] = sigma
+@dataclass(frozen=True)
+class Batch:
+    """What stays fixed while R runs of one shape train together (every tensor on the device).
+
+    problem      stacked Problem [R, ...];  problem_cpu the same on the CPU (summaries)
+    unique       ProblemConfig -> its Problem [P, ...] (runs often share one: built once)
+    lr_over_p    [R] learning rate / P (the engine convention, DESIGN.md §3)
+    keys         [R] uint64 counter-RNG keys (sim.rng.run_keys of the seeds)
+    binary_q     no reward noise anywhere (every q in {0, 1}): reward flips need no draws
+    """
+
+    runs: tuple[RunConfig, ...]
+    train: TrainConfig
+    spec: estimators.EstimatorSpec
+    problem: Problem
+    problem_cpu: Problem
+    unique: dict
+    lr_over_p: torch.Tensor
+    keys: np.ndarray
+    binary_q: bool
+
+
+@dataclass
+class TrainState:
+    """The batch at step t: parameters theta_t and the policy statistics at theta_t.
+
+    theta_private [R, P, k], theta_shared [R, s]; pi [R, P, K]; mu, sigma [R, P] (J_i and the std
+    of the mean reward); w [R, P, K] = pi (rbar - mu), so grad J_i = sum_y w_iy phi(x_i, y)."""
+
+    batch: Batch
+    t: int
+    theta_private: torch.Tensor
+    theta_shared: torch.Tensor
+    pi: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    w: torch.Tensor
+
+
+def _with_stats(state: TrainState) -> TrainState:
+    """Recompute pi, mu, sigma, w at the state's theta (theory.prompt_stats)."""
+    prob = state.batch.problem
+    z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, state.theta_private, state.theta_shared)
+    state.pi, state.mu, state.sigma, state.w = theory.prompt_stats(z, prob.rbar)
+    return state
+
+
+def init_state(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
+               device: str | torch.device = "cpu") -> TrainState:
+    """theta = 0 for ``runs`` (equal ``batch_key``), with the batch's fixed tensors and the policy
+    statistics at theta_0."""
+    if len({batch_key(r) for r in runs}) != 1:
+        raise ValueError("train_batch needs runs of one shape and one training setting")
+    train = runs[0].train
+    unique = {r.problem: make_problem(r.problem, dtype) for r in runs}  # runs often share a problem
+    prob_cpu = stack_problems([unique[r.problem] for r in runs])
+    prob = prob_cpu.to(device)
+    on = {"dtype": dtype, "device": device}
+    R, P, K = prob.bias.shape
+    batch = Batch(
+        runs=tuple(runs), train=train, spec=estimators.get(train.estimator), problem=prob, problem_cpu=prob_cpu,
+        unique=unique, lr_over_p=torch.tensor([r.train.lr for r in runs], **on) / P,
+        keys=run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64)),
+        binary_q=bool(((prob.q == 0) | (prob.q == 1)).all()))
+    state = TrainState(batch, 0, torch.zeros(R, P, prob.phi_private.shape[-1], **on),
+                       torch.zeros(R, prob.phi_shared.shape[-1], **on), *(None,) * 4)
+    return _with_stats(state)
+
+
+def step(state: TrainState) -> TrainState:
+    """One update theta_t -> theta_t+1 of every run (module docstring), in place; returns the state
+    at t + 1 with its policy statistics.
+
+        theta <- theta + (lr / P) sum_i g_i,   g_i = sum_y w_iy phi(x_i, y)
+
+    with w the exact-mode weights s_i pi (rbar - mu) (s_i the estimator's population scale) or
+    the sampled ones (1/G) sum_g A_ig (e_(y_ig) - pi_i) (``sampled_response_weights``)."""
+    b, train = state.batch, state.batch.train
+    prob = b.problem
+    if train.mode == "exact":
+        w = state.w * b.spec.scale(state.sigma, state.mu, train.eps).unsqueeze(-1)  # [R, P, K]
+    else:
+        w = sampled_response_weights(state.pi, state.sigma, prob, b.keys, state.t, train, b.binary_q)
+    g_p, g_s = theory.summed_gradient(w, prob.phi_private, prob.phi_shared)  # [R, P, k], [R, s]
+    state.theta_private += b.lr_over_p[:, None, None] * g_p
+    state.theta_shared += b.lr_over_p[:, None] * g_s
+    state.t += 1
+    return _with_stats(state)
 
 
 class StepHistory:
@@ -171,141 +228,169 @@ class StepHistory:
         self._start, self._n = s + n, 0
 
 
+class Recorder:
+    """Everything a batch logs: J_t and sigma_bar_t at every step (StepHistory), the diagnostics of
+    DESIGN.md §3 at log-spaced steps, and at the end the per-run summary (``result``)."""
+
+    def __init__(self, batch: Batch):
+        prob, train = batch.problem, batch.train
+        R, P, K = prob.bias.shape
+        on = {"dtype": prob.bias.dtype, "device": prob.bias.device}
+        self.batch = batch
+        reduced = {cfg: theory.reduced_features(theory.local_features(p.phi_private, p.phi_shared))
+                   for cfg, p in batch.unique.items()}  # once per distinct problem
+        self.phi_red = torch.stack([reduced[r.problem] for r in batch.runs]).to(on["device"])  # [R, P, K, r]
+        self.M = prob.curvature_bound  # [R]
+        # theory step sizes, for the measured per-step gain of GRPO's exact step over REINFORCE's
+        self.lr_grpo = theory.theory_step_size(True, self.M, prob.sigma_bound, P)  # [R]
+        self.lr_reinforce = theory.theory_step_size(False, self.M, prob.sigma_bound, P)  # [R]
+        self.rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long().to(on["device"])
+        sigma_floor = 1e-9 * prob.sigma_bound.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
+        self.history = StepHistory(R, P, train.steps, on["dtype"], sigma_floor)
+        self.log_steps = log_spaced_steps(train.steps, train.log_points)
+        self.log_index = {int(t): i for i, t in enumerate(self.log_steps)}
+        self.logged = {m: torch.zeros(len(self.log_steps), R, **on) for m in STEP_METRICS}
+        self.logged["sigma_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
+
+    def record(self, state: TrainState) -> None:
+        """Add step t's J and sigma to the history; log the diagnostics when t is a log step."""
+        self.history.add(state.mu, state.sigma)
+        i = self.log_index.get(state.t)
+        if i is not None:
+            for name, value in self.diagnostics(state).items():
+                self.logged[name][i] = value
+
+    def diagnostics(self, state: TrainState) -> dict[str, torch.Tensor]:
+        """Diagnostics at theta_t (DESIGN.md §3), each [R] (sigma_per_prompt [R, P]): J, sigma summary,
+        mean ||grad J_i||, rho_t, empirical M = max_i ||Hess J_i|| / sigma_i, analytic M =
+        max_i sqrt(E||d||^4), the worst ratio of the two per prompt (must be <= 1), and the measured
+        per-step gain of GRPO's exact step over REINFORCE's, both at their theory step sizes, from
+        the same theta. The Hessian is taken in the reduced features (an r x r matrix)."""
+        prob, pi, mu, sigma, w = self.batch.problem, state.pi, state.mu, state.sigma, state.w
+        g_p, g_s = theory.per_prompt_gradients(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
+        sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
+        sub_p, sub_s = g_p[:, self.rho_index], g_s[:, self.rho_index]
+        gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
+        d, H = theory.prompt_curvature(pi, prob.rbar, mu, self.phi_red)  # [R, P, K, r], [R, P, r, r]
+        # eigenvalues on the CPU: cuSOLVER's batched syevd failed (internal error) for 65k 8 x 8 matrices
+        floor = 1e-12 * prob.sigma_bound.unsqueeze(-1).cpu()
+        emp = theory.hessian_over_sigma(H.cpu(), sigma.cpu(), floor).to(pi.device)  # [R, P]
+        m_an = theory.m_fourth_moment(pi, d)  # [R, P]
+        P = pi.shape[-2]
+        step_change = {
+            normalized: theory.one_step_change(
+                prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, state.theta_private, state.theta_shared,
+                theory.step_scale(normalized, self.M, prob.sigma_bound, P, sigma), stats=(mu, w))
+            for normalized in (True, False)}
+        return {
+            "J": mu.mean(-1), "sigma_bar": sigma.mean(-1), "sigma_min": sigma.amin(-1),
+            "sigma_max": sigma.amax(-1), "grad_norm": sq_norm.sqrt().mean(-1),
+            "rho": theory.gradient_orthogonality(gram), "empirical_M": emp.amax(-1), "analytic_M": m_an.amax(-1),
+            "m_bound_ratio": (emp / m_an.clamp_min(1e-300)).amax(-1),
+            "step_gain": theory.per_step_gain(step_change[True], step_change[False]), "sigma_per_prompt": sigma,
+        }
+
+    def result(self, state: TrainState) -> BatchResult:
+        """Per-run summary and long-format step metrics (train_batch's docstring), on the CPU."""
+        self.history.flush()
+        b = self.batch
+        cpu = lambda x: x.cpu()  # noqa: E731 -- no-ops when training ran on the CPU
+        J_hist, sigma_bar_hist, min_sigma_ratio = map(cpu, (self.history.J, self.history.sigma_bar,
+                                                            self.history.min_sigma_ratio))
+        logged = {m: cpu(v) for m, v in self.logged.items()}
+        lr_over_p, M, lr_grpo, lr_reinforce, rho_index = map(cpu, (b.lr_over_p, self.M, self.lr_grpo,
+                                                                   self.lr_reinforce, self.rho_index))
+        prob, T, R, P = b.problem_cpu, b.train.steps, *state.pi.shape[:2]
+
+        j_star = prob.j_star  # [R]
+        target = b.train.target_fraction * j_star
+        above = J_hist >= target.unsqueeze(-1)  # [R, T+1]
+        reached = above.any(-1)
+        steps_to_target = torch.where(reached, above.to(torch.int8).argmax(-1),
+                                      torch.full_like(reached, T, dtype=torch.long))
+        # mean sigma_bar over t < steps_to_target (all T+1 steps when never reached; sigma_bar_0 when reached at 0)
+        n_before = torch.where(reached, steps_to_target, torch.full_like(steps_to_target, T + 1))
+        cum = sigma_bar_hist.cumsum(-1)  # [R, T+1]
+        sum_before = cum.gather(-1, (n_before - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        sigma_bar_to_target = torch.where(n_before > 0, sum_before / n_before.clamp_min(1), sigma_bar_hist[:, 0])
+
+        run_ids = [r.run_id for r in b.runs]
+        summary = pd.DataFrame([{"run_id": rid, **r.as_flat_dict()} for rid, r in zip(run_ids, b.runs)])
+        summary["initial_J"] = J_hist[:, 0].numpy()
+        summary["final_J"] = J_hist[:, T].numpy()
+        summary["j_star"] = j_star.numpy()
+        summary["target_J"] = target.numpy()
+        summary["reached_target"] = reached.numpy()
+        summary["steps_to_target"] = steps_to_target.numpy()
+        summary["auc"] = (J_hist.mean(-1) / j_star).numpy()
+        summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
+        summary["sigma_bound"] = prob.sigma_bound.numpy()
+        # theory beside measurement (DESIGN.md §3; measured_gain is added per cell by the sweep)
+        lr_theory = lr_grpo if b.spec.std_normalized else lr_reinforce
+        overlap_of = {cfg: theory.feature_overlap(p.phi_private[rho_index], p.phi_shared[rho_index]).amax()
+                      for cfg, p in b.unique.items()}  # a property of the problem: once per distinct problem
+        overlap = torch.stack([overlap_of[r.problem] for r in b.runs])  # [R]
+        summary["predicted_gain"] = theory.predicted_gain(sigma_bar_to_target[:, None, None],
+                                                          prob.sigma_bound).numpy()
+        summary["empirical_M"] = logged["empirical_M"].amax(0).numpy()
+        summary["analytic_M"] = logged["analytic_M"].amax(0).numpy()
+        summary["M_bound"] = M.numpy()
+        summary["lr_theory"] = lr_theory.numpy()
+        summary["feature_overlap"] = overlap.numpy()
+        min_ratio = torch.where(torch.isinf(min_sigma_ratio), torch.ones_like(min_sigma_ratio), min_sigma_ratio)
+        summary["min_sigma_ratio"] = min_ratio.numpy()
+        conditions = {
+            "orthogonality_ok": overlap <= 1e-9,
+            "m_bound_ok": logged["m_bound_ratio"].amax(0) <= 1 + 1e-9,
+            "step_size_ok": lr_over_p * P <= lr_theory * (1 + 1e-12),
+            "relaxed_ok": min_ratio >= 1 / RELAXED_FACTOR,
+        }
+        for name, ok in conditions.items():
+            summary[name] = ok.numpy()
+        summary["conditions_ok"] = torch.stack(list(conditions.values())).all(0).numpy()
+        return BatchResult(summary, self._steps_frame(run_ids, logged), cpu(state.theta_private),
+                           cpu(state.theta_shared))
+
+    def _steps_frame(self, run_ids: list[str], logged: dict[str, torch.Tensor]) -> pd.DataFrame:
+        """Long format: one row per (run, logged step) with STEP_METRICS, sigma_per_prompt, phase."""
+        L, R, P = logged["sigma_per_prompt"].shape
+        steps_df = pd.DataFrame({
+            "run_id": np.repeat(np.array(run_ids, dtype=object), L),
+            "step": np.tile(self.log_steps, R),
+            **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
+        })
+        steps_df["sigma_per_prompt"] = list(logged["sigma_per_prompt"].transpose(0, 1).reshape(R * L, P).numpy())
+        steps_df["phase"] = np.concatenate([
+            theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
+                                logged["step_gain"][:, r].numpy()) for r in range(R)])
+        return steps_df
+
+
 def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
                 on_progress: Callable[[int], None] | None = None, device: str | torch.device = "cpu") -> BatchResult:
-    """Train ``runs`` (equal ``batch_key``) together; return their summary and step metrics.
+    """Train ``runs`` (equal ``batch_key``) together: init_state, then ``step`` T times, recording
+    every state; return their summary and step metrics.
 
     Summary per run: initial_J, final_J, j_star, target_J, reached_target, steps_to_target
     (first t with J_t >= target; = steps when never reached, flagged by reached_target),
     auc = mean_t J_t / J*, sigma_bar_to_target (mean over t < steps_to_target of the
-    prompt-mean sigma, used by the predicted gain), sigma_max_bound (max possible sigma).
+    prompt-mean sigma, used by the predicted gain), sigma_bound (largest possible sigma).
     ``on_progress(n)`` is called with the number of steps done since its last call.
     ``device``: where the training loop runs (a GPU, e.g. "cuda"); problems are built and the
     summary is assembled on the CPU. Bit-identity across batch compositions is established (and
     tested) on the CPU; on a GPU runs agree to rounding.
     """
-    keys = {batch_key(r) for r in runs}
-    if len(keys) != 1:
-        raise ValueError("train_batch needs runs of one shape and one training setting")
-    train = runs[0].train
-    unique = {r.problem: make_problem(r.problem, dtype) for r in runs}  # runs often share a problem
-    prob_cpu = stack_problems([unique[r.problem] for r in runs])
-    prob = prob_cpu.to(device)
-    reduced = {cfg: theory.reduced_features(theory.local_features(p.phi_private, p.phi_shared))
-               for cfg, p in unique.items()}  # once per distinct problem
-    phi_red = torch.stack([reduced[r.problem] for r in runs]).to(device)  # [R, P, K, min(K, k + s)]
-    on = {"dtype": dtype, "device": device}
-    R, P, K = prob.bias.shape
-    k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
-    T = train.steps
-    lr_over_p = torch.tensor([r.train.lr for r in runs], **on) / P  # [R]
-    keys = run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64))  # [R]
-    binary_q = bool(((prob.q == 0) | (prob.q == 1)).all())  # no reward noise: flips need no draws
-    theta_p = torch.zeros(R, P, k, **on)
-    theta_s = torch.zeros(R, s, **on)
-    # theory step sizes (per-prompt scales of grad J_i) for the measured per-step gain
-    M = prob.curvature_bound  # [R]
-    sigma_floor = 1e-9 * prob.sigma_max.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
-    lr_grpo = theory.theory_step_size(True, M, prob.sigma_max, P)  # [R]
-    lr_reinforce = theory.theory_step_size(False, M, prob.sigma_max, P)  # [R]
-    scale_reinforce = (lr_reinforce / P).unsqueeze(-1)  # [R, 1]: per-prompt scale of grad J_i
-
-    def scale_grpo(sigma):  # [R, P]: (lr_grpo / P) / sigma_i, 0 where sigma_i = 0 (then grad J_i = 0)
-        return estimators.population_scale("grpo", sigma, sigma, 0.0) * (lr_grpo / P).unsqueeze(-1)
-
-    history = StepHistory(R, P, T, dtype, sigma_floor)
-    rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long().to(device)
-
-    log_steps = log_spaced_steps(T, train.log_points)
-    log_index = {int(t): i for i, t in enumerate(log_steps)}
-    logged = {m: torch.zeros(len(log_steps), R, **on) for m in STEP_METRICS}
-    logged["sigma_per_prompt"] = torch.zeros(len(log_steps), R, P, **on)
-    report_every = max(1, T // 100)
-
     with torch.no_grad():
-        for step in range(T + 1):
-            z = theory.logits(prob.bias, prob.phi_private, prob.phi_shared, theta_p, theta_s)
-            pi, mu, sigma, w_true = theory.prompt_stats(z, prob.rbar)  # [R,P,K], [R,P], [R,P], [R,P,K]
-            history.add(mu, sigma)
-            if step in log_index:
-                _log_metrics(logged, log_index[step], mu.mean(-1), pi, mu, sigma, w_true, prob, phi_red, rho_index,
-                             theta_p, theta_s, scale_grpo, scale_reinforce)
-            if step == T:
-                break
-            if train.mode == "exact":
-                w = w_true * estimators.population_scale(train.estimator, sigma, mu, train.eps).unsqueeze(-1)
-            else:
-                w = sampled_response_weights(pi, sigma, prob, keys, step, train, binary_q)
-            g_p, g_s = theory.summed_gradient(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,s]
-            theta_p += lr_over_p[:, None, None] * g_p
-            theta_s += lr_over_p[:, None] * g_s
-            if on_progress is not None and (step + 1) % report_every == 0:
+        state = init_state(runs, dtype, device)
+        recorder = Recorder(state.batch)
+        T = state.batch.train.steps
+        report_every = max(1, T // 100)
+        recorder.record(state)
+        for t in range(T):
+            state = step(state)
+            recorder.record(state)
+            if on_progress is not None and (t + 1) % report_every == 0:
                 on_progress(report_every)
-    if on_progress is not None:
-        on_progress(T - (T // report_every) * report_every)
-    history.flush()
-    # the summary is assembled on the CPU (no-ops when training ran there)
-    J_hist, sigma_bar_hist, min_sigma_ratio = (t.cpu() for t in (history.J, history.sigma_bar,
-                                                                 history.min_sigma_ratio))
-    logged = {m: v.cpu() for m, v in logged.items()}
-    theta_p, theta_s, lr_over_p, M, lr_grpo, lr_reinforce, rho_index = (
-        t.cpu() for t in (theta_p, theta_s, lr_over_p, M, lr_grpo, lr_reinforce, rho_index))
-    prob = prob_cpu
-
-    j_star = prob.j_star  # [R]
-    target = train.target_fraction * j_star
-    above = J_hist >= target.unsqueeze(-1)  # [R, T+1]
-    reached = above.any(-1)
-    steps_to_target = torch.where(reached, above.to(torch.int8).argmax(-1),
-                                  torch.full_like(reached, T, dtype=torch.long))
-    # mean sigma_bar over t < steps_to_target (all T+1 steps when never reached; sigma_bar_0 when reached at 0)
-    n_before = torch.where(reached, steps_to_target, torch.full_like(steps_to_target, T + 1))
-    cum = sigma_bar_hist.cumsum(-1)  # [R, T+1]
-    sum_before = cum.gather(-1, (n_before - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    sigma_bar_to_target = torch.where(n_before > 0, sum_before / n_before.clamp_min(1), sigma_bar_hist[:, 0])
-
-    run_ids = [r.run_id for r in runs]
-    summary = pd.DataFrame([{"run_id": rid, **r.as_flat_dict()} for rid, r in zip(run_ids, runs)])
-    summary["initial_J"] = J_hist[:, 0].numpy()
-    summary["final_J"] = J_hist[:, T].numpy()
-    summary["j_star"] = j_star.numpy()
-    summary["target_J"] = target.numpy()
-    summary["reached_target"] = reached.numpy()
-    summary["steps_to_target"] = steps_to_target.numpy()
-    summary["auc"] = (J_hist.mean(-1) / j_star).numpy()
-    summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
-    summary["sigma_max_bound"] = prob.sigma_max.numpy()
-    # theory beside measurement (DESIGN.md §3; measured_gain is added per cell by the sweep)
-    lr_theory = lr_grpo if estimators.is_std_normalized(train.estimator) else lr_reinforce
-    overlap_of = {cfg: theory.feature_overlap(p.phi_private[rho_index], p.phi_shared[rho_index]).amax()
-                  for cfg, p in unique.items()}  # a property of the problem: once per distinct problem
-    overlap = torch.stack([overlap_of[r.problem] for r in runs])  # [R]
-    summary["predicted_gain"] = theory.predicted_gain(sigma_bar_to_target[:, None, None], prob.sigma_max).numpy()
-    summary["empirical_M"] = logged["empirical_M"].amax(0).numpy()
-    summary["analytic_M"] = logged["analytic_M"].amax(0).numpy()
-    summary["M_bound"] = M.numpy()
-    summary["lr_theory"] = lr_theory.numpy()
-    summary["feature_overlap"] = overlap.numpy()
-    min_ratio = torch.where(torch.isinf(min_sigma_ratio), torch.ones_like(min_sigma_ratio), min_sigma_ratio)
-    summary["min_sigma_ratio"] = min_ratio.numpy()
-    conditions = {
-        "orthogonality_ok": overlap <= 1e-9,
-        "m_bound_ok": logged["m_bound_ratio"].amax(0) <= 1 + 1e-9,
-        "step_size_ok": lr_over_p * P <= lr_theory * (1 + 1e-12),
-        "relaxed_ok": min_ratio >= 1 / RELAXED_FACTOR,
-    }
-    for name, ok in conditions.items():
-        summary[name] = ok.numpy()
-    summary["conditions_ok"] = torch.stack(list(conditions.values())).all(0).numpy()
-
-    L = len(log_steps)
-    steps_df = pd.DataFrame({
-        "run_id": np.repeat(np.array(run_ids, dtype=object), L),
-        "step": np.tile(log_steps, R),
-        **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
-    })
-    steps_df["sigma_per_prompt"] = list(logged["sigma_per_prompt"].transpose(0, 1).reshape(R * L, P).numpy())
-    steps_df["phase"] = np.concatenate([
-        theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
-                            logged["step_gain"][:, r].numpy()) for r in range(R)])
-    return BatchResult(summary, steps_df, theta_p, theta_s)
+        if on_progress is not None:
+            on_progress(T - (T // report_every) * report_every)
+        return recorder.result(state)

@@ -36,63 +36,16 @@ c_i f for the others. The flips add variance that carries no curvature.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 import theory
+from sim.config import ProblemConfig, validate_problem  # noqa: F401 (ProblemConfig: re-exported)
 
 #: logit half-width of difficulty_spread = 1 around the base success rate: logit(0.99).
 _SPREAD_HALF_WIDTH = math.log(0.99 / 0.01)
-
-
-def _opt(help: str, **meta):
-    """Field metadata: CLI help text plus validation bounds (see sim.config)."""
-    return {"help": help, **meta}
-
-
-@dataclass(frozen=True)
-class ProblemConfig:
-    """One problem instance: fully determined by these fields (problem_seed included)."""
-
-    kind: Literal["tabular", "linear"] = field(default="linear", metadata=_opt(
-        "feature family: tabular (one-hot blocks) or linear (random unit directions)",
-        choices=("tabular", "linear")))
-    num_prompts: int = field(default=16, metadata=_opt("number of prompts P (m)", min=1, max=1_000_000))
-    num_responses: int = field(default=8, metadata=_opt("candidate responses K per prompt", min=2, max=4096))
-    orthogonality: float = field(default=0.5, metadata=_opt(
-        "feature orthogonality o: weight of the private block (1 = prompts never share parameters)",
-        min=0.0, max=1.0))
-    private_dim: int = field(default=0, metadata=_opt(
-        "private block size k (0 = K; tabular needs K)", min=0, max=4096))
-    shared_dim: int = field(default=0, metadata=_opt(
-        "shared block size s (0 = K; tabular needs K)", min=0, max=4096))
-    base_success: float = field(default=0.3, metadata=_opt(
-        "centre of the initial success rates p_i(0)", min=1e-6, max=1 - 1e-6, open_bounds=True))
-    difficulty_spread: float = field(default=0.6, metadata=_opt(
-        "spread of p_i(0) on the logit scale: 0 = all equal, 1 = logit half-width logit(0.99)",
-        min=0.0, max=2.0))
-    difficulty_layout: Literal["even", "random"] = field(default="even", metadata=_opt(
-        "p_i(0) evenly spaced on the logit interval, or uniform draws from it",
-        choices=("even", "random")))
-    reward_scale_spread: float = field(default=1.0, metadata=_opt(
-        "c_max: reward scales c_i log-uniform in [1, c_max] (1 = all rewards in {0, 1})",
-        min=1.0, max=1e6))
-    reward_noise: float = field(default=0.0, metadata=_opt(
-        "probability f that an observed reward is flipped (0 <= f < 0.5)", min=0.0, max=0.5,
-        open_max=True))
-    problem_seed: int = field(default=0, metadata=_opt("seed of the problem's random draws", min=0,
-                                                       max=2**62))
-
-    @property
-    def k(self) -> int:
-        return self.private_dim or self.num_responses
-
-    @property
-    def s(self) -> int:
-        return self.shared_dim or self.num_responses
 
 
 @dataclass(frozen=True)
@@ -122,9 +75,10 @@ class Problem:
         return self.rbar.amax(-1).mean(-1)
 
     @property
-    def sigma_max(self) -> torch.Tensor:
-        """Largest possible within-prompt std of rbar: max_i (max_y rbar - min_y rbar) / 2. [..]."""
-        return ((self.rbar.amax(-1) - self.rbar.amin(-1)) / 2).amax(-1)
+    def sigma_bound(self) -> torch.Tensor:
+        """Largest possible within-prompt std of rbar (DESIGN.md's sigma_max):
+        max_i (max_y rbar - min_y rbar) / 2 (theory.reward_std_bound). [..]."""
+        return theory.reward_std_bound(self.rbar.amin(-1), self.rbar.amax(-1)).amax(-1)
 
     @property
     def feature_norm_bound(self) -> float:
@@ -143,16 +97,7 @@ class Problem:
 
     def theory_lr(self, std_normalized: bool) -> torch.Tensor:
         """Ascent-lemma learning rate (engine convention, theory.theory_step_size): [..]."""
-        return theory.theory_step_size(std_normalized, self.curvature_bound, self.sigma_max, self.bias.shape[-2])
-
-
-def validate_problem(cfg: ProblemConfig) -> None:
-    """Cross-field checks (per-field ranges live in sim.config). Raises ValueError(option: why)."""
-    if cfg.kind == "tabular":
-        if cfg.private_dim not in (0, cfg.num_responses):
-            raise ValueError(f"private-dim: tabular features need private_dim = K = {cfg.num_responses} (or 0)")
-        if cfg.shared_dim not in (0, cfg.num_responses):
-            raise ValueError(f"shared-dim: tabular features need shared_dim = K = {cfg.num_responses} (or 0)")
+        return theory.theory_step_size(std_normalized, self.curvature_bound, self.sigma_bound, self.bias.shape[-2])
 
 
 def initial_success_rates(cfg: ProblemConfig, rng: np.random.Generator) -> np.ndarray:

@@ -32,6 +32,9 @@ RUNS = "runs.parquet"
 STEPS = "steps.parquet"
 PARTS = "parts"
 
+#: Columns renamed since results were first written: old name -> new name (applied on load).
+LEGACY_COLUMNS = {"sigma_max_bound": "sigma_bound"}
+
 
 #: Failpoint for crash tests: GRPO_SIM_FAULT="POINT" or "POINT:N" ends the process with
 #: os._exit(137), as SIGKILL would, the Nth time (default 1st) POINT is reached. Points:
@@ -203,8 +206,9 @@ def finalize(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
 
 
 def _read_parquet(path: Path, columns=None) -> pd.DataFrame:
+    """A results table, with the current names of renamed columns (LEGACY_COLUMNS)."""
     try:
-        return pd.read_parquet(path, columns=columns)
+        return pd.read_parquet(path, columns=columns).rename(columns=LEGACY_COLUMNS)
     except FileNotFoundError:
         raise ResultsError(f"missing results file {path}") from None
     except Exception as e:  # pyarrow raises several types for truncated/corrupt files
@@ -212,7 +216,8 @@ def _read_parquet(path: Path, columns=None) -> pd.DataFrame:
 
 
 def load_results(path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs, steps) DataFrames of a finished results directory (DESIGN.md §6)."""
+    """(runs, steps) DataFrames of a finished results directory (DESIGN.md §6); columns of older
+    versions get their current names (LEGACY_COLUMNS)."""
     out = Path(path)
     if not out.is_dir():
         raise ResultsError(f"{out}: no such results directory")

@@ -6,7 +6,7 @@ rates that ``lr`` resolves to for each (problem, estimator):
 
     fixed   a list of numbers, each run separately
     theory  the ascent-lemma step (theory.theory_step_size): P/M for GRPO-type estimators,
-            P/(M sigma_max) for the others, M = max_i diam_i^2 <= 4 B^2 the global curvature
+            P/(M sigma_bound) for the others, M = max_i diam_i^2 <= 4 B^2 the global curvature
             bound of the problem (theory.curvature.m_diameter)
     tuned   the grid lr_theory * 2^j, j = -1..4; the lr kept per (cell, estimator) is chosen
             by sim.analysis.add_comparisons (rule: sim.analysis.SELECTION_RULE)
@@ -29,16 +29,16 @@ import pandas as pd
 
 from sim import estimators, results
 from sim.analysis import add_comparisons
-from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, RunConfig, TrainConfig, check_value,
-                        parse_value, validate_run)
+from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemConfig, RunConfig, TrainConfig, check_value,
+                        check_device, parse_int, parse_value, validate_run)
 from sim.engine import batch_key, train_batch
-from sim.problems import ProblemConfig
 
 TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
 MAX_BATCH = 64
 #: A sweep larger than this is refused before anything is built (a typo like --seeds 100000).
 MAX_RUNS = 1_000_000
+MAX_SEEDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class SweepSpec:
             for v in vals:
                 check_value(cls, name, v)
             full.append((name, tuple(dict.fromkeys(vals))))
-        if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100_000:
-            raise ConfigError(f"seeds: expected an integer in [1, 100000], got {seeds!r}")
+        if not isinstance(seeds, int):  # an int already parsed, not text (see build_spec)
+            raise ConfigError(f"seeds: expected an integer in [1, {MAX_SEEDS}], got {seeds!r}")
+        seeds = parse_int("seeds", seeds, 1, MAX_SEEDS)
         if isinstance(lr, str):
             if lr not in ("theory", "tuned"):
                 raise ConfigError(f"lr: expected a list of positive numbers, 'theory' or 'tuned', got {lr!r}")
@@ -100,21 +101,6 @@ def built_problem(problem: ProblemConfig):
         return make_problem(problem)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def parse_int(name: str, text, default: int, lo: int, hi: int) -> int:
-    """An integer option given as text (or None for the default), range-checked."""
-    if text is None:
-        return default
-    try:
-        if isinstance(text, (bool, float)):
-            raise ValueError
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}: {value} is out of range; accepted: [{lo}, {hi}]")
-    return value
 
 
 def parse_lr(text) -> tuple[float, ...] | str:
@@ -174,7 +160,8 @@ def load_config(path: Path, quick: bool = False) -> tuple[dict[str, tuple], Any,
 
 def build_spec(axes: dict[str, tuple], seeds, lr) -> SweepSpec:
     """SweepSpec from parsed axes and the seeds / lr settings as given (text, number or None)."""
-    return SweepSpec.build(axes, seeds=parse_int("seeds", seeds, 5, 1, 100_000), lr=parse_lr(lr))
+    return SweepSpec.build(axes, seeds=5 if seeds is None else parse_int("seeds", seeds, 1, MAX_SEEDS),
+                           lr=parse_lr(lr))
 
 
 def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
@@ -263,23 +250,6 @@ def _run_batch_in_worker(rows: list[dict], device: str = "cpu"):
     return res.runs, res.steps
 
 
-DEVICES = ("cpu", "cuda")
-
-
-def check_device(device: str, backend: str = "local") -> None:
-    """One-line ConfigError for an unknown device, a GPU that is not there, or cuda on Ray (Ray
-    hides GPUs from tasks that do not reserve them)."""
-    if device not in DEVICES:
-        raise ConfigError(f"device: unknown value {device!r}; choose from {', '.join(DEVICES)}")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("device: cuda requested but no GPU is available")
-        if backend != "local":
-            raise ConfigError("device: cuda runs on the local backend only")
-
-
 BACKENDS = ("local", "ray")
 
 
@@ -323,7 +293,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     (local backend); runs then agree with CPU ones to rounding, not bit for bit.
     """
     check_backend(backend)
-    check_device(device, backend)
+    check_device(device, backend, allow_auto=False)
     runs = expand(spec)  # validates the whole sweep before any process starts
     with _started_pool(workers if backend == "local" else 1) as pool:
         rows = [r.as_flat_dict() for r in runs]

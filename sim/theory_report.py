@@ -13,10 +13,9 @@ import dataclasses
 import torch
 
 import theory
-from sim import estimators
-from sim.config import RunConfig, TrainConfig
+from sim.config import ProblemConfig, RunConfig, TrainConfig
 from sim.engine import train_batch
-from sim.problems import ProblemConfig, make_problem
+from sim.problems import make_problem
 
 
 def _exact_runs(problem: ProblemConfig, steps: int) -> dict[str, object]:
@@ -39,8 +38,7 @@ def _theta0_quantities(problem: ProblemConfig) -> dict[str, torch.Tensor]:
     pi, mu, sigma, w = theory.prompt_stats(theory.logits(prob.bias, prob.phi_private, prob.phi_shared, tp, ts),
                                            prob.rbar)
     phi_loc = theory.local_features(prob.phi_private, prob.phi_shared)
-    d = theory.centered_features(pi, phi_loc)
-    H = theory.prompt_hessian(pi, prob.rbar, mu, d)
+    d, H = theory.prompt_curvature(pi, prob.rbar, mu, phi_loc)
     g = theory.prompt_gradient(pi, prob.rbar, mu, d)
     return {"prob": prob, "pi": pi, "mu": mu, "sigma": sigma, "d": d, "H": H, "g": g, "tp": tp, "ts": ts,
             "phi_loc": phi_loc}
@@ -84,7 +82,7 @@ def predict(problem: ProblemConfig, steps: int = 500) -> dict:
     prob = q["prob"]
     P = problem.num_prompts
     M = float(prob.curvature_bound)
-    smax = float(prob.sigma_max)
+    smax = float(prob.sigma_bound)
     runs = _exact_runs(problem, steps)
     g_row, r_row = runs["grpo"].runs.iloc[0], runs["reinforce"].runs.iloc[0]
     both = bool(g_row["reached_target"]) and bool(r_row["reached_target"])
@@ -94,9 +92,8 @@ def predict(problem: ProblemConfig, steps: int = 500) -> dict:
     t_ref = max(int(g_row["steps_to_target"]), 1)
     bound_r, bound_g = theory.rate_bounds(t_ref, M, delta_j, smax, sigma_bar)
     emp = theory.hessian_over_sigma(q["H"], q["sigma"])
-    scale_g = theory.theory_step_size(True, M, smax, P) / P  # per-prompt scale of grad J_i / sigma_i
     dec = theory.step_decomposition(prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, q["tp"], q["ts"],
-                                    scale_g * estimators.population_scale("grpo", q["sigma"], q["mu"], 0.0))
+                                    theory.step_scale(True, M, smax, P, q["sigma"]))
     return {
         "problem": dataclasses.asdict(problem), "steps": steps,
         "M": {"global_4B2": theory.global_curvature_bound(prob.feature_norm_bound), "diameter (used)": M,
@@ -104,9 +101,9 @@ def predict(problem: ProblemConfig, steps: int = 500) -> dict:
               "directional_theta0_max": float(theory.m_directional(q["pi"], q["d"], q["H"]).max()),
               "empirical_hess_over_sigma_theta0_max": float(emp.max())},
         "sigma_theta0": [float(x) for x in q["sigma"]],
-        "sigma_max": smax,
+        "sigma_bound": smax,
         "step_sizes": {"grpo": float(prob.theory_lr(True)), "reinforce": float(prob.theory_lr(False)),
-                       "convention": "lr on the (1/P)-averaged gradient: P/M and P/(M sigma_max)"},
+                       "convention": "lr on the (1/P)-averaged gradient: P/M and P/(M sigma_bound)"},
         "predicted_gain": float(g_row["predicted_gain"]),
         "sigma_bar_grpo_to_target": sigma_bar,
         "rate_bounds_at_grpo_target_step": {"t": t_ref, "reinforce": bound_r, "grpo": bound_g},

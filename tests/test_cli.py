@@ -179,3 +179,23 @@ def test_theory_predict_and_bad_option(capsys):
     assert rep["predicted_gain"] >= 1.0 and rep["M"]["diameter (used)"] == pytest.approx(2.0)
     code, _, err = run_cli(["theory", "check", "--orthogonality", "1.5"], capsys)
     assert code == 2 and err.strip() == "error: orthogonality: 1.5 is out of range; accepted: [0.0, 1.0]"
+
+
+def test_help_shows_types_choices_ranges_and_default_values(capsys):
+    code, out, _ = run_cli(["sweep", "--help"], capsys)
+    assert code == 0 and "<str>" not in out
+    flat = " ".join(out.split())
+    for text in ("--num-prompts INTEGER,...", "--orthogonality FLOAT,...", "--kind [tabular|linear],...",
+                 "--mode [exact|sampled],...", "(accepted: [0.0, 1.0])", "[default: reinforce,dr_grpo,rloo,grpo,grpo_batch]"):
+        assert text in flat, text
+    code, out, _ = run_cli(["run", "--help"], capsys)
+    flat = " ".join(out.split())
+    assert "--orthogonality FLOAT " in flat and "--estimators, --estimator NAME,..." in flat
+
+
+def test_llm_help_shows_the_estimator_default_as_a_value(capsys):
+    pytest.importorskip("transformers")
+    code, out, _ = run_cli(["llm", "train", "--help"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "DEFAULT_ESTIMATORS" not in flat and "<str>" not in flat
+    assert "--estimator NAME" in flat and "[default: grpo]" in flat and "--device [auto|cpu|cuda]" in flat

@@ -126,3 +126,13 @@ def test_population_scale():
     close(E.population_scale("grpo_batch", sigma, mu, 0.0), torch.full((3,), 1 / math.sqrt(var_b), dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown estimator"):
         E.population_scale("no_such_estimator", sigma, mu, 0.0)
+
+
+def test_shapes_are_checked_at_the_entry_points():
+    # a [P, 1] sigma used to broadcast silently into a [P, P, G] result
+    with pytest.raises(ValueError, match=r"grpo_oracle: sigma has P = 1 .* rewards has P = 3"):
+        E.advantages("grpo_oracle", R, sigma=torch.ones(3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"must have shape \[\.\.\., P, G\]"):
+        E.advantages("grpo", torch.ones(4))
+    with pytest.raises(ValueError, match="leading"):
+        E.advantages("grpo_oracle", torch.ones(2, 3, 4), sigma=torch.ones(5, 3))

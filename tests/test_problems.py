@@ -35,8 +35,8 @@ def test_rewards_noise_and_scales():
     np.testing.assert_allclose(np.sort(prob.scale.numpy()), [1, 2, 4, 8], rtol=1e-12)
     np.testing.assert_allclose(prob.rbar[:, 0].numpy(), 0.9 * prob.scale.numpy())
     np.testing.assert_allclose(prob.rbar[:, 1:].numpy(), 0.1 * prob.scale.numpy()[:, None].repeat(2, 1))
-    # sigma_max = max_i c_i (1 - 2f) / 2 = 8 * .8 / 2
-    assert float(prob.sigma_max) == pytest.approx(3.2)
+    # sigma_bound = max_i c_i (1 - 2f) / 2 = 8 * .8 / 2
+    assert float(prob.sigma_bound) == pytest.approx(3.2)
     assert float(prob.j_star) == pytest.approx(0.9 * 15 / 4)
 
 

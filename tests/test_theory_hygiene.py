@@ -51,3 +51,16 @@ def test_every_public_function_has_a_docstring_with_an_equation_or_source():
             assert len(doc) > 30, f"{module.__name__}.{name} has no real docstring"
             assert any(ch in doc for ch in "=<>") or "DESIGN" in doc, f"{module.__name__}.{name}: no equation"
         assert "DESIGN.md" in (module.__doc__ or ""), f"{module.__name__}: module docstring names no source"
+
+
+def test_theory_entry_points_check_shapes():
+    import pytest
+    import torch
+
+    z = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"prompt_stats: rbar has K = 5"):
+        theory.prompt_stats(z, torch.zeros(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"gradient_orthogonality: gram has P = 3 .* P = 2"):
+        theory.gradient_orthogonality(torch.eye(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"label_phases|raw_phases"):
+        theory.label_phases([0.1, 0.2], [0.9], [1.0, 1.0])

@@ -75,7 +75,7 @@ def test_gradient_and_hessian_equal_autograd_and_finite_differences(data):
     H_auto = torch.autograd.functional.hessian(f, x0)
     torch.testing.assert_close(g[i], g_auto, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(H[i], H_auto, rtol=1e-9, atol=1e-12)
-    # central differences: O(h^2) truncation with h = 1e-5 and third derivative <= 4 sigma_max diam^3
+    # central differences: O(h^2) truncation with h = 1e-5 and third derivative <= 4 sigma_bound diam^3
     h = 1e-5
     D = x0.numel()
     eye = torch.eye(D, dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_m_bound_chain_and_gradient_bound_never_fail(data):
 @SETTINGS
 @given(data=st.data(), estimator=st.sampled_from(["reinforce", "grpo"]))
 def test_theory_steps_never_decrease_any_prompt_on_orthogonal_problems(data, estimator):
-    """Exact gradients, theory step sizes (P/M, P/(M sigma_max)), o = 1: every J_i is non-decreasing."""
+    """Exact gradients, theory step sizes (P/M, P/(M sigma_bound)), o = 1: every J_i is non-decreasing."""
     prob = data.draw(problems(orthogonal=True))
     P = prob.bias.shape[0]
     lr = float(prob.theory_lr(estimators.is_std_normalized(estimator)))
@@ -154,7 +154,7 @@ def test_predicted_gain_is_one_for_equal_sigmas(value, T, P):
     sigma = torch.full((T, P), value, dtype=torch.float64)
     assert float(theory.predicted_gain(sigma)) == pytest.approx(1.0, rel=1e-12)
     assert float(theory.predicted_gain(sigma, value)) == pytest.approx(1.0, rel=1e-12)
-    # and sigma_max / sigma_bar in general: all equal to 'value' with sigma_max = 2 value gives 2
+    # and sigma_bound / sigma_bar in general: all equal to 'value' with sigma_bound = 2 value gives 2
     assert float(theory.predicted_gain(sigma, 2 * value)) == pytest.approx(2.0, rel=1e-12)
 
 

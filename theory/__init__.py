@@ -9,12 +9,13 @@ bounds (step sizes), gains (predicted gain, rate bounds, one-step decomposition)
 orthogonality (rho_t, feature overlap), conditions (checks), phases (I/II/III labels).
 """
 
-from theory.softmax import logits, per_prompt_gradients, prompt_stats, summed_gradient  # noqa: F401
-from theory.bounds import global_curvature_bound, theory_step_size  # noqa: F401
+from theory.softmax import (logits, per_prompt_gradients, prompt_stats, safe_reciprocal,  # noqa: F401
+                            summed_gradient)
+from theory.bounds import global_curvature_bound, reward_std_bound, step_scale, theory_step_size  # noqa: F401
 from theory.orthogonality import feature_overlap, gradient_orthogonality  # noqa: F401
 from theory.curvature import (centered_features, gradient_bound, hessian_over_sigma,  # noqa: F401
                               local_features, m_diameter,
-                              m_directional, m_fourth_moment, prompt_gradient, prompt_hessian,
+                              m_directional, m_fourth_moment, prompt_curvature, prompt_gradient, prompt_hessian,
                               reduced_features, spectral_norm)
 from theory.gains import (one_step_change, per_step_gain, predicted_gain, rate_bounds,  # noqa: F401
                           step_decomposition)

@@ -47,7 +47,7 @@ def m_bound_condition(hess_over_sigma: torch.Tensor, analytic_m: torch.Tensor, r
 def step_size_condition(lr: float, lr_safe: float, rtol: float = 1e-12) -> Condition:
     """lr <= lr_safe: the learning rate does not exceed the ascent-lemma step (theory.bounds.theory_step_size)."""
     return Condition("step size", lr <= lr_safe * (1 + rtol), lr, lr_safe,
-                     "lr <= P/M (GRPO-type) or P/(M sigma_max) (REINFORCE-type)")
+                     "lr <= P/M (GRPO-type) or P/(M sigma_bound) (REINFORCE-type)")
 
 
 def relaxed_condition(min_sigma_ratio: float, factor: float = 2.0) -> Condition:

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import torch
 
+from theory.shapes import check_shapes
+
 
 def local_features(phi_private: torch.Tensor, phi_shared: torch.Tensor) -> torch.Tensor:
     """phi_loc = [phi_private ; phi_shared] per response: [..., P, K, k + s]."""
+    check_shapes("local_features", phi_private=(phi_private, "... P K k"), phi_shared=(phi_shared, "... P K s"))
     return torch.cat([phi_private, phi_shared], dim=-1)
 
 
@@ -47,20 +50,32 @@ def reduced_features(phi_loc: torch.Tensor) -> torch.Tensor:
 
 def centered_features(pi: torch.Tensor, phi_loc: torch.Tensor) -> torch.Tensor:
     """d_y = phi_loc(y) - E_pi phi_loc: [..., P, K, D]."""
+    check_shapes("centered_features", pi=(pi, "... P K"), phi_loc=(phi_loc, "... P K D"))
     phibar = (pi.unsqueeze(-1) * phi_loc).sum(-2, keepdim=True)  # [..., P, 1, D]
     return phi_loc - phibar
 
 
 def prompt_gradient(pi: torch.Tensor, rbar: torch.Tensor, mu: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """grad J_i = E_pi[(rbar - mu) d] in local coordinates: [..., P, D]."""
+    check_shapes("prompt_gradient", pi=(pi, "... P K"), rbar=(rbar, "... P K"), mu=(mu, "... P"), d=(d, "... P K D"))
     w = pi * (rbar - mu.unsqueeze(-1))  # [..., P, K]
     return (w.unsqueeze(-1) * d).sum(-2)
 
 
 def prompt_hessian(pi: torch.Tensor, rbar: torch.Tensor, mu: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Hess J_i = E_pi[(rbar - mu) d d^T] in local coordinates: [..., P, D, D]."""
+    check_shapes("prompt_hessian", pi=(pi, "... P K"), rbar=(rbar, "... P K"), mu=(mu, "... P"), d=(d, "... P K D"))
     w = pi * (rbar - mu.unsqueeze(-1))  # [..., P, K]
     return d.transpose(-1, -2) @ (w.unsqueeze(-1) * d)  # sum_y w_y d_y d_y^T
+
+
+def prompt_curvature(pi: torch.Tensor, rbar: torch.Tensor, mu: torch.Tensor,
+                     phi_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, Hess J_i): the centered features d_y = phi_loc(y) - E_pi phi_loc [..., P, K, D] and
+    Hess J_i = E_pi[(rbar - mu) d d^T] [..., P, D, D] at one theta, the chain every per-prompt
+    curvature diagnostic starts from (phi_loc: local or reduced features)."""
+    d = centered_features(pi, phi_loc)
+    return d, prompt_hessian(pi, rbar, mu, d)
 
 
 def spectral_norm(H: torch.Tensor) -> torch.Tensor:
@@ -71,6 +86,7 @@ def spectral_norm(H: torch.Tensor) -> torch.Tensor:
 def hessian_over_sigma(H: torch.Tensor, sigma: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Empirical ||Hess J_i|| / sigma_i (the ratio the M-bound caps), 0 where sigma_i <= floor
     (there the ratio is undefined: Hess J_i -> 0 with sigma_i). H [..., P, D, D], sigma [..., P]."""
+    check_shapes("hessian_over_sigma", H=(H, "... P D D"), sigma=(sigma, "... P"))
     live = sigma > floor
     return torch.where(live, spectral_norm(H) / torch.where(live, sigma, torch.ones_like(sigma)),
                        torch.zeros_like(sigma))
@@ -78,6 +94,7 @@ def hessian_over_sigma(H: torch.Tensor, sigma: torch.Tensor, floor: torch.Tensor
 
 def m_fourth_moment(pi: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Analytic M_i(theta) = sqrt(E_pi ||d||^4) >= sup_|u|=1 SD[(u.d)^2] (module docstring): [..., P]."""
+    check_shapes("m_fourth_moment", pi=(pi, "... P K"), d=(d, "... P K D"))
     sq = (d * d).sum(-1)  # [..., P, K]
     return (pi * sq * sq).sum(-1).sqrt()
 
@@ -98,6 +115,7 @@ def m_directional(pi: torch.Tensor, d: torch.Tensor, H: torch.Tensor | None = No
     top eigenvector u* of H is a start and |u*^T H u*| = |Cov(rbar, (u*.d)^2)| <= sigma_i
     SD[(u*.d)^2]; it is <= m_fourth_moment since SD[(u.d)^2] <= sqrt(E (u.d)^4). [..., P].
     """
+    check_shapes("m_directional", pi=(pi, "... P K"), d=(d, "... P K D"), H=(H, "... P D D"))
     cov = d.transpose(-1, -2) @ (pi.unsqueeze(-1) * d)  # [..., P, D, D]
     starts = [torch.linalg.eigh(cov).eigenvectors]
     if H is not None:
@@ -127,14 +145,5 @@ def m_diameter(phi_loc: torch.Tensor) -> torch.Tensor:
 
 def gradient_bound(pi: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """||grad J_i|| <= sigma_i sqrt(E_pi ||d||^2) (Cauchy-Schwarz): the bound, [..., P]."""
+    check_shapes("gradient_bound", pi=(pi, "... P K"), d=(d, "... P K D"), sigma=(sigma, "... P"))
     return sigma * (pi * (d * d).sum(-1)).sum(-1).sqrt()
-
-
-def third_derivative_bound(sigma_max: torch.Tensor, diam: torch.Tensor) -> torch.Tensor:
-    """|d^3/dt^3 J_i(theta + t v)| <= 4 sigma_max diam^3 ||v||^3 for unit-free v.
-
-    The third joint cumulant E[r~ s~^3] - 3 E[r~ s~] E[s~^2] with |s~| <= ||v|| diam and
-    SD(r) <= sigma_max (the largest possible reward std) is at most 4 sigma_max (||v|| diam)^3.
-    Returns the coefficient 4 sigma_max diam^3 (broadcast shapes).
-    """
-    return 4.0 * sigma_max * diam**3

@@ -1,18 +1,19 @@
 """Predicted gain, rate bounds and the one-step decomposition (DESIGN.md §3).
 
 Ascent lemma per prompt block (orthogonal case), M the curvature constant of the M-bound:
-  REINFORCE  theta_i += eta g_i,         eta = 1/(M sigma_max):  J_i gain >= ||g_i||^2 / (2 M sigma_max)
+  REINFORCE  theta_i += eta g_i,         eta = 1/(M sigma_bound):  J_i gain >= ||g_i||^2 / (2 M sigma_bound)
   GRPO       theta_i += eta g_i/sigma_i, eta = 1/M:              J_i gain >= ||g_i||^2 / (2 M sigma_i)
 (the GRPO line needs sigma_i along the step to stay below sigma_i at its start; see
 theory.conditions.relaxed_condition). Summing over t < T and prompts, with
 Delta = mean_i (J_i* - J_i(0)) and Cauchy-Schwarz on the average gradient norm:
 
-  REINFORCE  (1/PT) sum_{i,t} ||g_i,t|| <= sqrt(2 M sigma_max Delta / T)
+  REINFORCE  (1/PT) sum_{i,t} ||g_i,t|| <= sqrt(2 M sigma_bound Delta / T)
   GRPO       (1/PT) sum_{i,t} ||g_i,t|| <= sqrt(2 M sigma_bar Delta / T),
              sigma_bar = (1/PT) sum_{i,t} sigma_i,t  (GRPO's own trajectory)
 
 so the number of steps either bound needs to certify a gradient norm differs by the factor
-G_pred = sigma_max / sigma_bar >= 1 (our reconstruction; the paper's exact statement may differ).
+G_pred = sigma_bound / sigma_bar >= 1 (our reconstruction; the paper's exact statement may differ).
+sigma_bound >= every sigma_i is DESIGN.md's sigma_max (theory.bounds.reward_std_bound).
 """
 
 from __future__ import annotations
@@ -21,36 +22,40 @@ import math
 
 import torch
 
-from theory.curvature import centered_features, local_features, m_diameter, prompt_hessian
+from theory.shapes import check_shapes
+
+from theory.bounds import reward_std_bound
+from theory.curvature import local_features, m_diameter, prompt_curvature
 from theory.softmax import logits, per_prompt_gradients, prompt_stats
 
 
-def predicted_gain(sigma_history: torch.Tensor, sigma_max: torch.Tensor | float | None = None) -> torch.Tensor:
-    """G_pred = sigma_max / sigma_bar, sigma_bar the mean of sigma_history [..., T, P] over T and P.
+def predicted_gain(sigma_history: torch.Tensor, sigma_bound: torch.Tensor | float | None = None) -> torch.Tensor:
+    """G_pred = sigma_bound / sigma_bar, sigma_bar the mean of sigma_history [..., T, P] over T and P.
 
-    ``sigma_max`` None takes the largest sigma in the history (the tightest REINFORCE step that is
+    ``sigma_bound`` None takes the largest sigma in the history (the tightest REINFORCE step that is
     safe along this very trajectory), so equal sigmas give exactly 1. G_pred >= 1 whenever
-    sigma_max bounds every sigma. A history of zeros (nothing left to learn) gives 1; the ratio is
+    sigma_bound bounds every sigma. A history of zeros (nothing left to learn) gives 1; the ratio is
     capped at 1e300 so a subnormal sigma_bar cannot overflow to inf. -> [...].
     """
+    check_shapes("predicted_gain", sigma_history=(sigma_history, "... T P"))
     sigma_bar = sigma_history.mean((-2, -1))
-    if sigma_max is None:
+    if sigma_bound is None:
         smax = sigma_history.amax((-2, -1))
     else:
-        smax = torch.as_tensor(sigma_max, dtype=sigma_history.dtype).expand_as(sigma_bar)
+        smax = torch.as_tensor(sigma_bound, dtype=sigma_history.dtype).expand_as(sigma_bar)
     ok = sigma_bar > 0
     ratio = smax / torch.where(ok, sigma_bar, torch.ones_like(sigma_bar))
     # a sigma_bar near the smallest double would overflow to inf: cap at 1e300 (stays finite)
     return torch.where(ok, ratio.clamp(max=1e300), torch.ones_like(sigma_bar))
 
 
-def rate_bounds(steps: int, M: float, delta_j: float, sigma_max: float, sigma_bar: float) -> tuple[float, float]:
+def rate_bounds(steps: int, M: float, delta_j: float, sigma_bound: float, sigma_bar: float) -> tuple[float, float]:
     """(REINFORCE, GRPO) bounds on the average per-prompt gradient norm after T = ``steps`` steps:
-    (1/PT) sum ||g_i,t|| <= sqrt(2 M sigma_max Delta / T) and <= sqrt(2 M sigma_bar Delta / T)
+    (1/PT) sum ||g_i,t|| <= sqrt(2 M sigma_bound Delta / T) and <= sqrt(2 M sigma_bar Delta / T)
     (derivation in the module docstring; DESIGN.md §3)."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    return (math.sqrt(2 * M * sigma_max * delta_j / steps), math.sqrt(2 * M * sigma_bar * delta_j / steps))
+    return (math.sqrt(2 * M * sigma_bound * delta_j / steps), math.sqrt(2 * M * sigma_bar * delta_j / steps))
 
 
 def mean_objective(bias, rbar, phi_private, phi_shared, theta_private, theta_shared) -> torch.Tensor:
@@ -78,6 +83,7 @@ def one_step_change(bias, rbar, phi_private, phi_shared, theta_private, theta_sh
         _, mu, _, w = prompt_stats(logits(bias, phi_private, phi_shared, theta_private, theta_shared), rbar)
     else:
         mu, w = stats
+    check_shapes("one_step_change", mu=(mu, "... P"), w=(w, "... P K"), step_scale=(step_scale, "... P"))
     d_p, d_s = exact_step(w, step_scale, phi_private, phi_shared)
     mu_new = mean_objective(bias, rbar, phi_private, phi_shared, theta_private + d_p, theta_shared + d_s)
     return (mu_new - mu).mean(-1)
@@ -106,25 +112,27 @@ def step_decomposition(bias, rbar, phi_private, phi_shared, theta_private, theta
       second_i    = Delta_i^T Hess J_i Delta_i / 2         (curvature; |.| <= M_i sigma_i ||Delta_i||^2 / 2)
       actual_i    = J_i(theta + Delta) - J_i(theta)
       remainder_i = actual_i - own_i - cross_i - second_i,
-      |remainder_i| <= remainder_bound_i = (4/6) sigma_max,i diam_i^3 ||Delta_i||^3
-    (Taylor's theorem with the third-derivative bound of theory.curvature). All [..., P].
+      |remainder_i| <= remainder_bound_i = (4/6) sigma_bound,i diam_i^3 ||Delta_i||^3
+    (Taylor's theorem with the third-derivative bound |d^3/dt^3 J_i(theta + t v)| <= 4 sigma_bound,i
+    diam_i^3 ||v||^3: the third joint cumulant E[r~ s~^3] - 3 E[r~ s~] E[s~^2] of the reward and
+    s = v.phi, with |s~| <= ||v|| diam_i and SD(r) <= sigma_bound,i). All [..., P].
     """
     z = logits(bias, phi_private, phi_shared, theta_private, theta_shared)
     pi, mu, sigma, w = prompt_stats(z, rbar)
+    check_shapes("step_decomposition", rbar=(rbar, "... P K"), step_scale=(step_scale, "... P"))
     g_p, g_s = per_prompt_gradients(w, phi_private, phi_shared)  # [..., P, k], [..., P, s]
     a = step_scale
     d_p, d_s = exact_step(w, a, phi_private, phi_shared)  # Delta blocks
     own = a * ((g_p * g_p).sum(-1) + (g_s * g_s).sum(-1))
     cross = (g_s * (d_s.unsqueeze(-2) - a.unsqueeze(-1) * g_s)).sum(-1)
     phi_loc = local_features(phi_private, phi_shared)
-    d = centered_features(pi, phi_loc)
-    H = prompt_hessian(pi, rbar, mu, d)  # [..., P, D, D]
+    _, H = prompt_curvature(pi, rbar, mu, phi_loc)  # [..., P, D, D]
     delta_loc = torch.cat([d_p, d_s.unsqueeze(-2).expand_as(g_s)], dim=-1)  # [..., P, D]
     second = 0.5 * (delta_loc.unsqueeze(-2) @ H @ delta_loc.unsqueeze(-1)).squeeze(-1).squeeze(-1)
     mu_new = mean_objective(bias, rbar, phi_private, phi_shared, theta_private + d_p, theta_shared + d_s)
     actual = mu_new - mu
     diam = m_diameter(phi_loc).sqrt()  # [..., P]
-    smax = (rbar.amax(-1) - rbar.amin(-1)) / 2
+    smax = reward_std_bound(rbar.amin(-1), rbar.amax(-1))
     step_norm = delta_loc.norm(dim=-1)
     return {"own": own, "cross": cross, "second": second, "actual": actual,
             "remainder": actual - own - cross - second,

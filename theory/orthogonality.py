@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from theory.shapes import check_shapes
+
 
 def gradient_orthogonality(gram: torch.Tensor) -> torch.Tensor:
     """rho = 1 - mean_{i != j} |cos(g_i, g_j)| from the Gram matrix of per-prompt gradients.
@@ -11,7 +13,7 @@ def gradient_orthogonality(gram: torch.Tensor) -> torch.Tensor:
     gram [..., P, P] with gram_ij = <g_i, g_j>. A zero gradient (a converged prompt) has no
     direction; its cosines count as 0 (orthogonal). P = 1 gives rho = 1. -> [...].
     """
-    P = gram.shape[-1]
+    P = check_shapes("gradient_orthogonality", gram=(gram, "... P P"))["P"]
     if P < 2:
         return torch.ones(gram.shape[:-2], dtype=gram.dtype)
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [..., P]
@@ -32,7 +34,8 @@ def feature_overlap(phi_private: torch.Tensor, phi_shared: torch.Tensor, rank_to
     diagonal): all zeros means the problem decomposes per prompt (the orthogonal case).
     phi_private [..., P, K, k], phi_shared [..., P, K, s].
     """
-    k = phi_private.shape[-1]
+    k = check_shapes("feature_overlap", phi_private=(phi_private, "... P K k"),
+                     phi_shared=(phi_shared, "... P K s"))["k"]
     loc = torch.cat([phi_private, phi_shared], dim=-1)  # [..., P, K, D]
     diffs = loc[..., 1:, :] - loc[..., :1, :]  # [..., P, K-1, D] spans S_i
     _, svals, vh = torch.linalg.svd(diffs, full_matrices=False)  # vh [..., P, r, D]

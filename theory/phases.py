@@ -38,6 +38,9 @@ def raw_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds()) ->
     s = np.asarray(sigma_bar, dtype=float)
     rho = np.asarray(rho, dtype=float)
     gain = np.asarray(gain, dtype=float)
+    if not (s.ndim == 1 and s.shape == rho.shape == gain.shape):
+        raise ValueError(f"raw_phases: sigma_bar, rho and gain must be series [T] of one length, got shapes "
+                         f"{list(s.shape)}, {list(rho.shape)}, {list(gain.shape)}")
     peak = s.max() if s.size and s.max() > 0 else 1.0
     v = s / peak
     raw = np.ones(s.shape, dtype=np.int64)

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from theory.shapes import check_shapes
+
 
 def logits(bias: torch.Tensor, phi_private: torch.Tensor, phi_shared: torch.Tensor,
            theta_private: torch.Tensor, theta_shared: torch.Tensor) -> torch.Tensor:
     """z_iy = b_iy + theta . phi(x_i, y), computed blockwise. -> [..., P, K]."""
+    check_shapes("logits", bias=(bias, "... P K"), phi_private=(phi_private, "... P K k"),
+                 phi_shared=(phi_shared, "... P K s"), theta_private=(theta_private, "... P k"),
+                 theta_shared=(theta_shared, "... s"))
     z_private = (phi_private @ theta_private.unsqueeze(-1)).squeeze(-1)  # [..., P, K]
     flat = phi_shared.flatten(-3, -2)  # [..., P*K, s]
     z_shared = (flat @ theta_shared.unsqueeze(-1)).squeeze(-1).unflatten(-1, bias.shape[-2:])  # [..., P, K]
@@ -35,6 +40,7 @@ def prompt_stats(z: torch.Tensor, rbar: torch.Tensor):
     phibar term vanishes because sum_y w_y = 0). The max-shifted softmax keeps |z| up to 1e3
     (and beyond) finite.
     """
+    check_shapes("prompt_stats", z=(z, "... P K"), rbar=(rbar, "... P K"))
     e = (z - z.amax(-1, keepdim=True)).exp()
     pi = e / e.sum(-1, keepdim=True)
     mu = (pi * rbar).sum(-1)
@@ -51,6 +57,8 @@ def per_prompt_gradients(w: torch.Tensor, phi_private: torch.Tensor, phi_shared:
     [..., P, s]). With w from ``prompt_stats`` g_i = grad J_i; with sampled weights
     (1/G) sum_k A_ik (e_(y_ik) - pi_i) it is the policy-gradient estimate of prompt i.
     """
+    check_shapes("per_prompt_gradients", w=(w, "... P K"), phi_private=(phi_private, "... P K k"),
+                 phi_shared=(phi_shared, "... P K s"))
     wr = w.unsqueeze(-2)  # [..., P, 1, K]
     return (wr @ phi_private).squeeze(-2), (wr @ phi_shared).squeeze(-2)
 
@@ -58,6 +66,8 @@ def per_prompt_gradients(w: torch.Tensor, phi_private: torch.Tensor, phi_shared:
 def summed_gradient(w: torch.Tensor, phi_private: torch.Tensor, phi_shared: torch.Tensor):
     """sum_i g_i in blocks, g_i = sum_y w_iy phi(x_i, y): (private [..., P, k], shared [..., s]);
     the shared block is summed over prompts in one product: sum_i sum_y w_iy phi_shared[i, y]."""
+    check_shapes("summed_gradient", w=(w, "... P K"), phi_private=(phi_private, "... P K k"),
+                 phi_shared=(phi_shared, "... P K s"))
     g_private = (w.unsqueeze(-2) @ phi_private).squeeze(-2)  # [..., P, k]
     g_shared = (w.flatten(-2).unsqueeze(-2) @ phi_shared.flatten(-3, -2)).squeeze(-2)  # [..., s]
     return g_private, g_shared

@@ -37,11 +37,10 @@ import torch
 
 import theory
 from sim import estimators
-from sim.config import ConfigError, check_value
+from sim.config import ConfigError, check_device, check_value, option, resolve_device
 from sim.llm import data as data_mod
 from sim.llm import model as model_mod
 from sim.llm.rewards import reward
-from sim.problems import _opt
 from sim.results import write_json, write_parquet
 
 LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
@@ -51,33 +50,32 @@ LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-no
 class LLMConfig:
     """One LLM training run."""
 
-    model: str = field(default="models/tiny", metadata=_opt("model directory or hub name"))
-    data: str = field(default="arith", metadata=_opt("arith | gsm8k:PATH | math:PATH"))
-    difficulty: int = field(default=1, metadata=_opt("difficulty of generated arithmetic problems", min=1, max=3))
-    estimator: str = field(default="grpo", metadata=_opt("advantage estimator", choices=estimators.LLM_NAMES))
-    group_size: int = field(default=8, metadata=_opt("completions G per prompt", min=1, max=1024))
-    prompts_per_step: int = field(default=16, metadata=_opt("prompts P per step (all ranks)", min=1, max=4096))
-    steps: int = field(default=200, metadata=_opt("training steps", min=1, max=1_000_000))
-    lr: float = field(default=5e-4, metadata=_opt("learning rate", min=0.0, max=10.0, open_min=True))
-    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata=_opt("optimizer",
-                                                                             choices=("adamw", "sgd")))
-    loss_agg: str = field(default="seq-mean-token-mean", metadata=_opt("loss aggregation (TRL/verl names)",
+    model: str = field(default="models/tiny", metadata=option("model directory or hub name"))
+    data: str = field(default="arith", metadata=option("arith | gsm8k:PATH | math:PATH"))
+    difficulty: int = field(default=1, metadata=option("difficulty of generated arithmetic problems", min=1, max=3))
+    estimator: str = field(default="grpo", metadata=option("advantage estimator", choices=estimators.LLM_NAMES))
+    group_size: int = field(default=8, metadata=option("completions G per prompt", min=1, max=1024))
+    prompts_per_step: int = field(default=16, metadata=option("prompts P per step (all ranks)", min=1, max=4096))
+    steps: int = field(default=200, metadata=option("training steps", min=1, max=1_000_000))
+    lr: float = field(default=5e-4, metadata=option("learning rate", min=0.0, max=10.0, open_min=True))
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata=option("optimizer"))
+    loss_agg: str = field(default="seq-mean-token-mean", metadata=option("loss aggregation (TRL/verl names)",
                                                                        choices=LOSS_AGGREGATIONS))
-    max_new_tokens: int = field(default=8, metadata=_opt("completion length limit", min=1, max=4096))
-    temperature: float = field(default=1.0, metadata=_opt("sampling temperature", min=0.0, max=10.0,
+    max_new_tokens: int = field(default=8, metadata=option("completion length limit", min=1, max=4096))
+    temperature: float = field(default=1.0, metadata=option("sampling temperature", min=0.0, max=10.0,
                                                           open_min=True))
-    eps: float = field(default=1e-4, metadata=_opt("eps added to the std (GRPO-type)", min=0.0, max=1e3))
-    ddof: int = field(default=1, metadata=_opt("ddof of the group std", min=0, max=1))
-    seed: int = field(default=0, metadata=_opt("seed of prompt order and sampling", min=0, max=2**31))
-    diag_every: int = field(default=10, metadata=_opt("diagnostics every k steps (0 = never)", min=0,
+    eps: float = field(default=1e-4, metadata=option("eps added to the std (GRPO-type)", min=0.0, max=1e3))
+    ddof: int = field(default=1, metadata=option("ddof of the group std", min=0, max=1))
+    seed: int = field(default=0, metadata=option("seed of prompt order and sampling", min=0, max=2**31))
+    diag_every: int = field(default=10, metadata=option("diagnostics every k steps (0 = never)", min=0,
                                                      max=1_000_000))
-    diag_params: str = field(default="last-mlp", metadata=_opt(
+    diag_params: str = field(default="last-mlp", metadata=option(
         "parameter subset of the per-prompt gradients: last-mlp, lm_head, or a name substring"))
-    diag_proj: int = field(default=0, metadata=_opt("random projection dim of per-prompt gradients (0 = none)",
+    diag_proj: int = field(default=0, metadata=option("random projection dim of per-prompt gradients (0 = none)",
                                                     min=0, max=1_000_000))
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_opt("device",
-                                                                              choices=("auto", "cpu", "cuda")))
-    save_every: int = field(default=0, metadata=_opt("checkpoint every k steps (0 = only at the end)", min=0,
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=option(
+        "auto (a GPU when present) | cpu | cuda"))
+    save_every: int = field(default=0, metadata=option("checkpoint every k steps (0 = only at the end)", min=0,
                                                      max=1_000_000))
 
 
@@ -87,8 +85,7 @@ def validate(cfg: LLMConfig) -> None:
     min_group = estimators.get(cfg.estimator).min_group
     if cfg.group_size < min_group:
         raise ConfigError(f"group-size: {cfg.estimator} needs at least {min_group} completions per prompt")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no GPU is available")
+    check_device(cfg.device)
 
 
 def run_id(cfg: LLMConfig) -> str:
@@ -153,7 +150,7 @@ class Trainer:
 
         validate(cfg)
         self.cfg, self.out, self.log = cfg, Path(out), log
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        cpu = resolve_device(cfg.device) == "cpu"
         self.acc = accelerator or Accelerator(cpu=cpu)
         dtype = torch.bfloat16 if (not cpu and torch.cuda.is_bf16_supported()) else None
         model, self.tok = model_mod.load(cfg.model, device="cpu", dtype=dtype)
@@ -327,17 +324,17 @@ class Trainer:
     def _steps_frame(self, rows: list[dict], rid: str) -> pd.DataFrame:
         df = pd.DataFrame(rows)
         df.insert(0, "run_id", rid)
-        sigma_max = 0.5  # binary rewards in {0, 1}: the largest possible std
-        # predicted gain so far: sigma_max / running mean of sigma_bar (theory.predicted_gain)
+        sigma_bound = theory.reward_std_bound(0.0, 1.0)  # rewards in [0, 1]: the largest possible std
+        # predicted gain so far: sigma_bound / running mean of sigma_bar (theory.predicted_gain)
         sb = torch.tensor(df["sigma_bar"].to_numpy())
         running_mean = sb.cumsum(0) / torch.arange(1, len(sb) + 1, dtype=sb.dtype)  # sigma_bar over steps <= t
-        df["predicted_gain"] = theory.predicted_gain(running_mean[:, None, None], sigma_max).numpy()
+        df["predicted_gain"] = theory.predicted_gain(running_mean[:, None, None], sigma_bound).numpy()
         diag = df[df["diagnosed"]]
         if len(diag):
             # phases from (sigma_bar, rho, per-step gain); here the per-step gain is the predicted
-            # sigma_max / sigma_bar_t, since one LLM step cannot be replayed under both estimators
+            # sigma_bound / sigma_bar_t, since one LLM step cannot be replayed under both estimators
             labels = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
-                                         (sigma_max / diag["sigma_bar"].clip(lower=1e-12)).to_numpy())
+                                         (sigma_bound / diag["sigma_bar"].clip(lower=1e-12)).to_numpy())
             df.loc[diag.index, "phase"] = labels
         return df
 
