@@ -9,8 +9,6 @@ RESULTS_ROOT/<experiment>-<hash of the sweep>, so a changed config never reuses 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ class FigureOutcome:
 
 
 def results_dir_for(experiment: str, spec: sweep.SweepSpec, root: Path) -> Path:
-    digest = hashlib.sha1(json.dumps(spec.as_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = results.stable_id(spec.as_dict(), 10)
     return root / f"{Path(experiment).stem}-{digest}"
 
 

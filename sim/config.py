@@ -9,13 +9,12 @@ and RunConfig (their pair, with its stable ``run_id``) live here; sim.problems b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
 from sim import estimators
+from sim.results import stable_id
 
 
 class ConfigError(ValueError):
@@ -116,8 +115,7 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps(self.as_flat_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+        return stable_id(self.as_flat_dict(), 16)
 
     def as_flat_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.problem), **dataclasses.asdict(self.train)}

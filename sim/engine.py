@@ -1,8 +1,8 @@
 """Vectorized training loop: R runs sharing a problem shape train in one torch program.
 
 Dimension legend
-    R   runs in the batch       P   prompts          K   responses
-    G   group size              k   private dims     s   shared dims
+    R   runs in the batch       P   prompts          K   responses (y indexes them)
+    G   group size (g indexes)  k   private dims     s   shared dims
     L   logged steps
 
 Update (both modes), with the gradient estimate averaged over prompts (DESIGN.md §4):
@@ -12,8 +12,8 @@ Update (both modes), with the gradient estimate averaged over prompts (DESIGN.md
 exact mode:    w_iy = s_i pi_iy (rbar_iy - mu_i), s_i = estimators.population_scale (the
                population form: 1 for REINFORCE-type, 1/(sigma_i + eps) for GRPO, sigma_i the
                std of the mean reward);
-sampled mode:  w_i = (1/G) sum_k A_ik (e_(y_ik) - pi_i), y_ik ~ pi_i, A = estimators.advantages
-               on the observed rewards R_ik = c_i Bernoulli(q(y_ik)).
+sampled mode:  w_i = (1/G) sum_g A_ig (e_(y_ig) - pi_i), y_ig ~ pi_i, A = estimators.advantages
+               on the observed rewards R_ig = c_i Bernoulli(q(y_ig)).
 
 Random draws come from sim.rng keyed by (run seed, step, stream), so a run's trajectory
 does not depend on the batch it is in. Float64 by default.
@@ -73,7 +73,7 @@ RHO_MAX_PROMPTS = 64
 def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
                              keys: np.ndarray, step: int, train: TrainConfig,
                              binary_q: bool = False) -> torch.Tensor:
-    """w [R, P, K] = (1/G) sum_k A_ik (e_(y_ik) - pi_i) from G sampled responses per prompt.
+    """w [R, P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from G sampled responses per prompt.
 
     pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); keys [R] uint64 (sim.rng.run_keys).
     The step's draws are u [R, 2, P, G]: response picks, then reward flips. ``binary_q`` (every
@@ -84,13 +84,13 @@ def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Pro
     G = train.group_size
     u = uniforms(keys, step, (2, P, G), pi.dtype, leading=1 if binary_q else None).to(pi.device)  # [R, 1|2, P, G]
     cdf = pi.cumsum(-1)  # [R, P, K]
-    cdf[..., -1] = 2.0  # above every u: y = #{k < K-1: cdf_k <= u} <= K-1 even if rounding left cdf_K < u
+    cdf[..., -1] = 2.0  # above every u: y = #{y' < K-1: cdf_y' <= u} <= K-1 even if rounding left cdf_K < u
     y = torch.searchsorted(cdf, u[:, 0].contiguous(), right=True)  # [R, P, G]
     q = problem.q.gather(-1, y)  # [R, P, G]
     hit = q if binary_q else (u[:, 1] < q).to(pi.dtype)
-    rewards = problem.scale.unsqueeze(-1) * hit  # [R, P, G]: c_i Bernoulli(q(y_ik))
+    rewards = problem.scale.unsqueeze(-1) * hit  # [R, P, G]: c_i Bernoulli(q(y_ig))
     adv = estimators.advantages(train.estimator, rewards, ddof=train.ddof, eps=train.eps, sigma=sigma)
-    per_response = torch.zeros_like(pi).scatter_add_(-1, y, adv)  # [R, P, K]: sum_k A_ik e_(y_ik)
+    per_response = torch.zeros_like(pi).scatter_add_(-1, y, adv)  # [R, P, K]: sum_g A_ig e_(y_ig)
     return (per_response - pi * adv.sum(-1, keepdim=True)) / G
 
 

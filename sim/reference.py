@@ -1,7 +1,7 @@
-"""A deliberately plain per-run reference: one run at a time, one step at a time, numpy.
+"""Test oracle: a deliberately plain per-run reference, one run at a time, one step at a time, numpy.
 
-Used by the tests (vectorized engine == this loop on the same seeds) and by bench/ (the
-engine's speedup over a straightforward loop). Mathematics as in sim.engine; the random
+Not part of the product's code paths: the tests check the vectorized engine against this loop
+on the same seeds, and bench/ measures the engine's speedup over it. Mathematics as in sim.engine; the random
 draws come from the same counter-based hash (sim.rng, one run at a time), and advantages
 from sim.estimators (the only advantage functions in the project), on a zero-copy torch
 view of the numpy rewards.
@@ -57,8 +57,8 @@ def train_one(run: RunConfig) -> dict[str, np.ndarray]:
             u_pick, u_rew = uniforms(t.seed, step, (2, P, G))
             cdf = np.cumsum(pi, -1)  # [P, K]
             y = np.minimum((u_pick[:, :, None] >= cdf[:, None, :]).sum(-1), K - 1)  # [P, G]
-            R = c[:, None] * (u_rew < q[rows, y])  # [P, G]
-            A = estimators.advantages(t.estimator, torch.from_numpy(R), ddof=t.ddof, eps=t.eps,
+            rewards = c[:, None] * (u_rew < q[rows, y])  # [P, G]
+            A = estimators.advantages(t.estimator, torch.from_numpy(rewards), ddof=t.ddof, eps=t.eps,
                                       sigma=torch.from_numpy(sigma)).numpy()
             onehot = np.eye(K)[y]  # [P, G, K]
             w = (A[:, :, None] * (onehot - pi[:, None, :])).mean(1)  # [P, K]

@@ -98,7 +98,8 @@ def _git_commit() -> str | None:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("grpo-sim", "torch", "numpy", "pandas", "pyarrow", "scipy", "typer", "rich"):
+    for name in ("grpo-sim", "torch", "numpy", "pandas", "pyarrow", "scipy", "typer", "rich", "transformers",
+                 "accelerate", "datasets", "trl"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -106,10 +107,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def stable_id(obj, length: int | None = None) -> str:
+    """sha1 of the canonical JSON of ``obj`` (sorted keys, compact separators, str() for other
+    types), hex, cut to ``length``: the one id function of run ids, fingerprints, part names and
+    figure results directories. Same object, same id, on any machine."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:length]
+
+
 def fingerprint(spec: dict, run_rows: list[dict]) -> str:
     """Stable hash of what a results directory was written for."""
-    blob = json.dumps({"spec": spec, "runs": run_rows}, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()
+    return stable_id({"spec": spec, "runs": run_rows})
 
 
 def check_writable(out: Path) -> None:
@@ -149,11 +157,19 @@ def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool) 
     if out.exists() and resume:
         _clear_stale_temp_files(out)  # a crash before the manifest landed
     check_writable(out)
-    write_json({
-        "package": "grpo-sim", "fingerprint": fp, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "git_commit": _git_commit(), "versions": _versions(), "spec": spec, "runs": run_rows,
-    }, manifest_path)
+    write_manifest(out, spec, run_rows)
     return set()
+
+
+def write_manifest(out: Path, spec: dict, run_rows: list[dict], **extra) -> None:
+    """manifest.json (DESIGN.md §6): the resolved config of every run, the spec it came from, its
+    fingerprint, the package and library versions, the git commit and the time; ``extra`` fields
+    (e.g. kind="llm", world_size) are added. Every results directory, simulator or LLM, has one."""
+    write_json({
+        "package": "grpo-sim", "fingerprint": fingerprint(spec, run_rows),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "git_commit": _git_commit(),
+        "versions": _versions(), "spec": spec, "runs": run_rows, **extra,
+    }, out / MANIFEST)
 
 
 def _clear_stale_temp_files(out: Path) -> None:
@@ -175,7 +191,7 @@ def committed_run_ids(out: Path) -> set[str]:
 
 def write_part(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
     """Commit one finished batch: steps file first, then the runs file that marks it done."""
-    name = hashlib.sha1(",".join(sorted(runs["run_id"])).encode()).hexdigest()[:16]
+    name = stable_id(sorted(runs["run_id"]), 16)
     write_parquet(steps, out / PARTS / f"{name}.steps.parquet")
     _failpoint("part-steps")
     write_parquet(runs, out / PARTS / f"{name}.runs.parquet")

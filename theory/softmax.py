@@ -55,7 +55,7 @@ def per_prompt_gradients(w: torch.Tensor, phi_private: torch.Tensor, phi_shared:
 
     Returns (g_private [..., P, k]: the only non-zero private block of g_i, and g_shared
     [..., P, s]). With w from ``prompt_stats`` g_i = grad J_i; with sampled weights
-    (1/G) sum_k A_ik (e_(y_ik) - pi_i) it is the policy-gradient estimate of prompt i.
+    (1/G) sum_g A_ig (e_(y_ig) - pi_i) it is the policy-gradient estimate of prompt i.
     """
     check_shapes("per_prompt_gradients", w=(w, "... P K"), phi_private=(phi_private, "... P K k"),
                  phi_shared=(phi_shared, "... P K s"))

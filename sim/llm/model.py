@@ -10,7 +10,6 @@ the same from_pretrained path a hub model takes.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,8 +160,3 @@ def load(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None = Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)

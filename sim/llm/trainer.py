@@ -1,7 +1,8 @@
 """Policy-gradient training of a causal LM with the simulator's estimators and diagnostics.
 
-Dimension legend: P prompts per step (all ranks), G completions per prompt, N = P*G sequences,
-L sequence length, V vocabulary, n parameters in the diagnostic subset.
+Dimension legend: P prompts per step (all ranks), G completions per prompt (g indexes them),
+N = P*G sequences (k indexes them), L sequence length, V vocabulary, n parameters in the
+diagnostic subset.
 
 Each step: sample G completions for each of P prompts, score them (sim.llm.rewards), turn the
 [P, G] rewards into advantages with sim.estimators.advantages (the same function as the
@@ -22,8 +23,6 @@ keeps its own rows; DDP averages the gradients.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import random
 import time
@@ -41,7 +40,7 @@ from sim.config import ConfigError, check_device, check_value, option, resolve_d
 from sim.llm import data as data_mod
 from sim.llm import model as model_mod
 from sim.llm.rewards import reward
-from sim.results import write_json, write_parquet
+from sim.results import stable_id, write_manifest, write_parquet
 
 LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
@@ -89,8 +88,7 @@ def validate(cfg: LLMConfig) -> None:
 
 
 def run_id(cfg: LLMConfig) -> str:
-    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    return stable_id(dataclasses.asdict(cfg), 16)
 
 
 def completion_mask(sequences: torch.Tensor, prompt_len: int, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -200,9 +198,9 @@ class Trainer:
     def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None):
         """Per-prompt gradient estimates on the diagnostic subset: ([P_loc, n], sequence log-probs [N]).
 
-        g_i = -grad of L_i = (1/G) sum_k c_ik exp(log pi(y_k) - ref_k), c = R - mean_k R (the mean
-        baseline, whatever the training estimator), log pi(y_k) the sequence log-probability. With
-        ref = log pi at the current theta (the default) g_i = (1/G) sum_k c_ik grad log pi(y_k), an
+        g_i = -grad of L_i = (1/G) sum_g c_ig exp(log pi(y_ig) - ref_ig), c = R - mean_g R (the mean
+        baseline, whatever the training estimator), log pi(y_ig) the sequence log-probability. With
+        ref = log pi at the current theta (the default) g_i = (1/G) sum_g c_ig grad log pi(y_ig), an
         estimate of grad J_i = E[(r - mu) grad log pi]; with ref from an earlier theta the same
         samples are importance-weighted, so the difference of the two estimates follows the whole
         Hessian of J_i, E[(r - mu)(s s^T + grad s)], along the step.
@@ -308,8 +306,8 @@ class Trainer:
         steps = self._steps_frame(rows, rid)
         runs = self._runs_frame(steps, rid)
         if self.acc.is_main_process:
-            write_json({"package": "grpo-sim", "kind": "llm", "runs": [{"run_id": rid, **dataclasses.asdict(cfg)}],
-                        "world_size": self.world}, self.out / "manifest.json")
+            write_manifest(self.out, {"llm": dataclasses.asdict(cfg)}, [{"run_id": rid, **dataclasses.asdict(cfg)}],
+                           kind="llm", world_size=self.world)
             write_parquet(steps, self.out / "steps.parquet")
             write_parquet(runs, self.out / "runs.parquet")
         self.acc.wait_for_everyone()
