@@ -228,6 +228,23 @@ class StepHistory:
         self._start, self._n = s + n, 0
 
 
+def target_statistics(J_hist: torch.Tensor, sigma_bar_hist: torch.Tensor, target: torch.Tensor):
+    """(reached [R], steps_to_target [R], sigma_bar_to_target [R]) from J_t, sigma_bar_t [R, T+1] and
+    the target J [R]: the first t with J_t >= target (T when never reached), and the mean of
+    sigma_bar_t over t < steps_to_target (all T+1 steps when never reached; sigma_bar_0 when
+    reached at 0), the sigma_bar of the predicted gain (DESIGN.md §3)."""
+    T = J_hist.shape[-1] - 1
+    above = J_hist >= target.unsqueeze(-1)  # [R, T+1]
+    reached = above.any(-1)
+    steps_to_target = torch.where(reached, above.to(torch.int8).argmax(-1),
+                                  torch.full_like(reached, T, dtype=torch.long))
+    n_before = torch.where(reached, steps_to_target, torch.full_like(steps_to_target, T + 1))
+    cum = sigma_bar_hist.cumsum(-1)  # [R, T+1]
+    sum_before = cum.gather(-1, (n_before - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    sigma_bar_to_target = torch.where(n_before > 0, sum_before / n_before.clamp_min(1), sigma_bar_hist[:, 0])
+    return reached, steps_to_target, sigma_bar_to_target
+
+
 class Recorder:
     """Everything a batch logs: J_t and sigma_bar_t at every step (StepHistory), the diagnostics of
     DESIGN.md §3 at log-spaced steps, and at the end the per-run summary (``result``)."""
@@ -298,21 +315,10 @@ class Recorder:
         J_hist, sigma_bar_hist, min_sigma_ratio = map(cpu, (self.history.J, self.history.sigma_bar,
                                                             self.history.min_sigma_ratio))
         logged = {m: cpu(v) for m, v in self.logged.items()}
-        lr_over_p, M, lr_grpo, lr_reinforce, rho_index = map(cpu, (b.lr_over_p, self.M, self.lr_grpo,
-                                                                   self.lr_reinforce, self.rho_index))
-        prob, T, R, P = b.problem_cpu, b.train.steps, *state.pi.shape[:2]
-
+        prob, T, P = b.problem_cpu, b.train.steps, state.pi.shape[1]
         j_star = prob.j_star  # [R]
         target = b.train.target_fraction * j_star
-        above = J_hist >= target.unsqueeze(-1)  # [R, T+1]
-        reached = above.any(-1)
-        steps_to_target = torch.where(reached, above.to(torch.int8).argmax(-1),
-                                      torch.full_like(reached, T, dtype=torch.long))
-        # mean sigma_bar over t < steps_to_target (all T+1 steps when never reached; sigma_bar_0 when reached at 0)
-        n_before = torch.where(reached, steps_to_target, torch.full_like(steps_to_target, T + 1))
-        cum = sigma_bar_hist.cumsum(-1)  # [R, T+1]
-        sum_before = cum.gather(-1, (n_before - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        sigma_bar_to_target = torch.where(n_before > 0, sum_before / n_before.clamp_min(1), sigma_bar_hist[:, 0])
+        reached, steps_to_target, sigma_bar_to_target = target_statistics(J_hist, sigma_bar_hist, target)
 
         run_ids = [r.run_id for r in b.runs]
         summary = pd.DataFrame([{"run_id": rid, **r.as_flat_dict()} for rid, r in zip(run_ids, b.runs)])
@@ -325,7 +331,17 @@ class Recorder:
         summary["auc"] = (J_hist.mean(-1) / j_star).numpy()
         summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
         summary["sigma_bound"] = prob.sigma_bound.numpy()
-        # theory beside measurement (DESIGN.md §3; measured_gain is added per cell by the sweep)
+        self._theory_columns(summary, sigma_bar_to_target, logged, min_sigma_ratio, P)
+        return BatchResult(summary, self._steps_frame(run_ids, logged), cpu(state.theta_private),
+                           cpu(state.theta_shared))
+
+    def _theory_columns(self, summary: pd.DataFrame, sigma_bar_to_target: torch.Tensor,
+                        logged: dict[str, torch.Tensor], min_sigma_ratio: torch.Tensor, P: int) -> None:
+        """Theory beside measurement (DESIGN.md §3): predicted gain, M's, theory lr, feature overlap and
+        the condition flags, added to ``summary`` (measured_gain is added per cell by the sweep)."""
+        b, prob = self.batch, self.batch.problem_cpu
+        lr_over_p, M, lr_grpo, lr_reinforce, rho_index = (x.cpu() for x in (b.lr_over_p, self.M, self.lr_grpo,
+                                                                             self.lr_reinforce, self.rho_index))
         lr_theory = lr_grpo if b.spec.std_normalized else lr_reinforce
         overlap_of = {cfg: theory.feature_overlap(p.phi_private[rho_index], p.phi_shared[rho_index]).amax()
                       for cfg, p in b.unique.items()}  # a property of the problem: once per distinct problem
@@ -348,8 +364,6 @@ class Recorder:
         for name, ok in conditions.items():
             summary[name] = ok.numpy()
         summary["conditions_ok"] = torch.stack(list(conditions.values())).all(0).numpy()
-        return BatchResult(summary, self._steps_frame(run_ids, logged), cpu(state.theta_private),
-                           cpu(state.theta_shared))
 
     def _steps_frame(self, run_ids: list[str], logged: dict[str, torch.Tensor]) -> pd.DataFrame:
         """Long format: one row per (run, logged step) with STEP_METRICS, sigma_per_prompt, phase."""
