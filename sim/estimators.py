@@ -192,6 +192,7 @@ class EstimatorSpec:
     library          the name peers use for it (TRL / verl / OpenRLHF)
     base             the estimator a preset configures (itself for base estimators)
     ddof, eps        fixed by a preset (None: the caller's value)
+    whitening        batch whitening a preset applies after its base estimator (None: none)
     """
 
     name: str
@@ -206,6 +207,7 @@ class EstimatorSpec:
     base: str = ""
     ddof: int | None = None
     eps: float | None = None
+    whitening: Whitening | None = None
 
     def __post_init__(self):
         if not callable(self.advantage) or not callable(self.population_scale):
@@ -273,7 +275,8 @@ def _preset(name: str, base: str, ddof: int, eps: float, library: str,
         return s * torch.rsqrt(torch.clamp(var, min=w.var_floor) + w.eps)
 
     return EstimatorSpec(name, f"{b.label} + whitening [{name}]", advantage, population_scale, None,
-                         b.std_normalized, b.min_group, b.llm, library, base=base, ddof=ddof, eps=eps)
+                         b.std_normalized, b.min_group, b.llm, library, base=base, ddof=ddof, eps=eps,
+                         whitening=whitening)
 
 
 _PRESETS = (

@@ -1,0 +1,349 @@
+"""Compiled CPU engine (numba): the training loop of sim.engine for all runs of a batch, from one
+logged step to the next, without Python in the inner loop.
+
+Dimension legend
+    R   runs (parallel over them: prange)   P   prompts   K   responses (y)   G   group size (g)
+    k   private dims (a)                    s   shared dims (b)
+
+Per run and step t it computes exactly what sim.engine.step does (DESIGN.md §3, §4):
+
+    z_iy = b_iy + phi_private[i, y] . theta_i + phi_shared[i, y] . theta_sh,   pi_i = softmax(z_i)
+    mu_i = E_pi rbar,  w_iy = pi_iy (rbar_iy - mu_i),  sigma_i = sqrt(sum_y w_iy (rbar_iy - mu_i))
+    exact:    w_i <- s_i w_i                       (s_i: the estimator's population scale)
+    sampled:  w_i <- (1/G) sum_g A_ig (e_(y_ig) - pi_i),  y_ig by inverse CDF from the same
+              SplitMix64 counter draws as sim.rng (bit for bit), A from the estimator's formula
+    theta_i += (lr/P) sum_y w_iy phi_private[i, y];  theta_sh += (lr/P) sum_i sum_y w_iy phi_shared[i, y]
+
+and records J_t = mean_i mu_i, sigma_bar_t = mean_i sigma_i and the relaxed-condition ratio
+min_i sigma_i(t) / sigma_i(t-1) (prompts with sigma_i(t-1) above the floor), as StepHistory does.
+Every registry estimator and preset maps to kernel parameters (``estimator_params``): a base
+code, its ddof and eps, and optional batch whitening. Sums run in another order than torch's,
+so the two engines agree to rounding (tests: 1e-12), not bit for bit; runs are independent, so
+results do not depend on the number of threads or on the batch.
+
+Kernels are compiled once per machine and cached (``cache=True``) under the user's cache
+directory (NUMBA_CACHE_DIR, else $XDG_CACHE_HOME/grpo-sim/numba or ~/.cache/grpo-sim/numba).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels are cached: NUMBA_CACHE_DIR when set, else the user's cache dir."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "grpo-sim" / "numba"
+
+
+import numba  # noqa: E402
+
+if not numba.config.CACHE_DIR:  # read when the kernels below are decorated
+    numba.config.CACHE_DIR = str(cache_dir())
+
+from numba import njit, prange  # noqa: E402
+
+# estimator codes of the kernels (estimator_params maps registry entries onto them)
+REINFORCE, DR_GRPO, RLOO, GRPO, GRPO_BATCH, GRPO_ORACLE = range(6)
+BASE_CODES = {"reinforce": REINFORCE, "dr_grpo": DR_GRPO, "rloo": RLOO, "grpo": GRPO, "grpo_batch": GRPO_BATCH,
+              "grpo_oracle": GRPO_ORACLE}
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_FLOAT_MAX = np.finfo(np.float64).max
+
+
+def estimator_params(spec, ddof: int, eps: float) -> tuple[int, int, float, bool, int, float, float]:
+    """(code, ddof, eps, whiten, whiten_ddof, whiten_var_floor, whiten_eps) of a registry entry:
+    a preset's own ddof / eps override the run's (as EstimatorSpec.advantages does)."""
+    w = spec.whitening
+    return (BASE_CODES[spec.base], spec.ddof if spec.ddof is not None else ddof,
+            float(spec.eps if spec.eps is not None else eps), w is not None,
+            w.ddof if w else 0, float(w.var_floor) if w else 0.0, float(w.eps) if w else 0.0)
+
+
+@njit(cache=True, inline="always")
+def _mix64(x):
+    """SplitMix64 output for state x (sim.rng.mix64)."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MUL1
+    z = (z ^ (z >> np.uint64(27))) * _MUL2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _half_to_uniform(half):
+    """A 32-bit half read as signed int32 x -> (x + 2^31 + 1/2) 2^-32 (sim.rng.uniforms_np)."""
+    x = np.int64(half)
+    if x >= 2147483648:
+        x -= 4294967296
+    return (np.float64(x) + 2147483648.5) * 2.3283064365386963e-10
+
+
+@njit(cache=True, inline="always")
+def _fill_uniforms(key, step, m, n, u):
+    """u[:n] = the first n draws of ``step`` for stream ``key`` with m hashes per step (sim.rng)."""
+    base = np.uint64(step) * np.uint64(m)
+    for j in range((n + 1) // 2):
+        h = _mix64(key + (base + np.uint64(j)) * _GOLDEN)
+        u[2 * j] = _half_to_uniform(h & _LOW32)
+        if 2 * j + 1 < n:
+            u[2 * j + 1] = _half_to_uniform(h >> np.uint64(32))
+
+
+@njit(cache=True, inline="always")
+def _safe_reciprocal(x):
+    """1/x for x > 0 (capped at the largest float), else 0 (theory.softmax.safe_reciprocal)."""
+    if x > 0.0:
+        return min(1.0 / x, _FLOAT_MAX)
+    return 0.0
+
+
+@njit(cache=True)
+def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps):
+    """adv [P, G] from rewards [P, G] (sim.estimators formulas; sigma [P] for grpo_oracle)."""
+    P, G = rewards.shape
+    if code == REINFORCE:
+        for p in range(P):
+            for g in range(G):
+                adv[p, g] = rewards[p, g]
+    else:
+        for p in range(P):  # R - mean R as d - mean d, d = R - R_1: exactly 0 for a constant group
+            r0 = rewards[p, 0]
+            total = 0.0
+            for g in range(G):
+                adv[p, g] = rewards[p, g] - r0
+                total += adv[p, g]
+            mean = total / G
+            for g in range(G):
+                adv[p, g] -= mean
+        if code == RLOO:
+            f = G / (G - 1)
+            for p in range(P):
+                for g in range(G):
+                    adv[p, g] *= f
+        elif code == GRPO or code == GRPO_ORACLE:
+            for p in range(P):
+                if code == GRPO:
+                    std = 0.0
+                    if G - ddof > 0:
+                        ss = 0.0
+                        for g in range(G):
+                            ss += adv[p, g] * adv[p, g]
+                        std = math.sqrt(ss / (G - ddof))
+                    den = std + eps
+                else:
+                    den = sigma[p] + eps
+                if eps > 0:
+                    for g in range(G):
+                        adv[p, g] /= den
+                else:
+                    inv = _safe_reciprocal(den)
+                    for g in range(G):
+                        adv[p, g] *= inv
+        elif code == GRPO_BATCH:
+            n = P * G
+            std = 0.0
+            if n - ddof > 0:
+                total = 0.0
+                for p in range(P):
+                    for g in range(G):
+                        total += rewards[p, g]
+                mean = total / n
+                ss = 0.0
+                for p in range(P):
+                    for g in range(G):
+                        ss += (rewards[p, g] - mean) ** 2
+                std = math.sqrt(ss / (n - ddof))
+            den = std + eps
+            inv = 1.0 / den if eps > 0 else _safe_reciprocal(den)
+            for p in range(P):
+                for g in range(G):
+                    adv[p, g] = adv[p, g] / den if eps > 0 else adv[p, g] * inv
+    if whiten:
+        n = P * G
+        total = 0.0
+        for p in range(P):
+            for g in range(G):
+                total += adv[p, g]
+        mean = total / n
+        var = 0.0
+        if n - w_ddof > 0:
+            for p in range(P):
+                for g in range(G):
+                    var += (adv[p, g] - mean) ** 2
+            var /= n - w_ddof
+        f = 1.0 / math.sqrt(max(var, w_floor) + w_eps)
+        for p in range(P):
+            for g in range(G):
+                adv[p, g] = (adv[p, g] - mean) * f
+
+
+@njit(cache=True)
+def _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps):
+    """scale [P] = the estimator's population scale s_i (sim.estimators limits)."""
+    P = mu.shape[0]
+    if code == GRPO or code == GRPO_ORACLE:
+        for p in range(P):
+            scale[p] = _safe_reciprocal(sigma[p] + eps)
+    elif code == GRPO_BATCH:
+        m2, mm = 0.0, 0.0
+        for p in range(P):
+            m2 += sigma[p] * sigma[p]
+            mm += mu[p]
+        m2 /= P
+        mm /= P
+        var_mu = 0.0
+        for p in range(P):
+            var_mu += (mu[p] - mm) ** 2
+        s = _safe_reciprocal(math.sqrt(m2 + var_mu / P) + eps)
+        for p in range(P):
+            scale[p] = s
+    else:
+        for p in range(P):
+            scale[p] = 1.0
+    if whiten:
+        v = 0.0
+        for p in range(P):
+            v += (scale[p] * sigma[p]) ** 2
+        f = 1.0 / math.sqrt(max(v / P, w_floor) + w_eps)
+        for p in range(P):
+            scale[p] *= f
+
+
+@njit(cache=True, parallel=True)
+def advance(t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p, phi_s, lr_over_p, keys,
+            exact, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, G, binary_q, sigma_floor,
+            J_hist, sigma_bar_hist, min_ratio):
+    """Advance every run from step t0 to t1 (theta updated in place), recording the history of the
+    steps t in [record_from, t1] (module docstring).
+
+    theta_p [R, P, k], theta_s [R, s]; bias, rbar, q [R, P, K]; scale_c [R, P]; phi_p [R, P, K, k];
+    phi_s [R, P, K, s]; lr_over_p [R]; keys [R] uint64; sigma_floor [R]; J_hist, sigma_bar_hist
+    [R, T+1] and min_ratio [R] (updated)."""
+    R, P, K = bias.shape
+    k = phi_p.shape[3]
+    s = phi_s.shape[3]
+    n_draws = P * G if binary_q else 2 * P * G
+    m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
+    for r in prange(R):
+        z = np.empty(K)
+        pi = np.empty((P, K))
+        mu = np.empty(P)
+        sigma = np.empty(P)
+        prev = np.empty(P)
+        w = np.empty((P, K))
+        scale = np.empty(P)
+        gs = np.empty(s)
+        rewards = np.empty((P, G))
+        adv = np.empty((P, G))
+        ys = np.empty((P, G), dtype=np.int64)
+        cdf = np.empty(K)
+        u = np.empty(2 * P * G)
+        lr = lr_over_p[r]
+        for t in range(t0, t1 + 1):
+            for p in range(P):  # policy statistics at theta_t
+                zmax = -np.inf
+                for y in range(K):
+                    acc = bias[r, p, y]
+                    for a in range(k):
+                        acc += phi_p[r, p, y, a] * theta_p[r, p, a]
+                    for b in range(s):
+                        acc += phi_s[r, p, y, b] * theta_s[r, b]
+                    z[y] = acc
+                    zmax = max(zmax, acc)
+                total = 0.0
+                for y in range(K):
+                    e = math.exp(z[y] - zmax)
+                    pi[p, y] = e
+                    total += e
+                mean = 0.0
+                for y in range(K):
+                    pi[p, y] /= total
+                    mean += pi[p, y] * rbar[r, p, y]
+                mu[p] = mean
+                var = 0.0
+                for y in range(K):
+                    dev = rbar[r, p, y] - mean
+                    w[p, y] = pi[p, y] * dev
+                    var += w[p, y] * dev
+                sigma[p] = math.sqrt(max(var, 0.0))
+            if t >= record_from:
+                J_hist[r, t] = mu.sum() / P
+                sigma_bar_hist[r, t] = sigma.sum() / P
+                if t > t0:
+                    for p in range(P):
+                        if prev[p] > sigma_floor[r]:
+                            min_ratio[r] = min(min_ratio[r], sigma[p] / prev[p])
+            for p in range(P):
+                prev[p] = sigma[p]
+            if t == t1:
+                break
+            if exact:
+                _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps)
+                for p in range(P):
+                    for y in range(K):
+                        w[p, y] *= scale[p]
+            else:
+                _fill_uniforms(keys[r], t, m, n_draws, u)
+                for p in range(P):
+                    c = 0.0
+                    for y in range(K):
+                        c += pi[p, y]
+                        cdf[y] = c
+                    cdf[K - 1] = 2.0  # above every draw (rounding may leave the sum below 1)
+                    for g in range(G):
+                        i = p * G + g
+                        y = 0
+                        while cdf[y] <= u[i]:
+                            y += 1
+                        ys[p, g] = y
+                        hit = q[r, p, y] if binary_q else (1.0 if u[P * G + i] < q[r, p, y] else 0.0)
+                        rewards[p, g] = scale_c[r, p] * hit
+                _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps)
+                for p in range(P):
+                    total = 0.0
+                    for y in range(K):
+                        w[p, y] = 0.0
+                    for g in range(G):
+                        w[p, ys[p, g]] += adv[p, g]
+                        total += adv[p, g]
+                    for y in range(K):
+                        w[p, y] = (w[p, y] - pi[p, y] * total) / G
+            for b in range(s):
+                gs[b] = 0.0
+            for p in range(P):  # gradient blocks and the update
+                for a in range(k):
+                    acc = 0.0
+                    for y in range(K):
+                        acc += w[p, y] * phi_p[r, p, y, a]
+                    theta_p[r, p, a] += lr * acc
+                for y in range(K):
+                    wy = w[p, y]
+                    for b in range(s):
+                        gs[b] += wy * phi_s[r, p, y, b]
+            for b in range(s):
+                theta_s[r, b] += lr * gs[b]
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) both kernel variants on a tiny batch."""
+    R, P, K, k, s, G = 1, 2, 2, 1, 1, 2
+    f = np.zeros
+    for exact in (True, False):
+        advance(0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
+                f((R, P, K, k)), f((R, P, K, s)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
+                0, 0.0, 0.0, G, True, f(R), f((R, 2)), np.full(R, np.inf))
+
+
+def is_cached() -> bool:
+    """True when compiled kernels for this module lie in the cache (no compile on first use)."""
+    return any(cache_dir().rglob("kernels.advance-*.nbi"))
