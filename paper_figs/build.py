@@ -38,7 +38,8 @@ def results_dir_for(experiment: str, spec: sweep.SweepSpec, root: Path) -> Path:
 
 
 def ensure_results(spec: sweep.SweepSpec, out: Path, on_progress: Callable | None = None, **run_kwargs):
-    """(runs, steps, reused): load a finished sweep, else resume or run it (run_kwargs: backend, address)."""
+    """(runs, steps, reused): load a finished sweep, else resume or run it (run_kwargs: backend, address,
+    engine, on_compile)."""
     if (out / results.RUNS).exists():
         runs, steps = results.load_results(out)
         return runs, steps, True
@@ -49,7 +50,8 @@ def ensure_results(spec: sweep.SweepSpec, out: Path, on_progress: Callable | Non
 
 def build_figures(out: Path, only: str | None = None, quick: bool = False, results_root: Path = RESULTS_ROOT,
                   on_progress: Callable | None = None, on_figure: Callable | None = None,
-                  backend: str = "local", address: str | None = None) -> list[FigureOutcome]:
+                  backend: str = "local", address: str | None = None, engine: str = "auto",
+                  on_compile: Callable | None = None) -> list[FigureOutcome]:
     """Build every figure (or ``only`` one); returns what was done for each."""
     import matplotlib.pyplot as plt
 
@@ -68,7 +70,8 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
         rdir = results_dir_for(fig.experiment, specs[fig.name], Path(results_root))
         if on_figure:
             on_figure(fig.name, rdir)
-        runs, steps, reused = ensure_results(specs[fig.name], rdir, on_progress, backend=backend, address=address)
+        runs, steps, reused = ensure_results(specs[fig.name], rdir, on_progress, backend=backend, address=address,
+                                             engine=engine, on_compile=on_compile)
         figure = fig.render(runs, steps)
         files = []
         for ext in ("pdf", "png"):

@@ -70,13 +70,13 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
 
 def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
     """Mean and half width t_{(1+level)/2, n-1} sd / sqrt(n) of its t-interval (0 for one value)."""
-    from scipy import stats  # imported here: it costs worker processes about a second at start-up
+    from scipy.special import stdtrit  # the t quantile (what scipy.stats.t.ppf calls), 1 s cheaper to import
 
     v = np.asarray(values, dtype=float)
     m = float(v.mean())
     if len(v) < 2:
         return m, 0.0
-    return m, float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, float(stdtrit(len(v) - 1, (1 + level) / 2) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def geometric_ci(ratios: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:

@@ -201,8 +201,17 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
     console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")
 
 
+ENGINE_HELP = ("numba: the compiled CPU loop; torch: the reference, and the GPU path; auto: numba on the CPU, "
+               "torch on a GPU. They agree to rounding [default: auto]")
+
+
+def _say_compiling() -> None:
+    console.print("compiling kernels (first run only) ...")
+
+
 def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, workers: int, prefix: str,
-             backend: str = "local", address: Optional[str] = None, device: str = "cpu") -> None:
+             backend: str = "local", address: Optional[str] = None, device: str = "cpu",
+             engine: str = "auto") -> None:
     if out is None:
         if resume:
             raise ConfigError("resume: needs --out DIR naming the results directory to continue")
@@ -217,7 +226,8 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
             progress.update(task, completed=done, total=total)
 
         runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
-                                         backend=backend, address=address, device=device)
+                                         backend=backend, address=address, device=device, engine=engine,
+                                         on_compile=_say_compiling)
     print_summary(runs_df, spec, out)
 
 
@@ -230,11 +240,14 @@ def _make_command(name: str, list_valued: bool, doc: str):
         resume = kwargs.pop("resume")
         workers = _int_option("workers", kwargs.pop("workers"), 1, 1, 256)
         backend, address, device = kwargs.pop("backend"), kwargs.pop("address"), kwargs.pop("device")
+        engine = kwargs.pop("engine")
         sweep_mod.check_backend(backend)
         check_device(device, backend, allow_auto=False)
+        if engine not in sweep_mod.ENGINES:
+            raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(sweep_mod.ENGINES)}")
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
         _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address,
-                 device=device)
+                 device=device, engine=engine)
 
     params = []
     if list_valued:
@@ -257,6 +270,7 @@ def _make_command(name: str, list_valued: bool, doc: str):
                                        "without it a local instance starts")),
         _param("device", typer.Option("cpu", "--device", metavar="[cpu|cuda]", help="where each batch trains "
                                       "(cuda: local backend) [default: cpu]"), str),
+        _param("engine", typer.Option("auto", "--engine", metavar="[auto|numba|torch]", help=ENGINE_HELP), str),
     ]
     return _with_signature(command, params, name, doc)
 
@@ -276,11 +290,14 @@ def figures_command(
     results_root: str = typer.Option("results/figures", "--results", metavar="DIR", help="where the sweeps' results are stored"),
     backend: str = typer.Option("local", "--backend", metavar="[local|ray]", help="where missing sweeps run"),
     address: Optional[str] = typer.Option(None, "--address", metavar="HOST:PORT", help="Ray cluster to join (ray backend)"),
+    engine: str = typer.Option("auto", "--engine", metavar="[auto|numba|torch]", help=ENGINE_HELP),
 ) -> None:
     """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps."""
     from paper_figs import build as figures_mod  # the CLI is the one sim module that imports paper_figs
 
     sweep_mod.check_backend(backend)
+    if engine not in sweep_mod.ENGINES:
+        raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(sweep_mod.ENGINES)}")
     rows = []
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -294,6 +311,7 @@ def figures_command(
 
         outcomes = figures_mod.build_figures(Path(out), only=only, quick=quick, results_root=Path(results_root),
                                              on_progress=on_progress, on_figure=on_figure, backend=backend,
+                                             engine=engine, on_compile=_say_compiling,
                                              address=address)
     table = Table(title=f"figures → {out}")
     for c in ("figure", "results", "sweep", "seconds"):

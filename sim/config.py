@@ -118,7 +118,9 @@ class RunConfig:
         return stable_id(self.as_flat_dict(), 16)
 
     def as_flat_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.problem), **dataclasses.asdict(self.train)}
+        """Every problem and train field by name (the run's config columns); fields are plain values."""
+        return {**{f.name: getattr(self.problem, f.name) for f in dataclasses.fields(ProblemConfig)},
+                **{f.name: getattr(self.train, f.name) for f in dataclasses.fields(TrainConfig)}}
 
     @staticmethod
     def from_flat_dict(d: dict[str, Any]) -> "RunConfig":

@@ -31,6 +31,7 @@ import torch
 import theory
 from sim import estimators
 from sim.config import RunConfig, TrainConfig
+from sim.results import stable_id
 from sim.problems import Problem, make_problem, stack_problems
 from sim.rng import run_keys, uniforms
 
@@ -148,7 +149,10 @@ def init_state(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     if len({batch_key(r) for r in runs}) != 1:
         raise ValueError("train_batch needs runs of one shape and one training setting")
     train = runs[0].train
-    unique = {r.problem: make_problem(r.problem, dtype) for r in runs}  # runs often share a problem
+    unique = {}
+    for r in runs:  # runs often share a problem: build each distinct one once
+        if r.problem not in unique:
+            unique[r.problem] = make_problem(r.problem, dtype)
     prob_cpu = stack_problems([unique[r.problem] for r in runs])
     prob = prob_cpu.to(device)
     on = {"dtype": dtype, "device": device}
@@ -200,7 +204,7 @@ class StepHistory:
         self.min_sigma_ratio = torch.full((R,), float("inf"), **on)
         self._mu = torch.empty(chunk, R, P, **on)
         self._sigma = torch.empty(chunk + 1, R, P, **on)  # slot 0: the step before the chunk
-        self._floor = sigma_floor  # [R, 1]
+        self.floor = sigma_floor  # [R, 1]
         self._chunk, self._n, self._start = chunk, 0, 0
 
     def add(self, mu: torch.Tensor, sigma: torch.Tensor) -> None:
@@ -220,7 +224,7 @@ class StepHistory:
         first = 1 if s == 0 else 0  # step 0 has no predecessor
         prev, cur = self._sigma[first:n], self._sigma[first + 1:n + 1]  # [n', R, P]
         if len(cur):
-            live = prev > self._floor
+            live = prev > self.floor
             ratio = torch.where(live, cur / torch.where(live, prev, torch.ones_like(prev)),
                                 torch.full_like(cur, float("inf")))
             self.min_sigma_ratio = torch.minimum(self.min_sigma_ratio, ratio.amin(-1).amin(0))
@@ -245,6 +249,61 @@ def target_statistics(J_hist: torch.Tensor, sigma_bar_hist: torch.Tensor, target
     return reached, steps_to_target, sigma_bar_to_target
 
 
+def advance_torch(state: TrainState, history: StepHistory, t1: int) -> TrainState:
+    """Step the batch from state.t to t1 with ``step`` (the reference, and the GPU path), adding
+    each new step's J and sigma to ``history`` (and step 0's when starting there)."""
+    if state.t == 0:
+        history.add(state.mu, state.sigma)
+    while state.t < t1:
+        state = step(state)
+        history.add(state.mu, state.sigma)
+    return state
+
+
+def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainState:
+    """The same as ``advance_torch`` in one compiled call (sim.kernels.advance) that updates theta in
+    place and writes the history of steps state.t..t1 (from step 1 on after the first call); the
+    policy statistics at t1 are then taken by the same torch code as the reference's."""
+    from sim import kernels
+
+    b, train = state.batch, state.batch.train
+    prob = b.problem
+    code, ddof, eps, whiten, w_ddof, w_floor, w_eps = kernels.estimator_params(b.spec, train.ddof, train.eps)
+    arr = lambda x: x.numpy()  # noqa: E731 -- CPU float64 tensors: views, no copies
+    kernels.advance(state.t, t1, 0 if state.t == 0 else state.t + 1, arr(state.theta_private),
+                    arr(state.theta_shared), arr(prob.bias), arr(prob.rbar), arr(prob.q), arr(prob.scale),
+                    arr(prob.phi_private), arr(prob.phi_shared), arr(b.lr_over_p), b.keys, train.mode == "exact",
+                    code, ddof, eps, whiten, w_ddof, w_floor, w_eps, train.group_size, b.binary_q,
+                    np.ascontiguousarray(arr(history.floor[:, 0])), arr(history.J), arr(history.sigma_bar), arr(history.min_sigma_ratio))
+    state.t = t1
+    return _with_stats(state)
+
+
+#: Engines by name: each advances a TrainState to a later step and records the history.
+ENGINES = {"torch": advance_torch, "numba": advance_numba}
+ENGINE_CHOICES = ("auto",) + tuple(ENGINES)
+
+
+def resolve_engine(engine: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> str:
+    """'auto' is numba on the CPU in float64 (when numba imports) and torch otherwise (a GPU, or
+    float32, which the kernels do not implement). An explicit choice is checked: ValueError when
+    numba is asked for on a GPU or in float32."""
+    on_cpu = torch.device(device).type == "cpu"
+    if engine == "auto":
+        if on_cpu and dtype == torch.float64:
+            try:
+                import numba  # noqa: F401
+            except ImportError:
+                return "torch"
+            return "numba"
+        return "torch"
+    if engine not in ENGINES:
+        raise ValueError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINE_CHOICES)}")
+    if engine == "numba" and not (on_cpu and dtype == torch.float64):
+        raise ValueError("engine: numba runs float64 on the CPU; use --engine torch for a GPU or float32")
+    return engine
+
+
 class Recorder:
     """Everything a batch logs: J_t and sigma_bar_t at every step (StepHistory), the diagnostics of
     DESIGN.md §3 at log-spaced steps, and at the end the per-run summary (``result``)."""
@@ -257,7 +316,8 @@ class Recorder:
         reduced = {cfg: theory.reduced_features(theory.local_features(p.phi_private, p.phi_shared))
                    for cfg, p in batch.unique.items()}  # once per distinct problem
         self.phi_red = torch.stack([reduced[r.problem] for r in batch.runs]).to(on["device"])  # [R, P, K, r]
-        self.M = prob.curvature_bound  # [R]
+        M_of = {cfg: p.curvature_bound for cfg, p in batch.unique.items()}  # once per distinct problem
+        self.M = torch.stack([M_of[r.problem] for r in batch.runs]).to(on["device"])  # [R]
         # theory step sizes, for the measured per-step gain of GRPO's exact step over REINFORCE's
         self.lr_grpo = theory.theory_step_size(True, self.M, prob.sigma_bound, P)  # [R]
         self.lr_reinforce = theory.theory_step_size(False, self.M, prob.sigma_bound, P)  # [R]
@@ -269,13 +329,11 @@ class Recorder:
         self.logged = {m: torch.zeros(len(self.log_steps), R, **on) for m in STEP_METRICS}
         self.logged["sigma_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
 
-    def record(self, state: TrainState) -> None:
-        """Add step t's J and sigma to the history; log the diagnostics when t is a log step."""
-        self.history.add(state.mu, state.sigma)
-        i = self.log_index.get(state.t)
-        if i is not None:
-            for name, value in self.diagnostics(state).items():
-                self.logged[name][i] = value
+    def log(self, state: TrainState) -> None:
+        """Log the diagnostics of a log step t."""
+        i = self.log_index[state.t]
+        for name, value in self.diagnostics(state).items():
+            self.logged[name][i] = value
 
     def diagnostics(self, state: TrainState) -> dict[str, torch.Tensor]:
         """Diagnostics at theta_t (DESIGN.md §3), each [R] (sigma_per_prompt [R, P]): J, sigma summary,
@@ -293,6 +351,10 @@ class Recorder:
         floor = 1e-12 * prob.sigma_bound.unsqueeze(-1).cpu()
         emp = theory.hessian_over_sigma(H.cpu(), sigma.cpu(), floor).to(pi.device)  # [R, P]
         m_an = theory.m_fourth_moment(pi, d)  # [R, P]
+        # a prompt whose features barely differ (sqrt(E||d||^4) at rounding level against the
+        # problem's bound M) has a Hessian of rounding noise: its curvature is not measured
+        flat = m_an <= 1e-12 * self.M.unsqueeze(-1)
+        emp = torch.where(flat, torch.zeros_like(emp), emp)
         P = pi.shape[-2]
         step_change = {
             normalized: theory.one_step_change(
@@ -303,7 +365,7 @@ class Recorder:
             "J": mu.mean(-1), "sigma_bar": sigma.mean(-1), "sigma_min": sigma.amin(-1),
             "sigma_max": sigma.amax(-1), "grad_norm": sq_norm.sqrt().mean(-1),
             "rho": theory.gradient_orthogonality(gram), "empirical_M": emp.amax(-1), "analytic_M": m_an.amax(-1),
-            "m_bound_ratio": (emp / m_an.clamp_min(1e-300)).amax(-1),
+            "m_bound_ratio": torch.where(flat, torch.zeros_like(emp), emp / m_an.clamp_min(1e-300)).amax(-1),
             "step_gain": theory.per_step_gain(step_change[True], step_change[False]), "sigma_per_prompt": sigma,
         }
 
@@ -320,8 +382,9 @@ class Recorder:
         target = b.train.target_fraction * j_star
         reached, steps_to_target, sigma_bar_to_target = target_statistics(J_hist, sigma_bar_hist, target)
 
-        run_ids = [r.run_id for r in b.runs]
-        summary = pd.DataFrame([{"run_id": rid, **r.as_flat_dict()} for rid, r in zip(run_ids, b.runs)])
+        flat = [r.as_flat_dict() for r in b.runs]
+        run_ids = [stable_id(d, 16) for d in flat]  # = RunConfig.run_id, from the dict made once
+        summary = pd.DataFrame([{"run_id": rid, **d} for rid, d in zip(run_ids, flat)])
         summary["initial_J"] = J_hist[:, 0].numpy()
         summary["final_J"] = J_hist[:, T].numpy()
         summary["j_star"] = j_star.numpy()
@@ -381,9 +444,11 @@ class Recorder:
 
 
 def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
-                on_progress: Callable[[int], None] | None = None, device: str | torch.device = "cpu") -> BatchResult:
-    """Train ``runs`` (equal ``batch_key``) together: init_state, then ``step`` T times, recording
-    every state; return their summary and step metrics.
+                on_progress: Callable[[int], None] | None = None, device: str | torch.device = "cpu",
+                engine: str = "auto") -> BatchResult:
+    """Train ``runs`` (equal ``batch_key``) together: init_state, then the engine advances the batch
+    from one log step to the next (``step`` T times in all), the Recorder logging the diagnostics
+    at every log step; return their summary and step metrics.
 
     Summary per run: initial_J, final_J, j_star, target_J, reached_target, steps_to_target
     (first t with J_t >= target; = steps when never reached, flagged by reached_target),
@@ -391,20 +456,23 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     prompt-mean sigma, used by the predicted gain), sigma_bound (largest possible sigma).
     ``on_progress(n)`` is called with the number of steps done since its last call.
     ``device``: where the training loop runs (a GPU, e.g. "cuda"); problems are built and the
-    summary is assembled on the CPU. Bit-identity across batch compositions is established (and
-    tested) on the CPU; on a GPU runs agree to rounding.
+    summary is assembled on the CPU. ``engine`` (resolve_engine): "numba" (the compiled CPU loop,
+    sim.kernels), "torch" (``step``, the reference and the GPU path) or "auto"; the two agree to
+    rounding (tested to 1e-12) and each run's row records which ran. Bit-identity across batch
+    compositions holds for each engine on the CPU (tested); on a GPU runs agree to rounding.
     """
+    name = resolve_engine(engine, device, dtype)
+    advance = ENGINES[name]
     with torch.no_grad():
         state = init_state(runs, dtype, device)
         recorder = Recorder(state.batch)
-        T = state.batch.train.steps
-        report_every = max(1, T // 100)
-        recorder.record(state)
-        for t in range(T):
-            state = step(state)
-            recorder.record(state)
-            if on_progress is not None and (t + 1) % report_every == 0:
-                on_progress(report_every)
-        if on_progress is not None:
-            on_progress(T - (T // report_every) * report_every)
-        return recorder.result(state)
+        recorder.log(state)
+        for t1 in recorder.log_steps[1:]:
+            t0 = state.t
+            state = advance(state, recorder.history, int(t1))
+            recorder.log(state)
+            if on_progress is not None:
+                on_progress(int(t1) - t0)
+        result = recorder.result(state)
+    result.runs["engine"] = name
+    return result

@@ -59,6 +59,9 @@ _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _FLOAT_MAX = np.finfo(np.float64).max
+#: Reassociation and fused multiply-add only: sums may be vectorized in another order (results
+#: change in the last bits), while inf, NaN and signed zeros keep their IEEE meaning.
+FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 def estimator_params(spec, ddof: int, eps: float) -> tuple[int, int, float, bool, int, float, float]:
@@ -107,7 +110,7 @@ def _safe_reciprocal(x):
     return 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps):
     """adv [P, G] from rewards [P, G] (sim.estimators formulas; sigma [P] for grpo_oracle)."""
     P, G = rewards.shape
@@ -187,7 +190,7 @@ def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w
                 adv[p, g] = (adv[p, g] - mean) * f
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps):
     """scale [P] = the estimator's population scale s_i (sim.estimators limits)."""
     P = mu.shape[0]
@@ -219,7 +222,7 @@ def _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps):
             scale[p] *= f
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def advance(t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p, phi_s, lr_over_p, keys,
             exact, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, G, binary_q, sigma_floor,
             J_hist, sigma_bar_hist, min_ratio):
@@ -341,9 +344,9 @@ def warm_up() -> None:
     for exact in (True, False):
         advance(0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
                 f((R, P, K, k)), f((R, P, K, s)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
-                0, 0.0, 0.0, G, True, f(R), f((R, 2)), np.full(R, np.inf))
+                0, 0.0, 0.0, G, True, f(R), f((R, 2)), f((R, 2)), np.full(R, np.inf))
 
 
 def is_cached() -> bool:
     """True when compiled kernels for this module lie in the cache (no compile on first use)."""
-    return any(cache_dir().rglob("kernels.advance-*.nbi"))
+    return any(Path(numba.config.CACHE_DIR).rglob("kernels.advance-*.nbi"))

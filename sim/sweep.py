@@ -242,12 +242,77 @@ def _started_pool(workers: int):
         yield pool
 
 
-def _run_batch_in_worker(rows: list[dict], device: str = "cpu"):
+def _run_batch_in_worker(rows: list[dict], device: str = "cpu", engine: str = "torch"):
+    """One batch in a worker process (local pool or Ray task): one thread for torch and numba, the
+    parallelism being across workers."""
+    set_threads(1)
+    res = train_batch([RunConfig.from_flat_dict(r) for r in rows], device=device, engine=engine)
+    return res.runs, res.steps
+
+
+def set_threads(numba_threads: int | None) -> tuple[int, int | None]:
+    """Threads of this process: torch 1 (its ops are small here, and its OpenMP threads oversubscribe
+    a busy machine: one default sweep took 36.5 s with 2 threads against 6.1 s with 1), numba
+    ``numba_threads`` (None: every CPU this process may use) for the compiled engine's runs.
+    Returns the previous (torch, numba) thread counts."""
+    import os
+
     import torch
 
+    before = torch.get_num_threads(), None
     torch.set_num_threads(1)
-    res = train_batch([RunConfig.from_flat_dict(r) for r in rows], device=device)
-    return res.runs, res.steps
+    if numba_threads is None:
+        numba_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        import numba
+
+        before = before[0], numba.get_num_threads()
+        numba.set_num_threads(max(1, min(numba_threads, numba.config.NUMBA_NUM_THREADS)))
+    except ImportError:
+        pass
+    return before
+
+
+@contextlib.contextmanager
+def _threads(numba_threads: int | None):
+    """set_threads for the body, the previous counts restored after it."""
+    torch_before, numba_before = set_threads(numba_threads)
+    try:
+        yield
+    finally:
+        import torch
+
+        torch.set_num_threads(torch_before)
+        if numba_before is not None:
+            import numba
+
+            numba.set_num_threads(numba_before)
+
+
+ENGINES = ("auto", "numba", "torch")
+
+
+def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], None] | None = None) -> str:
+    """Resolve ``engine`` (sim.engine.resolve_engine) with a one-line ConfigError for a bad choice;
+    for numba, load the compiled kernels, compiling them first when they are not cached yet
+    (``on_compile()`` is called before that, e.g. to say so). Returns "numba" or "torch"."""
+    from sim import engine as engine_mod
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINES)}")
+    try:
+        name = engine_mod.resolve_engine(engine, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except ImportError:
+        raise ConfigError("engine: numba is not installed; pip install numba, or use --engine torch") from None
+    if name == "numba":
+        from sim import kernels
+
+        if on_compile is not None and not kernels.is_cached():
+            on_compile()
+        kernels.warm_up()
+    return name
 
 
 BACKENDS = ("local", "ray")
@@ -264,7 +329,7 @@ def check_backend(backend: str) -> None:
             raise ConfigError("backend: ray is not installed; run: pip install -e '.[ray]'")
 
 
-def _ray_batches(batches, workers: int, address: str | None, on_result) -> None:
+def _ray_batches(batches, workers: int, address: str | None, on_result, engine: str = "torch") -> None:
     """Train batches as Ray tasks; results come back to the driver, which alone writes them."""
     import ray
 
@@ -272,7 +337,7 @@ def _ray_batches(batches, workers: int, address: str | None, on_result) -> None:
         kwargs = {"address": address} if address else {"num_cpus": max(workers, 1)}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     task = ray.remote(num_cpus=1)(_run_batch_in_worker)
-    futures = {task.remote([r.as_flat_dict() for r in b]): b for b in batches}
+    futures = {task.remote([r.as_flat_dict() for r in b], "cpu", engine): b for b in batches}
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -283,19 +348,24 @@ def _ray_batches(batches, workers: int, address: str | None, on_result) -> None:
 def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1,
               on_progress: Callable[[int, int], None] | None = None,
               max_batch: int = MAX_BATCH, backend: str = "local",
-              address: str | None = None, device: str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
+              address: str | None = None, device: str = "cpu", engine: str = "auto",
+              on_compile: Callable[[], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every pending run of ``spec`` into ``out``; return (runs, steps) with summary columns.
 
     backend "local": in this process (workers = 1) or a pool of ``workers`` processes; "ray":
     Ray tasks on the cluster at ``address`` (a local instance with ``workers`` CPUs when None).
     Only this process writes results. ``on_progress(steps_done, steps_total)`` is called as
     batches advance (steps summed over runs). ``device`` "cuda" trains each batch on the GPU
-    (local backend); runs then agree with CPU ones to rounding, not bit for bit.
+    (local backend); runs then agree with CPU ones to rounding, not bit for bit. ``engine``
+    (prepare_engine): numba or torch, recorded per run (column ``engine``); the two agree to
+    rounding, so a resumed sweep may mix them.
     """
     check_backend(backend)
     check_device(device, backend, allow_auto=False)
     runs = expand(spec)  # validates the whole sweep before any process starts
-    with _started_pool(workers if backend == "local" else 1) as pool:
+    engine = prepare_engine(engine, device, on_compile)  # compiled (or loaded) before workers need it
+    local_workers = workers if backend == "local" else 1
+    with _threads(1 if local_workers > 1 else None), _started_pool(local_workers) as pool:
         rows = [r.as_flat_dict() for r in runs]
         # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
         # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
@@ -319,13 +389,15 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             advance(b[0].train.steps * len(b))
 
         if backend == "ray":
-            _ray_batches(batches, workers, address, commit)
+            _ray_batches(batches, workers, address, commit, engine)
         elif workers <= 1:
             for b in batches:
-                res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device)
+                res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
+                                  engine=engine)
                 results.write_part(out, res.runs, res.steps)
         else:
-            futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device): b for b in batches}
+            futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device, engine): b
+                    for b in batches}
             for fut in as_completed(futs):
                 commit(futs[fut], *fut.result())
         runs_df, steps_df = results.read_parts(out)

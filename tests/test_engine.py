@@ -68,9 +68,10 @@ def mixed_runs(mode, estimator, steps=30, G=4):
 @pytest.mark.parametrize("mode,estimator", [("exact", "reinforce"), ("exact", "grpo"), ("exact", "grpo_batch"),
                                             ("sampled", "grpo"), ("sampled", "rloo"), ("sampled", "grpo_oracle"),
                                             ("sampled", "verl_rfpp_baseline")])
-def test_vectorized_engine_equals_per_run_loop(mode, estimator):
+@pytest.mark.parametrize("engine", ["torch", "numba"])
+def test_vectorized_engine_equals_per_run_loop(mode, estimator, engine):
     runs = mixed_runs(mode, estimator)
-    res = train_batch(runs)
+    res = train_batch(runs, engine=engine)
     for r, run in enumerate(runs):
         ref = train_one(run)
         got = res.steps[res.steps.run_id == run.run_id].sort_values("step")
@@ -79,23 +80,25 @@ def test_vectorized_engine_equals_per_run_loop(mode, estimator):
         np.testing.assert_allclose(res.theta_shared[r].numpy(), ref["theta_shared"], rtol=1e-9, atol=1e-11)
 
 
-def test_run_alone_equals_run_in_batch_bit_for_bit():
+@pytest.mark.parametrize("engine", ["torch", "numba"])
+def test_run_alone_equals_run_in_batch_bit_for_bit(engine):
     runs = mixed_runs("sampled", "grpo", steps=40)
-    together = train_batch(runs)
+    together = train_batch(runs, engine=engine)
     for r, run in enumerate(runs):
-        alone = train_batch([run])
+        alone = train_batch([run], engine=engine)
         assert torch.equal(alone.theta_private[0], together.theta_private[r])
         a = alone.runs.drop(columns="run_id").iloc[0]
         b = together.runs.drop(columns="run_id").iloc[r]
         assert a.equals(b)
 
 
-def test_same_config_and_seed_same_numbers_other_seed_differs():
+@pytest.mark.parametrize("engine", ["torch", "numba"])
+def test_same_config_and_seed_same_numbers_other_seed_differs(engine):
     runs = mixed_runs("sampled", "rloo", steps=25)
-    a, b = train_batch(runs), train_batch(runs)
+    a, b = train_batch(runs, engine=engine), train_batch(runs, engine=engine)
     assert torch.equal(a.theta_private, b.theta_private)
     other = [RunConfig(r.problem, TrainConfig(**{**r.train.__dict__, "seed": r.train.seed + 100})) for r in runs]
-    assert not torch.equal(a.theta_private, train_batch(other).theta_private)
+    assert not torch.equal(a.theta_private, train_batch(other, engine=engine).theta_private)
 
 
 def test_summary_metrics_follow_the_curve():
@@ -150,4 +153,5 @@ def test_exact_mode_preset_is_its_base_estimator_at_the_presets_eps(preset, base
     runs = mixed_runs("exact", preset, steps=20)
     runs = [RunConfig(r.problem, TrainConfig(**{**r.train.__dict__, "eps": 0.5})) for r in runs]
     same = [RunConfig(r.problem, TrainConfig(**{**r.train.__dict__, "estimator": base, "eps": eps})) for r in runs]
-    assert torch.equal(train_batch(runs).theta_private, train_batch(same).theta_private)
+    for engine in ("torch", "numba"):
+        assert torch.equal(train_batch(runs, engine=engine).theta_private, train_batch(same, engine=engine).theta_private)

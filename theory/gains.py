@@ -35,7 +35,7 @@ def predicted_gain(sigma_history: torch.Tensor, sigma_bound: torch.Tensor | floa
     ``sigma_bound`` None takes the largest sigma in the history (the tightest REINFORCE step that is
     safe along this very trajectory), so equal sigmas give exactly 1. G_pred >= 1 whenever
     sigma_bound bounds every sigma. A history of zeros (nothing left to learn) gives 1; the ratio is
-    capped at 1e300 so a subnormal sigma_bar cannot overflow to inf. -> [...].
+    capped at min(1e300, the dtype's largest float) so a subnormal sigma_bar cannot overflow to inf. -> [...].
     """
     check_shapes("predicted_gain", sigma_history=(sigma_history, "... T P"))
     sigma_bar = sigma_history.mean((-2, -1))
@@ -45,8 +45,9 @@ def predicted_gain(sigma_history: torch.Tensor, sigma_bound: torch.Tensor | floa
         smax = torch.as_tensor(sigma_bound, dtype=sigma_history.dtype).expand_as(sigma_bar)
     ok = sigma_bar > 0
     ratio = smax / torch.where(ok, sigma_bar, torch.ones_like(sigma_bar))
-    # a sigma_bar near the smallest double would overflow to inf: cap at 1e300 (stays finite)
-    return torch.where(ok, ratio.clamp(max=1e300), torch.ones_like(sigma_bar))
+    # a sigma_bar near the smallest float would overflow to inf: cap it (1e300 in float64, stays finite)
+    cap = min(1e300, torch.finfo(sigma_bar.dtype).max)
+    return torch.where(ok, ratio.clamp(max=cap), torch.ones_like(sigma_bar))
 
 
 def rate_bounds(steps: int, M: float, delta_j: float, sigma_bound: float, sigma_bar: float) -> tuple[float, float]:

@@ -1,0 +1,160 @@
+"""The compiled engine (sim.kernels, numba) against the torch engine, the reference: same draws,
+same numbers to rounding, for every registry estimator in both modes."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+import theory  # noqa: E402
+from sim import estimators as E  # noqa: E402
+from sim import kernels, rng  # noqa: E402
+from sim.config import ProblemConfig, RunConfig, TrainConfig  # noqa: E402
+from sim.engine import resolve_engine, train_batch  # noqa: E402
+from sim.problems import make_problem  # noqa: E402
+
+SETTINGS = settings(deadline=None, max_examples=int(__import__("os").environ.get("KERNEL_EXAMPLES", 5)), suppress_health_check=[HealthCheck.too_slow])
+
+#: Diagnostics logged at theta: functions of theta computed by the same torch code under both
+#: engines, so they inherit theta's rounding-level difference (tolerance 1e-12). step_gain is a
+#: ratio dJ_GRPO / dJ_REINFORCE of two one-step changes of J, each a difference of O(1) numbers:
+#: its rounding error is about 1e-16 (1 + |gain|) / |dJ_REINFORCE|, unbounded as REINFORCE's
+#: step vanishes (gains of -4e4 occur), so it is compared at 1e-6 where |gain| <= 100, and the
+#: phase labels built from it must be equal.
+#: empirical_M and m_bound_ratio divide ||Hess J_i|| by sigma_i: a prompt whose sigma_i has fallen
+#: near 0 gives them a rounding error of about 1e-16 / sigma_i (and one at the 1e-12 sigma floor
+#: drops in or out of the max), so they are compared where every sigma_i >= 1e-3 sigma_bound.
+#: rho is 1 - mean |cos| of per-prompt gradients: as a gradient vanishes its direction carries the
+#: rounding of the terms that cancel in it (relative errors up to 1e-11 seen): compared at 1e-9.
+TIGHT = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "analytic_M")
+PER_SIGMA = ("empirical_M", "m_bound_ratio")
+
+
+@st.composite
+def batches(draw):
+    """2-3 runs of one random shape: problems, noise, reward scales, step sizes and seeds drawn."""
+    P, K = draw(st.integers(1, 5)), draw(st.integers(2, 6))
+    k, s = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    G = draw(st.integers(2, 6))
+    runs = []
+    for _ in range(draw(st.integers(2, 3))):
+        p = ProblemConfig(num_prompts=P, num_responses=K, private_dim=k, shared_dim=s,
+                          orthogonality=draw(st.sampled_from([0.0, 0.3, 0.8, 1.0])),
+                          reward_noise=draw(st.sampled_from([0.0, 0.1])),
+                          reward_scale_spread=draw(st.sampled_from([1.0, 3.0])),
+                          difficulty_spread=draw(st.sampled_from([0.0, 0.6])),
+                          problem_seed=draw(st.integers(0, 50)))
+        try:
+            prob = make_problem(p)
+        except ValueError:  # degenerate features (nothing to learn): the CLI refuses these
+            assume(False)
+        # and no prompt whose responses share one feature vector: its gradient is rounding noise,
+        # which the two engines' different summation orders amplify differently
+        assume(float(theory.m_diameter(theory.local_features(prob.phi_private, prob.phi_shared)).min()) > 1e-3)
+        runs.append((p, draw(st.floats(0.1, 1.0)), draw(st.integers(0, 2**40))))
+    return runs, G
+
+
+def _runs(drawn, estimator, mode, steps=25):
+    """Runs at lr = factor x the theory step size (factor <= 1): beyond it gradient ascent can be
+    unstable, and an unstable trajectory amplifies any rounding difference exponentially, whatever
+    the two implementations."""
+    runs, G = drawn
+    normalized = E.get(estimator).std_normalized
+    return [RunConfig(p, TrainConfig(estimator=estimator, mode=mode, group_size=G, steps=steps, seed=seed,
+                                     lr=factor * float(make_problem(p).theory_lr(normalized)), log_points=8))
+            for p, factor, seed in runs]
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+@pytest.mark.parametrize("estimator", E.ALL_NAMES)
+@SETTINGS
+@given(drawn=batches())
+def test_numba_engine_equals_torch_engine(estimator, mode, drawn):
+    runs = _runs(drawn, estimator, mode)
+    ref, got = train_batch(runs, engine="torch"), train_batch(runs, engine="numba")
+    close = dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.theta_private.numpy(), ref.theta_private.numpy(), **close)
+    np.testing.assert_allclose(got.theta_shared.numpy(), ref.theta_shared.numpy(), **close)
+    for col in TIGHT:
+        np.testing.assert_allclose(got.steps[col], ref.steps[col], err_msg=col, **close)
+    np.testing.assert_allclose(got.steps.rho, ref.steps.rho, rtol=1e-9, atol=1e-12)
+    bound = ref.steps.run_id.map(ref.runs.drop_duplicates("run_id").set_index("run_id").sigma_bound)
+    live = ref.steps.sigma_min >= 1e-3 * bound
+    for col in PER_SIGMA:
+        np.testing.assert_allclose(got.steps[col][live], ref.steps[col][live], err_msg=col, **close)
+    np.testing.assert_allclose(np.stack(got.steps.sigma_per_prompt), np.stack(ref.steps.sigma_per_prompt), **close)
+    conditioned = ref.steps.step_gain.abs() <= 100
+    np.testing.assert_allclose(got.steps.step_gain[conditioned], ref.steps.step_gain[conditioned], rtol=1e-6,
+                               atol=1e-12)
+    assert (got.steps.phase == ref.steps.phase).all()
+    a, b = ref.runs.drop(columns="engine"), got.runs.drop(columns="engine")
+    for col in a.columns:
+        if a[col].dtype.kind == "f":
+            np.testing.assert_allclose(b[col], a[col], err_msg=col, **close)
+        else:
+            assert (a[col] == b[col]).all(), col
+    assert set(ref.runs.engine) == {"torch"} and set(got.runs.engine) == {"numba"}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_kernel_draws_are_sim_rngs_bit_for_bit(binary):
+    keys = rng.run_keys([0, 7, 2**40 + 3])
+    P, G = 3, 5
+    m = P * G  # hashes per step of the [2, P, G] draw
+    for step in (0, 1, 12345):
+        want = rng.uniforms_np(keys, step, (2, P, G), leading=1 if binary else None).reshape(3, -1)
+        for r, key in enumerate(keys):
+            u = np.empty(2 * P * G)
+            n = P * G if binary else 2 * P * G
+            kernels._fill_uniforms(key, step, m, n, u)
+            assert np.array_equal(u[:n], want[r])
+
+
+def test_results_do_not_depend_on_threads_or_on_the_batch():
+    import numba
+
+    runs = _runs(([(ProblemConfig(num_prompts=6, num_responses=4, orthogonality=o), 1.0, s)
+                   for o, s in ((0.2, 1), (0.7, 2), (0.5, 3))], 4), "grpo", "sampled", steps=60)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = train_batch(runs, engine="numba")
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = train_batch(runs, engine="numba")
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(one.theta_private, two.theta_private) and torch.equal(one.theta_shared, two.theta_shared)
+    for r, run in enumerate(runs):
+        alone = train_batch([run], engine="numba")
+        assert torch.equal(alone.theta_private[0], one.theta_private[r])
+        assert alone.runs.drop(columns="run_id").iloc[0].equals(one.runs.drop(columns="run_id").iloc[r])
+
+
+def test_engine_choice():
+    assert resolve_engine("auto") == "numba" and resolve_engine("torch") == "torch"
+    assert resolve_engine("auto", dtype=torch.float32) == "torch"  # the kernels are float64
+    with pytest.raises(ValueError, match="engine: numba runs float64 on the CPU"):
+        resolve_engine("numba", dtype=torch.float32)
+    with pytest.raises(ValueError, match="engine: unknown value"):
+        resolve_engine("jax")
+
+
+def test_float32_runs_on_the_torch_engine_without_overflow():
+    # predicted_gain's cap was 1e300, which float32 cannot hold
+    run = RunConfig(ProblemConfig(num_prompts=3, num_responses=3), TrainConfig(steps=20, log_points=5))
+    res = train_batch([run], dtype=torch.float32)
+    assert res.runs.engine.iloc[0] == "torch" and np.isfinite(res.runs.predicted_gain).all()
+
+
+def test_cache_lives_under_the_users_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.cache_dir() == tmp_path / "grpo-sim" / "numba"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert kernels.cache_dir() == tmp_path / "mine"
+    kernels.warm_up()
+    assert kernels.is_cached()  # the kernels this process loaded are on disk
