@@ -21,7 +21,7 @@ does not depend on the batch it is in. Float64 by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -132,6 +132,7 @@ class TrainState:
     mu: torch.Tensor
     sigma: torch.Tensor
     w: torch.Tensor
+    cache: dict = field(default_factory=dict)  # engine-specific arrays derived from the batch
 
 
 def _with_stats(state: TrainState) -> TrainState:
@@ -270,13 +271,22 @@ def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainStat
     prob = b.problem
     code, ddof, eps, whiten, w_ddof, w_floor, w_eps = kernels.estimator_params(b.spec, train.ddof, train.eps)
     arr = lambda x: x.numpy()  # noqa: E731 -- CPU float64 tensors: views, no copies
-    kernels.advance(state.t, t1, 0 if state.t == 0 else state.t + 1, arr(state.theta_private),
+    if "phiT" not in state.cache:  # the features transposed once per batch (kernels.advance)
+        state.cache["phiT"] = tuple(np.ascontiguousarray(arr(f).transpose(0, 1, 3, 2))
+                                    for f in (prob.phi_private, prob.phi_shared))
+    kernels.run(state.t, t1, 0 if state.t == 0 else state.t + 1, arr(state.theta_private),
                     arr(state.theta_shared), arr(prob.bias), arr(prob.rbar), arr(prob.q), arr(prob.scale),
-                    arr(prob.phi_private), arr(prob.phi_shared), arr(b.lr_over_p), b.keys, train.mode == "exact",
+                    arr(prob.phi_private), arr(prob.phi_shared), *state.cache["phiT"], arr(b.lr_over_p), b.keys,
+                    train.mode == "exact",
                     code, ddof, eps, whiten, w_ddof, w_floor, w_eps, train.group_size, b.binary_q,
                     np.ascontiguousarray(arr(history.floor[:, 0])), arr(history.J), arr(history.sigma_bar), arr(history.min_sigma_ratio))
     state.t = t1
-    return _with_stats(state)
+    state = _with_stats(state)
+    # step t1's J and sigma_bar as the logged diagnostics compute them (torch's mean), so a run's
+    # history and its logged steps agree exactly
+    history.J[:, t1] = state.mu.mean(-1)
+    history.sigma_bar[:, t1] = state.sigma.mean(-1)
+    return state
 
 
 #: Engines by name: each advances a TrainState to a later step and records the history.

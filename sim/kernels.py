@@ -21,7 +21,7 @@ code, its ddof and eps, and optional batch whitening. Sums run in another order 
 so the two engines agree to rounding (tests: 1e-12), not bit for bit; runs are independent, so
 results do not depend on the number of threads or on the batch.
 
-Kernels are compiled once per machine and cached (``cache=True``) under the user's cache
+``run`` splits the runs over threads (the kernel releases the GIL). Kernels are compiled once per machine and cached (``cache=True``) under the user's cache
 directory (NUMBA_CACHE_DIR, else $XDG_CACHE_HOME/grpo-sim/numba or ~/.cache/grpo-sim/numba).
 """
 
@@ -47,7 +47,7 @@ import numba  # noqa: E402
 if not numba.config.CACHE_DIR:  # read when the kernels below are decorated
     numba.config.CACHE_DIR = str(cache_dir())
 
-from numba import njit, prange  # noqa: E402
+from numba import njit  # noqa: E402
 
 # estimator codes of the kernels (estimator_params maps registry entries onto them)
 REINFORCE, DR_GRPO, RLOO, GRPO, GRPO_BATCH, GRPO_ORACLE = range(6)
@@ -222,22 +222,25 @@ def _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps):
             scale[p] *= f
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def advance(t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p, phi_s, lr_over_p, keys,
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p, phi_s, phiT_p, phiT_s,
+            lr_over_p, keys,
             exact, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, G, binary_q, sigma_floor,
             J_hist, sigma_bar_hist, min_ratio):
     """Advance every run from step t0 to t1 (theta updated in place), recording the history of the
     steps t in [record_from, t1] (module docstring).
 
     theta_p [R, P, k], theta_s [R, s]; bias, rbar, q [R, P, K]; scale_c [R, P]; phi_p [R, P, K, k];
-    phi_s [R, P, K, s]; lr_over_p [R]; keys [R] uint64; sigma_floor [R]; J_hist, sigma_bar_hist
-    [R, T+1] and min_ratio [R] (updated)."""
+    phi_s [R, P, K, s]; phiT_p [R, P, k, K] and phiT_s [R, P, s, K] the same features transposed
+    (the logits then run along y, the gradient along a and b: contiguous, no reductions);
+    lr_over_p [R]; keys [R] uint64; sigma_floor [R]; J_hist, sigma_bar_hist [R, T+1] and
+    min_ratio [R] (updated). Runs r0 <= r < r1 only."""
     R, P, K = bias.shape
     k = phi_p.shape[3]
     s = phi_s.shape[3]
     n_draws = P * G if binary_q else 2 * P * G
     m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
-    for r in prange(R):
+    for r in range(r0, r1):
         z = np.empty(K)
         pi = np.empty((P, K))
         mu = np.empty(P)
@@ -246,6 +249,7 @@ def advance(t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p
         w = np.empty((P, K))
         scale = np.empty(P)
         gs = np.empty(s)
+        gp = np.empty(k)
         rewards = np.empty((P, G))
         adv = np.empty((P, G))
         ys = np.empty((P, G), dtype=np.int64)
@@ -254,15 +258,19 @@ def advance(t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p
         lr = lr_over_p[r]
         for t in range(t0, t1 + 1):
             for p in range(P):  # policy statistics at theta_t
+                for y in range(K):
+                    z[y] = bias[r, p, y]
+                for a in range(k):
+                    th = theta_p[r, p, a]
+                    for y in range(K):
+                        z[y] += phiT_p[r, p, a, y] * th
+                for b in range(s):
+                    th = theta_s[r, b]
+                    for y in range(K):
+                        z[y] += phiT_s[r, p, b, y] * th
                 zmax = -np.inf
                 for y in range(K):
-                    acc = bias[r, p, y]
-                    for a in range(k):
-                        acc += phi_p[r, p, y, a] * theta_p[r, p, a]
-                    for b in range(s):
-                        acc += phi_s[r, p, y, b] * theta_s[r, b]
-                    z[y] = acc
-                    zmax = max(zmax, acc)
+                    zmax = max(zmax, z[y])
                 total = 0.0
                 for y in range(K):
                     e = math.exp(z[y] - zmax)
@@ -325,16 +333,49 @@ def advance(t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p
                 gs[b] = 0.0
             for p in range(P):  # gradient blocks and the update
                 for a in range(k):
-                    acc = 0.0
-                    for y in range(K):
-                        acc += w[p, y] * phi_p[r, p, y, a]
-                    theta_p[r, p, a] += lr * acc
+                    gp[a] = 0.0
                 for y in range(K):
                     wy = w[p, y]
+                    for a in range(k):
+                        gp[a] += wy * phi_p[r, p, y, a]
                     for b in range(s):
                         gs[b] += wy * phi_s[r, p, y, b]
+                for a in range(k):
+                    theta_p[r, p, a] += lr * gp[a]
             for b in range(s):
                 theta_s[r, b] += lr * gs[b]
+
+
+_THREADS = [1]
+_POOL: list = [None]
+
+
+def set_threads(n: int) -> None:
+    """Threads ``run`` splits a batch's runs over (each thread a contiguous block of runs; runs are
+    independent, so the numbers do not depend on it)."""
+    _THREADS[0] = max(1, int(n))
+
+
+def get_threads() -> int:
+    return _THREADS[0]
+
+
+def run(*args) -> None:
+    """``advance`` over all R runs (args as advance's, without r0, r1), on ``get_threads()`` threads:
+    the kernel releases the GIL, so blocks of runs advance in parallel."""
+    R = args[3].shape[0]  # theta_p [R, P, k]
+    n = min(_THREADS[0], R)
+    if n <= 1:
+        advance(0, R, *args)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL[0] is None or _POOL[0]._max_workers < n:
+        _POOL[0] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="grpo-sim-kernel")
+    bounds = [R * i // n for i in range(n + 1)]
+    futures = [_POOL[0].submit(advance, bounds[i], bounds[i + 1], *args) for i in range(n)]
+    for f in futures:
+        f.result()
 
 
 def warm_up() -> None:
@@ -342,8 +383,8 @@ def warm_up() -> None:
     R, P, K, k, s, G = 1, 2, 2, 1, 1, 2
     f = np.zeros
     for exact in (True, False):
-        advance(0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
-                f((R, P, K, k)), f((R, P, K, s)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
+        advance(0, R, 0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
+                f((R, P, K, k)), f((R, P, K, s)), f((R, P, k, K)), f((R, P, s, K)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
                 0, 0.0, 0.0, G, True, f(R), f((R, 2)), f((R, 2)), np.full(R, np.inf))
 
 

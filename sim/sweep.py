@@ -264,10 +264,10 @@ def set_threads(numba_threads: int | None) -> tuple[int, int | None]:
     if numba_threads is None:
         numba_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        import numba
+        from sim import kernels
 
-        before = before[0], numba.get_num_threads()
-        numba.set_num_threads(max(1, min(numba_threads, numba.config.NUMBA_NUM_THREADS)))
+        before = before[0], kernels.get_threads()
+        kernels.set_threads(numba_threads)
     except ImportError:
         pass
     return before
@@ -284,9 +284,9 @@ def _threads(numba_threads: int | None):
 
         torch.set_num_threads(torch_before)
         if numba_before is not None:
-            import numba
+            from sim import kernels
 
-            numba.set_num_threads(numba_before)
+            kernels.set_threads(numba_before)
 
 
 ENGINES = ("auto", "numba", "torch")

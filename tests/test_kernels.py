@@ -115,18 +115,16 @@ def test_kernel_draws_are_sim_rngs_bit_for_bit(binary):
 
 
 def test_results_do_not_depend_on_threads_or_on_the_batch():
-    import numba
-
     runs = _runs(([(ProblemConfig(num_prompts=6, num_responses=4, orthogonality=o), 1.0, s)
                    for o, s in ((0.2, 1), (0.7, 2), (0.5, 3))], 4), "grpo", "sampled", steps=60)
-    before = numba.get_num_threads()
+    before = kernels.get_threads()
     try:
-        numba.set_num_threads(1)
+        kernels.set_threads(1)
         one = train_batch(runs, engine="numba")
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        kernels.set_threads(2)
         two = train_batch(runs, engine="numba")
     finally:
-        numba.set_num_threads(before)
+        kernels.set_threads(before)
     assert torch.equal(one.theta_private, two.theta_private) and torch.equal(one.theta_shared, two.theta_shared)
     for r, run in enumerate(runs):
         alone = train_batch([run], engine="numba")
