@@ -29,14 +29,14 @@ def workload(m: int, runs: int, steps: int, mode: str, estimator: str = "grpo") 
                                      lr=m / 4 * (1 + r % 4), seed=r // 4, log_points=2)) for r in range(runs)]
 
 
-def time_engine(runs: list[RunConfig], repeats: int = 3, device: str = "cpu") -> float:
+def time_engine(runs: list[RunConfig], repeats: int = 3, device: str = "cpu", engine: str = "auto") -> float:
     """Best-of-repeats seconds per step for the whole batch (its results end on the CPU, so a GPU
     run is complete when the clock stops)."""
-    train_batch(runs[:2], device=device)  # warm-up
+    train_batch(runs[:2], device=device, engine=engine)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        train_batch(runs, device=device)
+        train_batch(runs, device=device, engine=engine)
         best = min(best, time.perf_counter() - t0)
     return best / runs[0].train.steps
 

@@ -1,14 +1,14 @@
 """All performance numbers in one run (not part of the test suite): python bench/run.py
 
-(a) engine steps/s on the standard workload and its ratio to a per-run numpy loop (sim.reference);
-(b) engine time per step / time of the step's unavoidable matrix products: the blockwise logits
-    and the policy-gradient contraction, 4 batched products, timed where the engine's loop calls
-    them (and, beside it, the same products timed alone on the same tensors);
-    (a) and (b) are measured back to back in 3 rounds (median and range), as this machine's
-    speed drifts by tens of percent between separate measurements;
-(c) scaling in prompts, group size and runs;
-(d) local-backend parallel efficiency: one worker vs two on the same sweep, and the machine's
-    ceiling for it (one batch alone vs the same batch in both workers at once);
+(a) both engines (torch, numba) at 1 and 2 threads on the standard workload, and their ratio to a
+    per-run numpy loop (sim.reference), measured in 5 alternating rounds in one process (medians),
+    as this machine's speed drifts by tens of percent between separate measurements;
+(b) engine time per step / the step's unavoidable arithmetic: the logits and gradient products
+    (4 P K (k + s) flops per run-step) in a plain compiled loop, with its flop rate on these shapes;
+(c) scaling of the numba engine in prompts P, group size G, responses K and runs R;
+(d) local-backend parallel efficiency: one worker vs two on a sweep of 756 runs, and the
+    machine's ceiling for it (one batch alone vs the same batch in both workers at once);
+(f) the kernels' first compile and load from the cache, and the default sweep end to end;
 (e) Ray backend overhead versus local on the same sweep (skipped without the ray extra).
 Standard workload: R = 256 runs, P = 16 prompts, K = 8 responses, G = 8, k = s = 8, float64,
 sampled GRPO (and exact mode beside it).
@@ -22,76 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
+import numpy as np
 import torch
+from numba import njit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_bench import time_engine, time_loop, workload  # noqa: E402
 
-import theory  # noqa: E402
-from sim import sweep  # noqa: E402
+from sim import kernels, sweep  # noqa: E402
+from sim.engine import train_batch  # noqa: E402
 from sim.problems import make_problem, stack_problems  # noqa: E402
-
-
-def matmul_floor(runs, reps: int = 50) -> float:
-    """Seconds per step of the 4 products every step needs: z = phi_private theta_p,
-    phi_shared theta_s, and the gradient blocks w^T phi_private, sum_i w_i^T phi_shared."""
-    prob = stack_problems([make_problem(r.problem) for r in runs])
-    R, P, K = prob.bias.shape
-    tp = torch.randn(R, P, prob.phi_private.shape[-1], dtype=torch.float64)
-    ts = torch.randn(R, prob.phi_shared.shape[-1], dtype=torch.float64)
-    w = torch.randn(R, P, K, dtype=torch.float64)
-
-    def products():
-        theory.logits(torch.zeros_like(prob.bias), prob.phi_private, prob.phi_shared, tp, ts)
-        theory.summed_gradient(w, prob.phi_private, prob.phi_shared)
-
-    products()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        products()
-    return (time.perf_counter() - t0) / reps
-
-
-def engine_with_product_time(runs) -> tuple[float, float]:
-    """(engine seconds per step, seconds per step spent inside its matrix products) from one run:
-    theory.logits and theory.summed_gradient (the step's 4 products) are timed where the training
-    loop calls them, so both numbers see the same machine speed."""
-    from sim.engine import train_batch
-
-    spent = [0.0]
-
-    def timed(fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            spent[0] += time.perf_counter() - t0
-            return out
-        return wrapper
-
-    original = theory.logits, theory.summed_gradient
-    theory.logits, theory.summed_gradient = timed(original[0]), timed(original[1])
-    try:
-        train_batch(runs[:2])  # warm-up
-        spent[0] = 0.0
-        t0 = time.perf_counter()
-        train_batch(runs)
-        total = time.perf_counter() - t0
-    finally:
-        theory.logits, theory.summed_gradient = original
-    steps = runs[0].train.steps
-    return total / steps, spent[0] / steps
-
-
-def paired_rounds(runs, rounds: int = 3, loop_runs: int = 32) -> list[tuple[float, float, float, float]]:
-    """(engine, numpy loop, products inside the engine's loop, the same products alone) seconds per
-    step of the whole batch, measured back to back in each round, so that each round's ratios see
-    the same machine speed (it drifts here)."""
-    out = []
-    for _ in range(rounds):
-        eng, inside = engine_with_product_time(runs)
-        loop = time_loop(runs[:loop_runs]) * len(runs) / loop_runs
-        out.append((eng, loop, inside, matmul_floor(runs)))
-    return out
 
 
 def _median(xs):
@@ -101,7 +42,7 @@ def _median(xs):
 def _timed_batch(rows: list[dict]) -> float:
     """Seconds one local-backend worker spends on one batch (sim.sweep's own worker function)."""
     t0 = time.perf_counter()
-    sweep._run_batch_in_worker(rows)
+    sweep._run_batch_in_worker(rows, "cpu", "numba")
     return time.perf_counter() - t0
 
 
@@ -145,61 +86,178 @@ def sweep_time(spec, **kw) -> float:
         return time.perf_counter() - t0
 
 
+ENGINE_CASES = (("torch", 1), ("torch", 2), ("numba", 1), ("numba", 2))
+
+
+def set_engine_threads(engine: str, threads: int) -> None:
+    """torch's intra-op threads for the torch engine, the kernel's run blocks for numba (torch then 1)."""
+    torch.set_num_threads(threads if engine == "torch" else 1)
+    kernels.set_threads(threads if engine == "numba" else 1)
+
+
+def time_engines(runs, rounds: int = 5, loop_runs: int = 32) -> dict:
+    """Seconds per step of the whole batch for every (engine, threads) and the numpy loop, measured
+    in alternating rounds (each round times every case back to back, so that the ratios of one
+    round see one machine speed; it drifts here). -> {case: [seconds per round]}."""
+    out: dict = {}
+    steps = runs[0].train.steps
+    for engine, threads in ENGINE_CASES:  # warm-up (the numba kernels load from the cache)
+        set_engine_threads(engine, threads)
+        train_batch(runs[:2], engine=engine)
+    for _ in range(rounds):
+        for engine, threads in ENGINE_CASES:
+            set_engine_threads(engine, threads)
+            t0 = time.perf_counter()
+            train_batch(runs, engine=engine)
+            out.setdefault((engine, threads), []).append((time.perf_counter() - t0) / steps)
+        out.setdefault("loop", []).append(time_loop(runs[:loop_runs]) * len(runs) / loop_runs)
+    set_engine_threads("torch", 2)
+    return out
+
+
+@njit(fastmath={"reassoc", "contract", "nsz"})
+def _products(theta_p, theta_s, phiT_p, phiT_s, phi_p, phi_s, w, z, gp, gs):  # pragma: no cover - benchmark
+    """The step's unavoidable arithmetic alone: the logits z = phi . theta and the gradient blocks
+    sum_y w_iy phi(x_i, y), 4 P K (k + s) flops per run, in a plain compiled loop."""
+    R, P, K = z.shape
+    k, s = theta_p.shape[2], theta_s.shape[1]
+    for r in range(R):
+        for b in range(s):
+            gs[r, b] = 0.0
+        for p in range(P):
+            for y in range(K):
+                z[r, p, y] = 0.0
+            for a in range(k):
+                for y in range(K):
+                    z[r, p, y] += phiT_p[r, p, a, y] * theta_p[r, p, a]
+            for b in range(s):
+                for y in range(K):
+                    z[r, p, y] += phiT_s[r, p, b, y] * theta_s[r, b]
+            for a in range(k):
+                gp[r, p, a] = 0.0
+            for y in range(K):
+                for a in range(k):
+                    gp[r, p, a] += w[r, p, y] * phi_p[r, p, y, a]
+                for b in range(s):
+                    gs[r, b] += w[r, p, y] * phi_s[r, p, y, b]
+
+
+def product_floor(runs, reps: int = 200) -> tuple[float, float]:
+    """(seconds per step of the step's products for the whole batch in a plain compiled loop, flops)."""
+    prob = stack_problems([make_problem(r.problem) for r in runs[:1]] * len(runs))
+    R, P, K = prob.bias.shape
+    k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
+    rng = np.random.default_rng(0)
+    phi_p, phi_s = prob.phi_private.numpy(), prob.phi_shared.numpy()
+    args = (rng.standard_normal((R, P, k)), rng.standard_normal((R, s)),
+            np.ascontiguousarray(phi_p.transpose(0, 1, 3, 2)), np.ascontiguousarray(phi_s.transpose(0, 1, 3, 2)),
+            phi_p, phi_s, rng.standard_normal((R, P, K)), np.empty((R, P, K)), np.empty((R, P, k)), np.empty((R, s)))
+    _products(*args)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        _products(*args)
+    return (time.perf_counter() - t0) / reps, 4.0 * R * P * K * (k + s)
+
+
+def first_compile_seconds() -> tuple[float, float]:
+    """(first compile, load from the cache) of the kernels, each in a fresh interpreter with an
+    empty cache directory of its own."""
+    import subprocess
+
+    code = "import time; t = time.perf_counter(); from sim import kernels; kernels.warm_up(); print(time.perf_counter() - t)"
+    with tempfile.TemporaryDirectory() as d:
+        env = {**__import__("os").environ, "NUMBA_CACHE_DIR": d}
+        first = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout.split()[-1])
+        cached = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split()[-1])
+    return first, cached
+
+
+def default_sweep_seconds(engine: str) -> float:
+    """`sim sweep --orthogonality 0.2,0.8` end to end (a fresh process, the kernels cached)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sim.cli", "sweep", "--orthogonality", "0.2,0.8", "--engine", engine,
+                        "--out", str(Path(d) / "r")], capture_output=True, check=True)
+        return time.perf_counter() - t0
+
+
 def main() -> None:
     steps = 300
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64")
+    print(f"torch {torch.__version__}, numba {numba.__version__}, float64")
+    kernels.warm_up()
     std, ex = workload(16, 256, steps, "sampled"), workload(16, 256, steps, "exact")
-    measured = {"sampled": paired_rounds(std), "exact": paired_rounds(ex)}
-    print("\n(a) standard workload: R = 256, P = 16, K = 8, G = 8, sampled GRPO (and exact mode); "
-          "median of 3 back-to-back rounds [min, max]")
-    for mode, rounds in measured.items():
-        eng, loop = _median([r[0] for r in rounds]), _median([r[1] for r in rounds])
-        ratios = [r[1] / r[0] for r in rounds]
-        print(f"  {mode:7s}: engine {1 / eng:7.1f} steps/s ({eng * 1e3:.2f} ms/step), numpy loop "
-              f"{loop * 1e3:6.2f} ms/step -> engine x{_median(ratios):.1f} [{min(ratios):.1f}, {max(ratios):.1f}]")
+    measured = {"sampled": time_engines(std), "exact": time_engines(ex)}
+    print("\n(a) standard workload: R = 256, P = 16, K = 8, G = 8, k = s = 8, GRPO, T = 300 (logged at 3 steps);"
+          " ms per step of the whole batch and x the per-run numpy loop (sim.reference), medians of 5 alternating"
+          " rounds [min, max of the per-round ratio]")
+    for mode, m in measured.items():
+        loop = _median(m["loop"])
+        print(f"  {mode}: numpy loop {loop * 1e3:.1f} ms/step")
+        for case in ENGINE_CASES:
+            ratios = [lp / e for lp, e in zip(m["loop"], m[case])]
+            print(f"    {case[0]:5s} {case[1]} thread{'s' if case[1] > 1 else ' '}: {_median(m[case]) * 1e3:6.3f} ms/step"
+                  f" -> x{_median(ratios):6.1f} [{min(ratios):.1f}, {max(ratios):.1f}]")
 
-    print("\n(b) engine time per step / time of its matrix products (timed inside the same runs; "
-          "the same products timed alone beside them)")
-    for mode, rounds in measured.items():
-        ratios = [r[0] / r[2] for r in rounds]
-        alone = [r[0] / r[3] for r in rounds]
-        print(f"  {mode:7s}: products {_median([r[2] for r in rounds]) * 1e3:.3f} ms/step -> engine / products = "
-              f"{_median(ratios):.1f}x [{min(ratios):.1f}, {max(ratios):.1f}]; products alone "
-              f"{_median([r[3] for r in rounds]) * 1e3:.3f} ms/step -> {_median(alone):.1f}x "
-              f"[{min(alone):.1f}, {max(alone):.1f}]")
+    print("\n(b) engine time per step / the step's unavoidable arithmetic (the logits and gradient products,"
+          " 4 P K (k + s) flops per run-step, in a plain compiled loop on 1 thread)")
+    floor, flops = product_floor(std)
+    print(f"  products alone: {floor * 1e3:.3f} ms/step = {flops / floor / 1e9:.1f} Gflop/s on these shapes")
+    for mode, m in measured.items():
+        for case in ENGINE_CASES:
+            print(f"    {mode:7s} {case[0]:5s} {case[1]} thread{'s' if case[1] > 1 else ' '}: "
+                  f"x{_median(m[case]) / floor:5.1f} the product floor")
 
-    print("\n(c) scaling (ms per step of the whole batch)")
-    base = None
-    for m in (16, 64, 256):
-        t = time_engine(workload(m, 64, steps, "sampled"), repeats=2)
-        print(f"  prompts m = {m:4d} (R = 64): {t * 1e3:7.2f}" + (f"  x{t / base:.2f} per 4x" if base else ""))
-        base = t
-    from sim.config import RunConfig, TrainConfig
+    print("\n(c) scaling, numba engine (2 threads): ms per step of the whole batch and us per run-step")
+    set_engine_threads("numba", 2)
+
+    def per_step(runs):
+        return time_engine(runs, repeats=2, engine="numba")
+
     import dataclasses
 
-    for G in (4, 16, 64):
-        runs = [RunConfig(r.problem, dataclasses.replace(r.train, group_size=G)) for r in workload(16, 64, steps,
-                                                                                                   "sampled")]
-        print(f"  group size G = {G:3d} (R = 64): {time_engine(runs, repeats=2) * 1e3:7.2f}")
-    for R in (16, 256, 1024):
-        t = time_engine(workload(16, R, steps, "sampled"), repeats=1)
-        print(f"  runs R = {R:5d}: {t * 1e3:7.2f} ms/step, {t / R * 1e6:6.1f} us per run-step")
+    from sim.config import ProblemConfig, RunConfig
 
-    print("\n(d) local backend parallel efficiency (24 batches of 32 runs, 3000 steps)")
+    for name, values, make in (
+            ("prompts P", (16, 64, 256), lambda v: workload(v, 64, steps, "sampled")),
+            ("group G", (4, 16, 64), lambda v: [RunConfig(r.problem, dataclasses.replace(r.train, group_size=v))
+                                                for r in workload(16, 64, steps, "sampled")]),
+            ("responses K", (4, 16, 64), lambda v: [RunConfig(ProblemConfig(num_prompts=16, num_responses=v,
+                                                                            orthogonality=0.5), r.train)
+                                                    for r in workload(16, 64, steps, "sampled")]),
+            ("runs R", (16, 256, 1024), lambda v: workload(16, v, steps, "sampled"))):
+        prev = None
+        for v in values:
+            runs = make(v)
+            t = per_step(runs)
+            grow = f"  x{t / prev:.2f} per {values[1] // values[0]}x" if prev else ""
+            print(f"  {name} = {v:5d}: {t * 1e3:7.2f} ms/step, {t / len(runs) * 1e6:7.2f} us per run-step{grow}")
+            prev = t
+
+    print("\n(d) local backend parallel efficiency, numba engine (756 runs: 24 batches of 32 and 12 of 31, 3000 steps)")
     spec = sweep.SweepSpec.build({"num_prompts": [8, 10, 12, 14, 16, 18], "estimator": ["reinforce", "grpo"],
                                   "orthogonality": [0.2, 0.5, 0.8], "steps": [3000], "log_points": [8]},
                                  seeds=21)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    t1 = sweep_time(spec, workers=1, max_batch=32)
-    torch.set_num_threads(threads)
-    t2 = sweep_time(spec, workers=2, max_batch=32)  # the first pool of this process: a cold start
+    t1 = sweep_time(spec, workers=1, max_batch=32, engine="numba", threads=1)
+    t1b = sweep_time(spec, workers=1, max_batch=32, engine="numba", threads=2)
+    t2 = sweep_time(spec, workers=2, max_batch=32, engine="numba")  # the first pool of this process: a cold start
     startup = cold_worker_startup()
-    print(f"  1 worker (1 thread) {t1:.1f} s, 2 workers {t2:.1f} s -> efficiency x{t1 / t2:.2f} "
-          f"(the 2 workers' time includes starting them: {startup:.1f} s in a fresh process)")
+    print(f"  1 worker, 1 thread {t1:.1f} s; 2 workers (1 thread each) {t2:.1f} s -> x{t1 / t2:.2f} "
+          f"(the 2 workers' time includes starting them: {startup:.1f} s in a fresh process); "
+          f"1 worker, 2 kernel threads {t1b:.1f} s -> x{t1 / t1b:.2f}")
     alone, together = concurrency_ceiling(sweep.make_batches(list(sweep.expand(spec)), 32)[0])
     print(f"  ceiling: one batch alone {alone:.2f} s, the same batch in both workers at once {together:.2f} s "
           f"-> at most x{2 * alone / together:.2f} from 2 workers on this machine")
+
+    print("\n(f) compile and end to end")
+    first, cached = first_compile_seconds()
+    print(f"  kernels: first compile {first:.1f} s, from the cache {cached:.2f} s (each in a fresh interpreter)")
+    ts = {e: default_sweep_seconds(e) for e in ("torch", "numba")}
+    print(f"  `sim sweep --orthogonality 0.2,0.8`: --engine torch {ts['torch']:.1f} s, numba {ts['numba']:.1f} s "
+          f"-> x{ts['torch'] / ts['numba']:.2f} end to end (kernels cached)")
 
     print("\n(e) Ray backend vs local, same sweep, 2 CPUs")
     if importlib.util.find_spec("ray") is None:
@@ -209,7 +267,7 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        tr = sweep_time(spec, backend="ray", max_batch=32)
+        tr = sweep_time(spec, backend="ray", max_batch=32, engine="numba")
     finally:
         ray.shutdown()
     print(f"  ray {tr:.1f} s vs local 2 workers {t2:.1f} s -> overhead {tr / t2 - 1:+.0%}")

@@ -250,17 +250,17 @@ def _run_batch_in_worker(rows: list[dict], device: str = "cpu", engine: str = "t
     return res.runs, res.steps
 
 
-def set_threads(numba_threads: int | None) -> tuple[int, int | None]:
-    """Threads of this process: torch 1 (its ops are small here, and its OpenMP threads oversubscribe
-    a busy machine: one default sweep took 36.5 s with 2 threads against 6.1 s with 1), numba
-    ``numba_threads`` (None: every CPU this process may use) for the compiled engine's runs.
-    Returns the previous (torch, numba) thread counts."""
+def set_threads(numba_threads: int | None, torch_threads: int | None = 1) -> tuple[int, int | None]:
+    """Threads of this process: torch ``torch_threads`` (None: leave as is), numba ``numba_threads``
+    (None: every CPU this process may use) for the compiled engine's blocks of runs. Returns the
+    previous (torch, numba) thread counts."""
     import os
 
     import torch
 
     before = torch.get_num_threads(), None
-    torch.set_num_threads(1)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     if numba_threads is None:
         numba_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
@@ -274,9 +274,9 @@ def set_threads(numba_threads: int | None) -> tuple[int, int | None]:
 
 
 @contextlib.contextmanager
-def _threads(numba_threads: int | None):
+def _threads(numba_threads: int | None, torch_threads: int | None = 1):
     """set_threads for the body, the previous counts restored after it."""
-    torch_before, numba_before = set_threads(numba_threads)
+    torch_before, numba_before = set_threads(numba_threads, torch_threads)
     try:
         yield
     finally:
@@ -349,7 +349,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
               on_progress: Callable[[int, int], None] | None = None,
               max_batch: int = MAX_BATCH, backend: str = "local",
               address: str | None = None, device: str = "cpu", engine: str = "auto",
-              on_compile: Callable[[], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+              on_compile: Callable[[], None] | None = None,
+              threads: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every pending run of ``spec`` into ``out``; return (runs, steps) with summary columns.
 
     backend "local": in this process (workers = 1) or a pool of ``workers`` processes; "ray":
@@ -358,14 +359,21 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     batches advance (steps summed over runs). ``device`` "cuda" trains each batch on the GPU
     (local backend); runs then agree with CPU ones to rounding, not bit for bit. ``engine``
     (prepare_engine): numba or torch, recorded per run (column ``engine``); the two agree to
-    rounding, so a resumed sweep may mix them.
+    rounding, so a resumed sweep may mix them. ``threads``: the numba engine's threads in this
+    process when it trains alone (default: every CPU it may use; workers use one each).
     """
     check_backend(backend)
     check_device(device, backend, allow_auto=False)
     runs = expand(spec)  # validates the whole sweep before any process starts
     engine = prepare_engine(engine, device, on_compile)  # compiled (or loaded) before workers need it
     local_workers = workers if backend == "local" else 1
-    with _threads(1 if local_workers > 1 else None), _started_pool(local_workers) as pool:
+    # one process: numba's blocks of runs on every CPU, torch (diagnostics only) on one thread, as
+    # its OpenMP threads oversubscribe a busy machine (one default sweep with the torch engine took
+    # 36.5 s against 6.1 s with one thread there); the torch engine alone keeps torch's threads
+    # (on a quiet machine they halve its time). Workers: one thread each, the parallelism is theirs.
+    one_process = local_workers <= 1
+    torch_threads = None if one_process and engine == "torch" else 1
+    with _threads(threads if one_process else 1, torch_threads), _started_pool(local_workers) as pool:
         rows = [r.as_flat_dict() for r in runs]
         # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
         # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
