@@ -9,7 +9,17 @@ broadcasting turn a [P, 1] sigma into a [P, P, G] result.
 
 from __future__ import annotations
 
-import torch
+def _broadcast(shapes: list[tuple[int, ...]]) -> bool:
+    """True when the shapes broadcast (numpy rules, right-aligned; 1 stretches). Pure Python: a few
+    microseconds, where torch.broadcast_shapes costs about 80 here (the checks run every step)."""
+    for i in range(1, max((len(s) for s in shapes), default=0) + 1):
+        sizes = {s[-i] for s in shapes if len(s) >= i and s[-i] != 1}
+        if len(sizes) > 1:
+            return False
+    return True
+
+
+_CHECKED: dict = {}  # (fn, argument names, shapes) -> sizes: each combination is checked once
 
 
 def check_shapes(fn: str, **args) -> dict[str, int]:
@@ -17,7 +27,19 @@ def check_shapes(fn: str, **args) -> dict[str, int]:
 
     Rule: for every argument, shape = leading + named with len(named) = the legend's letters;
     a letter binds one size for the whole call (size_X(arg_a) = size_X(arg_b)); the leading
-    parts broadcast (torch.broadcast_shapes). None arguments are skipped."""
+    parts broadcast (numpy / torch rules). None arguments are skipped. Each combination of
+    shapes is checked once and remembered (the engine calls this every step)."""
+    key = (fn, tuple(args), tuple(None if x is None else x.shape for x, _ in args.values()))
+    sizes = _CHECKED.get(key)
+    if sizes is None:
+        sizes = _check_shapes(fn, **args)
+        if len(_CHECKED) < 100_000:
+            _CHECKED[key] = sizes
+    return dict(sizes)
+
+
+def _check_shapes(fn: str, **args) -> dict[str, int]:
+    """The check of ``check_shapes``, uncached."""
     sizes: dict[str, tuple[int, str]] = {}
     leading = []
     for arg, (x, legend) in args.items():
@@ -41,9 +63,7 @@ def check_shapes(fn: str, **args) -> dict[str, int]:
                                  f"has {letter} = {first_size}")
             sizes.setdefault(letter, (size, arg))
         leading.append(shape[:len(shape) - len(named)])
-    try:
-        torch.broadcast_shapes(*leading)
-    except RuntimeError:
+    if len(leading) > 1 and not _broadcast(leading):
         raise ValueError(f"{fn}: leading (batch) dimensions {[list(s) for s in leading]} do not broadcast "
-                         f"({', '.join(args)})") from None
+                         f"({', '.join(args)})")
     return {k: v for k, (v, _) in sizes.items()}
