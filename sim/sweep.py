@@ -212,8 +212,16 @@ def batch_cost(batch: list[RunConfig]) -> int:
 
 
 def _warm_worker() -> None:
-    """Import what a batch needs, so a worker's start-up overlaps the driver's preparations."""
+    """Import what a batch needs and load the compiled kernels (when numba is there), so a worker's
+    start-up overlaps the driver's preparations."""
     import sim.engine  # noqa: F401
+
+    try:
+        from sim import kernels
+    except ImportError:
+        return
+    if kernels.is_cached():  # never compile here: the driver compiles first (prepare_engine)
+        kernels.warm_up()
 
 
 def worker_context():
