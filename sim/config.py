@@ -72,6 +72,9 @@ class ProblemConfig:
         return self.shared_dim or self.num_responses
 
 
+MAX_PROBLEM_BYTES = 4 * 2**30
+
+
 def validate_problem(cfg: ProblemConfig) -> None:
     """Cross-field checks of a problem (per-field ranges: check_value). Raises ConfigError(option: why)."""
     if cfg.kind == "tabular":
@@ -79,6 +82,13 @@ def validate_problem(cfg: ProblemConfig) -> None:
             raise ConfigError(f"private-dim: tabular features need private_dim = K = {cfg.num_responses} (or 0)")
         if cfg.shared_dim not in (0, cfg.num_responses):
             raise ConfigError(f"shared-dim: tabular features need shared_dim = K = {cfg.num_responses} (or 0)")
+    # the curvature bound M = max_i diam_i^2 compares every pair of a prompt's feature vectors:
+    # P K^2 (k + s) numbers at once, refused before it exhausts memory
+    need = 8 * cfg.num_prompts * cfg.num_responses**2 * (cfg.k + cfg.s)
+    if need > MAX_PROBLEM_BYTES:
+        raise ConfigError(f"num-responses: K = {cfg.num_responses} with P = {cfg.num_prompts} and k + s = "
+                          f"{cfg.k + cfg.s} needs {need / 2**30:.1f} GiB for the curvature bound (at most "
+                          f"{MAX_PROBLEM_BYTES / 2**30:.0f} GiB); lower --num-responses, --num-prompts or the dims")
 
 
 @dataclass(frozen=True)

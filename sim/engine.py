@@ -311,6 +311,11 @@ def resolve_engine(engine: str, device: str | torch.device = "cpu", dtype: torch
         raise ValueError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINE_CHOICES)}")
     if engine == "numba" and not (on_cpu and dtype == torch.float64):
         raise ValueError("engine: numba runs float64 on the CPU; use --engine torch for a GPU or float32")
+    if engine == "numba":
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            raise ValueError("engine: numba is not installed (pip install numba), or use --engine torch") from None
     return engine
 
 

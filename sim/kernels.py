@@ -371,6 +371,8 @@ def run(*args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     if _POOL[0] is None or _POOL[0]._max_workers < n:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=True)
         _POOL[0] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="grpo-sim-kernel")
     bounds = [R * i // n for i in range(n + 1)]
     futures = [_POOL[0].submit(advance, bounds[i], bounds[i + 1], *args) for i in range(n)]

@@ -312,8 +312,6 @@ def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], No
         name = engine_mod.resolve_engine(engine, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    except ImportError:
-        raise ConfigError("engine: numba is not installed; pip install numba, or use --engine torch") from None
     if name == "numba":
         from sim import kernels
 

@@ -19,7 +19,7 @@ def _broadcast(shapes: list[tuple[int, ...]]) -> bool:
     return True
 
 
-_CHECKED: dict = {}  # (fn, argument names, shapes) -> sizes: each combination is checked once
+_CHECKED: dict = {}  # (fn, (name, legend, shape) per argument) -> sizes: each combination is checked once
 
 
 def check_shapes(fn: str, **args) -> dict[str, int]:
@@ -29,7 +29,7 @@ def check_shapes(fn: str, **args) -> dict[str, int]:
     a letter binds one size for the whole call (size_X(arg_a) = size_X(arg_b)); the leading
     parts broadcast (numpy / torch rules). None arguments are skipped. Each combination of
     shapes is checked once and remembered (the engine calls this every step)."""
-    key = (fn, tuple(args), tuple(None if x is None else x.shape for x, _ in args.values()))
+    key = (fn, tuple((name, legend, None if x is None else tuple(x.shape)) for name, (x, legend) in args.items()))
     sizes = _CHECKED.get(key)
     if sizes is None:
         sizes = _check_shapes(fn, **args)
