@@ -111,6 +111,26 @@ def _safe_reciprocal(x):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _batch_mean_var(x, ddof):
+    """(mean, variance with ``ddof``) of all P*G entries of x [P, G], two-pass; variance 0 when
+    P*G - ddof <= 0 (torch's std / var over the flattened batch)."""
+    P, G = x.shape
+    n = P * G
+    total = 0.0
+    for p in range(P):
+        for g in range(G):
+            total += x[p, g]
+    mean = total / n
+    if n - ddof <= 0:
+        return mean, 0.0
+    ss = 0.0
+    for p in range(P):
+        for g in range(G):
+            ss += (x[p, g] - mean) ** 2
+    return mean, ss / (n - ddof)
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps):
     """adv [P, G] from rewards [P, G] (sim.estimators formulas; sigma [P] for grpo_oracle)."""
     P, G = rewards.shape
@@ -153,37 +173,13 @@ def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w
                     for g in range(G):
                         adv[p, g] *= inv
         elif code == GRPO_BATCH:
-            n = P * G
-            std = 0.0
-            if n - ddof > 0:
-                total = 0.0
-                for p in range(P):
-                    for g in range(G):
-                        total += rewards[p, g]
-                mean = total / n
-                ss = 0.0
-                for p in range(P):
-                    for g in range(G):
-                        ss += (rewards[p, g] - mean) ** 2
-                std = math.sqrt(ss / (n - ddof))
-            den = std + eps
+            den = math.sqrt(_batch_mean_var(rewards, ddof)[1]) + eps
             inv = 1.0 / den if eps > 0 else _safe_reciprocal(den)
             for p in range(P):
                 for g in range(G):
                     adv[p, g] = adv[p, g] / den if eps > 0 else adv[p, g] * inv
     if whiten:
-        n = P * G
-        total = 0.0
-        for p in range(P):
-            for g in range(G):
-                total += adv[p, g]
-        mean = total / n
-        var = 0.0
-        if n - w_ddof > 0:
-            for p in range(P):
-                for g in range(G):
-                    var += (adv[p, g] - mean) ** 2
-            var /= n - w_ddof
+        mean, var = _batch_mean_var(adv, w_ddof)
         f = 1.0 / math.sqrt(max(var, w_floor) + w_eps)
         for p in range(P):
             for g in range(G):
