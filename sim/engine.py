@@ -17,6 +17,10 @@ sampled mode:  w_i = (1/G) sum_g A_ig (e_(y_ig) - pi_i), y_ig ~ pi_i, A = estima
 
 Random draws come from sim.rng keyed by (run seed, step, stream), so a run's trajectory
 does not depend on the batch it is in. Float64 by default.
+
+The loop is init_state -> (advance to the next log step, Recorder.log) ... -> Recorder.result.
+Two engines advance it (ENGINES, resolve_engine): ``advance_torch`` calls ``step`` once per step
+(the reference, and the GPU path); ``advance_numba`` runs the same loop compiled (sim.kernels).
 """
 
 from __future__ import annotations
