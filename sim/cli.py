@@ -243,8 +243,7 @@ def _make_command(name: str, list_valued: bool, doc: str):
         engine = kwargs.pop("engine")
         sweep_mod.check_backend(backend)
         check_device(device, backend, allow_auto=False)
-        if engine not in sweep_mod.ENGINES:
-            raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(sweep_mod.ENGINES)}")
+        sweep_mod.check_engine(engine)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
         _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address,
                  device=device, engine=engine)
@@ -296,8 +295,7 @@ def figures_command(
     from paper_figs import build as figures_mod  # the CLI is the one sim module that imports paper_figs
 
     sweep_mod.check_backend(backend)
-    if engine not in sweep_mod.ENGINES:
-        raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(sweep_mod.ENGINES)}")
+    sweep_mod.check_engine(engine)
     rows = []
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:

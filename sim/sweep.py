@@ -31,7 +31,7 @@ from sim import estimators, results
 from sim.analysis import add_comparisons
 from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemConfig, RunConfig, TrainConfig, check_value,
                         check_device, parse_int, parse_value, validate_run)
-from sim.engine import batch_key, train_batch
+from sim.engine import ENGINE_CHOICES, batch_key, resolve_engine, train_batch
 
 TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
@@ -297,19 +297,22 @@ def _threads(numba_threads: int | None, torch_threads: int | None = 1):
             kernels.set_threads(numba_before)
 
 
-ENGINES = ("auto", "numba", "torch")
+ENGINES = ENGINE_CHOICES  # auto, then sim.engine.ENGINES' names
+
+
+def check_engine(engine: str) -> None:
+    """One-line ConfigError for an engine name that is not a choice."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINES)}")
 
 
 def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], None] | None = None) -> str:
     """Resolve ``engine`` (sim.engine.resolve_engine) with a one-line ConfigError for a bad choice;
     for numba, load the compiled kernels, compiling them first when they are not cached yet
     (``on_compile()`` is called before that, e.g. to say so). Returns "numba" or "torch"."""
-    from sim import engine as engine_mod
-
-    if engine not in ENGINES:
-        raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINES)}")
+    check_engine(engine)
     try:
-        name = engine_mod.resolve_engine(engine, device)
+        name = resolve_engine(engine, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if name == "numba":
