@@ -87,9 +87,11 @@ class Problem:
 
     @property
     def curvature_bound(self) -> torch.Tensor:
-        """M = max_i diam_i^2 (theory.curvature.m_diameter): ||Hess J_i|| <= M sigma_i at every
-        theta. At most 4 B^2 = 4; 2 for tabular features. [..]."""
-        return theory.m_diameter(theory.local_features(self.phi_private, self.phi_shared)).amax(-1)
+        """M = max_i M_i (theory.curvature_constant): ||Hess J_i|| <= M sigma_i at every theta;
+        diam_i^2 / 4 for the family's two-valued rewards (at most B^2 = 1; 1/2 for tabular
+        features), diam_i^2 / 2 for a prompt with more reward values. [..]."""
+        return theory.curvature_constant(theory.local_features(self.phi_private, self.phi_shared),
+                                         self.rbar).amax(-1)
 
     def to(self, device) -> "Problem":
         """The same problem with every tensor on ``device``."""

@@ -96,7 +96,7 @@ def predict(problem: ProblemConfig, steps: int = 500) -> dict:
                                     theory.step_scale(True, M, smax, P, q["sigma"]))
     return {
         "problem": dataclasses.asdict(problem), "steps": steps,
-        "M": {"global_4B2": theory.global_curvature_bound(prob.feature_norm_bound), "diameter (used)": M,
+        "M": {"global_4B2": theory.global_curvature_bound(prob.feature_norm_bound), "curvature_constant (used)": M,
               "fourth_moment_theta0_max": float(theory.m_fourth_moment(q["pi"], q["d"]).max()),
               "directional_theta0_max": float(theory.m_directional(q["pi"], q["d"], q["H"]).max()),
               "empirical_hess_over_sigma_theta0_max": float(emp.max())},

@@ -177,7 +177,7 @@ def test_theory_predict_and_bad_option(capsys):
                             "--steps", "300", "--json"], capsys)
     assert code == 0
     rep = json.loads(out)
-    assert rep["predicted_gain"] >= 1.0 and rep["M"]["diameter (used)"] == pytest.approx(2.0)
+    assert rep["predicted_gain"] >= 1.0 and rep["M"]["curvature_constant (used)"] == pytest.approx(0.5)
     code, _, err = run_cli(["theory", "check", "--orthogonality", "1.5"], capsys)
     assert code == 2 and err.strip() == "error: orthogonality: 1.5 is out of range; accepted: [0.0, 1.0]"
 

@@ -118,6 +118,48 @@ def test_m_bound_chain_and_gradient_bound_never_fail(data):
 
 
 @SETTINGS
+@given(data=st.data())
+def test_curvature_constant_bounds_the_hessian_at_every_theta(data):
+    """||Hess J_i|| <= M_i sigma_i with the engine's M_i (diam^2/4 for two-valued rewards, proved in
+    theory.curvature), at random thetas of random problems of the family."""
+    prob = data.draw(problems())
+    tp, ts = data.draw(thetas(prob, max_scale=6.0))
+    pi, mu, sigma, d = stats_at(prob, tp, ts)
+    M = theory.curvature_constant(theory.local_features(prob.phi_private, prob.phi_shared), prob.rbar)
+    assert bool(theory.two_valued(prob.rbar).all())  # the family's rewards: {c (1 - f), c f}
+    hess_norm = theory.spectral_norm(theory.prompt_hessian(pi, prob.rbar, mu, d))
+    assert (hess_norm <= sigma * M * (1 + 1e-9) + 1e-13).all()
+
+
+@SETTINGS
+@given(K=st.integers(2, 16), seed=st.integers(0, 2**31), two=st.booleans())
+def test_curvature_constant_holds_for_any_features_and_is_tight(K, seed, two):
+    """Random features, logits and rewards (two-valued or not): ||Hess J_i|| / sigma_i never exceeds
+    curvature_constant; and the K = 2 tabular prompt at pi_0 = q, q(1-q) = 1/8 attains diam^2/4 = 1/2."""
+    g = torch.Generator().manual_seed(seed)
+    N, D = 256, int(torch.randint(1, 6, (), generator=g))
+    phi = torch.randn(N, 1, K, D, generator=g, dtype=torch.float64)
+    pi = torch.softmax(4 * torch.randn(N, 1, K, generator=g, dtype=torch.float64), -1)
+    if two:
+        rbar = (torch.rand(N, 1, K, generator=g) < 0.5).double() * 3.0 + 0.5
+    else:
+        rbar = torch.rand(N, 1, K, generator=g, dtype=torch.float64)
+    mu = (pi * rbar).sum(-1)
+    sigma = (pi * (rbar - mu.unsqueeze(-1)) ** 2).sum(-1).sqrt()
+    d, H = theory.prompt_curvature(pi, rbar, mu, phi)
+    M = theory.curvature_constant(phi, rbar)
+    assert (theory.spectral_norm(H) <= sigma * M * (1 + 1e-9) + 1e-13).all()
+    q = (1 - math.sqrt(0.5)) / 2  # q (1 - q) = 1/8
+    pi2 = torch.tensor([[[q, 1 - q]]], dtype=torch.float64)
+    r2 = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    phi2 = torch.eye(2, dtype=torch.float64).expand(1, 1, 2, 2)
+    sigma2 = math.sqrt(q * (1 - q))
+    _, H2 = theory.prompt_curvature(pi2, r2, (pi2 * r2).sum(-1), phi2)
+    assert float(theory.curvature_constant(phi2, r2)) == 0.5
+    assert float(theory.spectral_norm(H2)) / sigma2 == pytest.approx(0.5, rel=1e-12)
+
+
+@SETTINGS
 @given(data=st.data(), estimator=st.sampled_from(["reinforce", "grpo"]))
 def test_theory_steps_never_decrease_any_prompt_on_orthogonal_problems(data, estimator):
     """Exact gradients, theory step sizes (P/M, P/(M sigma_bound)), o = 1: every J_i is non-decreasing."""
