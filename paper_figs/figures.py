@@ -205,11 +205,12 @@ PHASE_COLOURS = {"I": OKABE_ITO["orange"], "II": OKABE_ITO["sky"], "III": "0.6"}
 
 
 def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
-    """Fig. 5: sigma_bar_t, rho_t and GRPO's measured per-step gain over training, with the phase
-    labels of theory.phases shaded; one column per orthogonality (first seed's GRPO run)."""
+    """Fig. 5: sigma_bar_t, rho_t and the measured per-step gain dJ_GRPO / dJ_REINFORCE from GRPO's
+    theta_t (sim.step_gain; +- 2 standard errors shaded, undefined steps left out) over training,
+    with the phase labels of theory.phases shaded; one column per orthogonality (first seed's GRPO run)."""
     name = "phases"
     require(runs, ["run_id", "orthogonality", "estimator", "seed"], name, "runs")
-    require(steps, ["run_id", "step", "sigma_bar", "rho", "step_gain", "phase"], name, "steps")
+    require(steps, ["run_id", "step", "sigma_bar", "rho", "gain", "phase"], name, "steps")
     sel = _rows(runs, name, estimator=["grpo"])
     orths = sorted(sel["orthogonality"].unique())
     with apply_style():
@@ -220,7 +221,7 @@ def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             x = s["step"].to_numpy()
             for i, (col, label) in enumerate((("sigma_bar", "reward std σ̄"),
                                               ("rho", "orthogonality ρ"),
-                                              ("step_gain", "step gain G/R"))):
+                                              ("gain", "per-step gain G/R"))):
                 ax = axes[i][j]
                 lab = s["phase"].to_numpy()
                 edges = np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]])
@@ -230,11 +231,10 @@ def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
                 ax.plot(x, s[col], color="black")
                 ax.set_ylabel(label)
                 ax.set_xscale("symlog", linthresh=1)
-                if col == "step_gain":
-                    ax.set_yscale("log")
-                    g_lo, g_hi = float(s[col].min()), float(s[col].max())
-                    _plain_log_ticks(ax.yaxis, [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
-                                                if g_lo / 2 <= t <= g_hi * 2])
+                if col == "gain":
+                    if "gain_se" in s:
+                        ax.fill_between(x, s[col] - 2 * s["gain_se"], s[col] + 2 * s["gain_se"], color="0.6",
+                                        alpha=0.4, linewidth=0)
                     ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
                 if i == 0:
                     ax.set_title(f"orthogonality o = {o:g}")

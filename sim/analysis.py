@@ -89,13 +89,18 @@ def geometric_ci(ratios: np.ndarray, level: float = 0.95) -> tuple[float, float,
     return math.exp(m), math.exp(m - half), math.exp(m + half)
 
 
+#: The per-cell predictions beside each measured speedup (cell_speedups).
+PREDICTIONS = ("predicted_gain", "predicted_gain_finite_g", "predicted_speedup")
+
+
 def cell_speedups(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Speedup over REINFORCE per (``by`` columns, estimator), from the selected runs.
 
     One row per group: n (runs), speedup with its 95% geometric t-interval (speedup_lo,
     speedup_hi) over the runs that have a REINFORCE partner, speedup_censored (the censoring
-    marks present, comma-joined; "no-reinforce" and NaN speedups when no run has a partner) and
-    predicted_gain (mean; NaN when the runs lack it). The one place a speedup is aggregated.
+    marks present, comma-joined; "no-reinforce" and NaN speedups when no run has a partner),
+    predicted_gain and predicted_gain_finite_g (means) and predicted_speedup (geometric mean of the
+    runs that have one), NaN when the runs lack them. The one place a speedup is aggregated.
     """
     sel = runs[runs["selected"]] if "selected" in runs.columns else runs
     rows = []
@@ -109,10 +114,14 @@ def cell_speedups(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
                        speedup_censored=",".join(sorted(set(g.loc[ok, "speedup_censored"]) - {""})))
         else:  # no REINFORCE run in the sweep: nothing to compare with
             row.update(speedup=math.nan, speedup_lo=math.nan, speedup_hi=math.nan, speedup_censored="no-reinforce")
-        row["predicted_gain"] = float(g["predicted_gain"].mean()) if "predicted_gain" in g else math.nan
+        for c in ("predicted_gain", "predicted_gain_finite_g"):
+            row[c] = float(g[c].mean()) if c in g else math.nan
+        pred = g["predicted_speedup"].dropna().to_numpy() if "predicted_speedup" in g else np.array([])
+        pred = pred[pred > 0]
+        row["predicted_speedup"] = float(np.exp(np.log(pred).mean())) if len(pred) else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=by + ["estimator", "n", "speedup", "speedup_lo", "speedup_hi",
-                                            "speedup_censored", "predicted_gain"])
+                                            "speedup_censored"] + list(PREDICTIONS))
 
 
 def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataFrame:
@@ -138,7 +147,7 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
         row["j_star"] = float(g["j_star"].mean())
         row["conditions_ok"] = int(g["conditions_ok"].sum())
         sp = speedups.loc[key if isinstance(key, tuple) else (key,)]
-        row["predicted_gain"] = float(sp["predicted_gain"])
+        row.update({c: float(sp[c]) for c in PREDICTIONS})
         row.update({c: sp[c] for c in ("speedup", "speedup_lo", "speedup_hi", "speedup_censored")})
         rows.append(row)
     return pd.DataFrame(rows)

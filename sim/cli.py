@@ -166,8 +166,8 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
     show = [c for c in spec.varying() if c in table_df.columns]
     for c in show:
         table.add_column(option_name(c), justify="right")
-    for c in ("estimator", "lr", "reached", "steps→target", "final J/J*", "speedup (95% CI)", "G_pred",
-              "conditions"):
+    for c in ("estimator", "lr", "reached", "steps→target", "final J/J*", "speedup (95% CI)", "predicted",
+              "G_pred", "conditions"):
         table.add_column(c, justify="right" if c != "estimator" else "left")
     for _, r in table_df.iterrows():
         steps = f"{r['steps_to_target']:.0f}"
@@ -186,11 +186,14 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
         table.add_row(*[_fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in show],
                       str(r["estimator"]), _fmt(r["lr"]), f"{r['reached']}/{r['n']}", steps,
                       f"{r['final_J'] / r['j_star']:.3f}", sp,
+                      f"{r['predicted_speedup']:.2f}" if r["predicted_speedup"] == r["predicted_speedup"] else "–",
                       f"{r['predicted_gain']:.2f}" if estimators.is_std_normalized(r["estimator"]) else "",
                       f"{r['conditions_ok']}/{r['n']}")
     console.print(table)
-    notes = ["G_pred = sigma_bound / sigma_bar (theory's predicted gain, GRPO-type rows); conditions: runs where "
-             "orthogonality, the M-bound, step-size safety and the relaxed sigma condition all hold",
+    notes = ["predicted = the speedup over REINFORCE at its theory step that the orthogonal-case time change "
+             "predicts from the row's own trajectory, finite G included (README 'Theory beside measurement'); "
+             "G_pred = sigma_bound / sigma_bar (the ratio of the two rate bounds, GRPO-type rows); conditions: runs "
+             "where orthogonality, the M-bound, step-size safety and the relaxed sigma condition all hold",
              "speedup = REINFORCE steps / estimator steps, same cell and seed, each at its own lr; "
              "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
              "(≥: most runs never reached it); ≥/≤/~ on a speedup: some runs never reached the target"]

@@ -114,6 +114,8 @@ class TrainConfig:
         "target J as a fraction of the optimal J*", min=0.0, max=1.0, open_min=True))
     log_points: int = field(default=48, metadata=option("log-spaced steps at which metrics are logged",
                                                       min=2, max=100_000))
+    gain_draws: int = field(default=32, metadata=option(
+        "draws per logged step for the measured per-step gain in sampled mode (sim.step_gain)", min=2, max=4096))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ Two engines advance it (ENGINES, resolve_engine): ``advance_torch`` calls ``step
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,18 +34,20 @@ import pandas as pd
 import torch
 
 import theory
-from sim import estimators
+from sim import estimators, step_gain
 from sim.config import RunConfig, TrainConfig
 from sim.results import stable_id
 from sim.problems import Problem, make_problem, stack_problems
 from sim.rng import run_keys, uniforms
 
 #: Train fields every run of a batch must share (lr, seed and lr_rule may differ per run).
-BATCH_FIELDS = ("estimator", "mode", "group_size", "steps", "eps", "ddof", "target_fraction", "log_points")
+BATCH_FIELDS = ("estimator", "mode", "group_size", "steps", "eps", "ddof", "target_fraction", "log_points",
+                "gain_draws")
 
 #: Per-step metric columns written to steps.parquet (besides run_id, step, sigma_per_prompt).
 STEP_METRICS = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "rho",
-                "empirical_M", "analytic_M", "m_bound_ratio", "step_gain")
+                "empirical_M", "analytic_M", "m_bound_ratio", "gain", "gain_se", "dJ_grpo", "dJ_reinforce", "dJ_run",
+                "exact_theory_step_gain")
 
 #: Relaxed condition factor: sigma_i may not drop by more than this within one step.
 RELAXED_FACTOR = 2.0
@@ -340,26 +343,38 @@ class Recorder:
         # theory step sizes, for the measured per-step gain of GRPO's exact step over REINFORCE's
         self.lr_grpo = theory.theory_step_size(True, self.M, prob.sigma_bound, P)  # [R]
         self.lr_reinforce = theory.theory_step_size(False, self.M, prob.sigma_bound, P)  # [R]
+        # the measured gain's estimators, each at the run's multiple of its own theory step (sim.step_gain)
+        own_theory = self.lr_grpo if batch.spec.std_normalized else self.lr_reinforce
+        multiple = batch.lr_over_p * P / own_theory  # [R]
+        self.gain_lrs = {"grpo": multiple * self.lr_grpo, "reinforce": multiple * self.lr_reinforce,
+                         train.estimator: batch.lr_over_p * P}
         self.rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long().to(on["device"])
         sigma_floor = 1e-9 * prob.sigma_bound.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
         self.history = StepHistory(R, P, train.steps, on["dtype"], sigma_floor)
         self.log_steps = log_spaced_steps(train.steps, train.log_points)
         self.log_index = {int(t): i for i, t in enumerate(self.log_steps)}
+        self.gain_undefined = np.full((len(self.log_steps), R), "", dtype=object)
         self.logged = {m: torch.zeros(len(self.log_steps), R, **on) for m in STEP_METRICS}
         self.logged["sigma_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
+        self.logged["mu_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
 
     def log(self, state: TrainState) -> None:
         """Log the diagnostics of a log step t."""
         i = self.log_index[state.t]
-        for name, value in self.diagnostics(state).items():
+        diag = self.diagnostics(state)
+        self.gain_undefined[i] = diag.pop("gain_undefined")
+        for name, value in diag.items():
             self.logged[name][i] = value
 
     def diagnostics(self, state: TrainState) -> dict[str, torch.Tensor]:
         """Diagnostics at theta_t (DESIGN.md §3), each [R] (sigma_per_prompt [R, P]): J, sigma summary,
         mean ||grad J_i||, rho_t, empirical M = max_i ||Hess J_i|| / sigma_i, analytic M =
-        max_i sqrt(E||d||^4), the worst ratio of the two per prompt (must be <= 1), and the measured
-        per-step gain of GRPO's exact step over REINFORCE's, both at their theory step sizes, from
-        the same theta. The Hessian is taken in the reduced features (an r x r matrix)."""
+        max_i sqrt(E||d||^4), the worst ratio of the two per prompt (must be <= 1); the measured
+        per-step gain (sim.step_gain): the expected one-step J changes dJ_grpo, dJ_reinforce and
+        dJ_run (the run's estimator) of the update each estimator would take from this theta, exact
+        or sampled as the run, their ratio gain = dJ_grpo / dJ_reinforce with its standard error and
+        gain_undefined (the reason where it is NaN); and exact_theory_step_gain, the same ratio for
+        exact steps at the theory step sizes. The Hessian is taken in the reduced features (r x r)."""
         prob, pi, mu, sigma, w = self.batch.problem, state.pi, state.mu, state.sigma, state.w
         g_p, g_s = theory.per_prompt_gradients(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
         sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
@@ -375,6 +390,15 @@ class Recorder:
         flat = m_an <= 1e-12 * self.M.unsqueeze(-1)
         emp = torch.where(flat, torch.zeros_like(emp), emp)
         P = pi.shape[-2]
+        b, train = self.batch, self.batch.train
+        if train.mode == "exact":
+            dj = step_gain.exact_changes(mu, sigma, w, prob, state.theta_private, state.theta_shared, self.gain_lrs,
+                                         train.eps)
+        else:
+            dj = step_gain.sampled_changes(pi, sigma, mu, w, prob, state.theta_private, state.theta_shared,
+                                           b.keys, state.t, train.group_size, self.gain_lrs, train.ddof, train.eps,
+                                           train.gain_draws)
+        gain, gain_se, reason = step_gain.gain_from_changes(dj["grpo"], dj["reinforce"])
         step_change = {
             normalized: theory.one_step_change(
                 prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, state.theta_private, state.theta_shared,
@@ -385,7 +409,10 @@ class Recorder:
             "sigma_max": sigma.amax(-1), "grad_norm": sq_norm.sqrt().mean(-1),
             "rho": theory.gradient_orthogonality(gram), "empirical_M": emp.amax(-1), "analytic_M": m_an.amax(-1),
             "m_bound_ratio": torch.where(flat, torch.zeros_like(emp), emp / m_an.clamp_min(1e-300)).amax(-1),
-            "step_gain": theory.per_step_gain(step_change[True], step_change[False]), "sigma_per_prompt": sigma,
+            "exact_theory_step_gain": theory.per_step_gain(step_change[True], step_change[False]),
+            "gain": gain, "gain_se": gain_se, "gain_undefined": reason, "dJ_grpo": dj["grpo"].mean(-1),
+            "dJ_reinforce": dj["reinforce"].mean(-1), "dJ_run": dj[train.estimator].mean(-1),
+            "sigma_per_prompt": sigma, "mu_per_prompt": mu,
         }
 
     def result(self, state: TrainState) -> BatchResult:
@@ -430,6 +457,7 @@ class Recorder:
         overlap = torch.stack([overlap_of[r.problem] for r in b.runs])  # [R]
         summary["predicted_gain"] = theory.predicted_gain(sigma_bar_to_target[:, None, None],
                                                           prob.sigma_bound).numpy()
+        self._finite_g_predictions(summary, logged, lr_over_p * P, lr_reinforce)
         summary["empirical_M"] = logged["empirical_M"].amax(0).numpy()
         summary["analytic_M"] = logged["analytic_M"].amax(0).numpy()
         summary["M_bound"] = M.numpy()
@@ -447,6 +475,43 @@ class Recorder:
             summary[name] = ok.numpy()
         summary["conditions_ok"] = torch.stack(list(conditions.values())).all(0).numpy()
 
+    def _finite_g_predictions(self, summary: pd.DataFrame, logged: dict[str, torch.Tensor], lr: torch.Tensor,
+                              lr_reinforce: torch.Tensor) -> None:
+        """The predictions that account for finite groups (theory.finite_group), from the logged
+        per-prompt J_i and sigma_i (DESIGN.md §3, README 'Theory beside measurement'):
+
+        predicted_gain_finite_g  sigma_bound / mean_{t < t*} mean_i sigma_eff,i(t), sigma_eff = 1 / h_i:
+                                 G_pred with the expected finite-G scale h_i in place of 1 / sigma_i
+        predicted_speedup        REINFORCE's steps to the target at its theory step, predicted by the
+                                 orthogonal-case time change (theory.reinforce_steps_by_time_change)
+                                 from this run's trajectory, over this run's steps to the target;
+                                 NaN when this run or the prediction never reaches the target
+        expected_scale_exact     h_i is exact at this G (False: the G -> infinity limit is used)
+        The logged steps are the knots (J_i linear between them): log-spaced, so most dense early."""
+        b, train = self.batch, self.batch.train
+        mu, sigma = logged["mu_per_prompt"], logged["sigma_per_prompt"]  # [L, R, P]
+        c = b.problem_cpu.scale.unsqueeze(0).expand_as(mu)
+        h, exact = b.spec.expected_scale(sigma, mu, c, exact=train.mode == "exact", group_size=train.group_size,
+                                         ddof=train.ddof, eps=train.eps)
+        rate = (lr / lr_reinforce)[None, :, None] * h  # REINFORCE steps per step of this run, per prompt
+        sigma_eff = theory.effective_sigma(h).mean(-1)  # [L, R]
+        steps = self.log_steps.astype(float)
+        gain_g, speedup = [], []
+        for r, row in enumerate(summary.itertuples()):
+            t_star = int(row.steps_to_target)
+            if not row.reached_target or t_star < 1:
+                gain_g.append(math.nan)
+                speedup.append(math.nan)
+                continue
+            eff = np.interp(np.arange(t_star), steps, sigma_eff[:, r].numpy()).mean()
+            gain_g.append(float(row.sigma_bound) / eff if eff > 0 else math.nan)
+            tau = theory.reinforce_steps_by_time_change(steps, mu[:, r].numpy(), rate[:, r].numpy(),
+                                                        float(row.target_J))
+            speedup.append(tau / t_star)
+        summary["predicted_gain_finite_g"] = gain_g
+        summary["predicted_speedup"] = speedup
+        summary["expected_scale_exact"] = exact
+
     def _steps_frame(self, run_ids: list[str], logged: dict[str, torch.Tensor]) -> pd.DataFrame:
         """Long format: one row per (run, logged step) with STEP_METRICS, sigma_per_prompt, phase."""
         L, R, P = logged["sigma_per_prompt"].shape
@@ -455,10 +520,13 @@ class Recorder:
             "step": np.tile(self.log_steps, R),
             **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
         })
-        steps_df["sigma_per_prompt"] = list(logged["sigma_per_prompt"].transpose(0, 1).reshape(R * L, P).numpy())
+        steps_df["gain_undefined"] = self.gain_undefined.T.reshape(-1)
+        for name in ("sigma_per_prompt", "mu_per_prompt"):
+            steps_df[name] = list(logged[name].transpose(0, 1).reshape(R * L, P).numpy())
         steps_df["phase"] = np.concatenate([
             theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
-                                logged["step_gain"][:, r].numpy()) for r in range(R)])
+                                logged["gain"][:, r].numpy(), steps=self.log_steps,
+                                gain_se=logged["gain_se"][:, r].numpy()) for r in range(R)])
         return steps_df
 
 

@@ -43,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from theory.finite_group import grpo_expected_scale
 from theory.shapes import check_shapes
 from theory.softmax import safe_reciprocal
 
@@ -193,6 +194,9 @@ class EstimatorSpec:
     base             the estimator a preset configures (itself for base estimators)
     ddof, eps        fixed by a preset (None: the caller's value)
     whitening        batch whitening a preset applies after its base estimator (None: none)
+    finite_scale     (p, c, G, ddof, eps) -> h_G with E[sampled update_i] = h_G grad J_i exactly,
+                     for rewards in {0, c} with success probability p (theory.finite_group), where
+                     the scale is not exact_factor(G) * s_i; None: not known in closed form
     """
 
     name: str
@@ -208,6 +212,7 @@ class EstimatorSpec:
     ddof: int | None = None
     eps: float | None = None
     whitening: Whitening | None = None
+    finite_scale: Callable | None = None
 
     def __post_init__(self):
         if not callable(self.advantage) or not callable(self.population_scale):
@@ -229,6 +234,22 @@ class EstimatorSpec:
         check_shapes(self.name, sigma=(sigma, "... P"), mu=(mu, "... P"))
         return self.population_scale(sigma, mu, self.eps if self.eps is not None else eps)
 
+    def expected_scale(self, sigma: torch.Tensor, mu: torch.Tensor, reward_scale: torch.Tensor, *, exact: bool,
+                       group_size: int, ddof: int, eps: float) -> tuple[torch.Tensor, bool]:
+        """(h_i [..., P], exact_at_G) with E[update of prompt i] = h_i grad J_i: the population
+        scale s_i in exact mode; in sampled mode exact_factor(G) s_i or finite_scale at
+        p_i = mu_i / c_i (rewards in {0, c_i}), exactly, else the G -> infinity limit s_i
+        (exact_at_G False). reward_scale c [..., P]."""
+        eps_used = self.eps if self.eps is not None else eps
+        s = self.scale(sigma, mu, eps)
+        if exact or self.exact_factor is not None:
+            return (s if exact else self.exact_factor(group_size) * s), True
+        if self.finite_scale is not None:
+            p = (mu / reward_scale).clamp(0.0, 1.0)
+            return self.finite_scale(p, reward_scale, group_size, self.ddof if self.ddof is not None else ddof,
+                                     eps_used), True
+        return s, False
+
 
 def _mean_baseline_factor(G: int) -> float:
     """E[(R_g - mean_h R_h) s_g] = (G-1)/G Cov(R, s): the mean includes the sample's own reward."""
@@ -243,7 +264,8 @@ _BASE = (
     EstimatorSpec("rloo", "RLOO", rloo, _unit_limit, lambda G: 1.0, False, 2, True,
                   "TRL RLOOTrainer; verl/OpenRLHF 'rloo'"),
     EstimatorSpec("grpo", "GRPO", grpo, _group_std_limit, None, True, 2, True,
-                  "TRL scale_rewards='group'; verl/OpenRLHF 'grpo' / 'group_norm'"),
+                  "TRL scale_rewards='group'; verl/OpenRLHF 'grpo' / 'group_norm'",
+                  finite_scale=lambda p, c, G, ddof, eps: grpo_expected_scale(p, G, ddof, eps, c)),
     EstimatorSpec("grpo_batch", "GRPO (batch std)", grpo_batch, _batch_std_limit, None, True, 2, True,
                   "TRL scale_rewards='batch'"),
     EstimatorSpec("grpo_oracle", "GRPO (true sigma)", grpo_oracle, _group_std_limit, _mean_baseline_factor,
@@ -262,7 +284,8 @@ def _preset(name: str, base: str, ddof: int, eps: float, library: str,
     b = _BY_BASE[base]
     if whitening is None:
         return EstimatorSpec(name, f"{b.label} [{name}]", b.advantage, b.population_scale, b.exact_factor,
-                             b.std_normalized, b.min_group, b.llm, library, base=base, ddof=ddof, eps=eps)
+                             b.std_normalized, b.min_group, b.llm, library, base=base, ddof=ddof, eps=eps,
+                             finite_scale=b.finite_scale)
     w = whitening
 
     def advantage(rewards, *, ddof, eps, sigma=None):

@@ -33,7 +33,7 @@ STEPS = "steps.parquet"
 PARTS = "parts"
 
 #: Columns renamed since results were first written: old name -> new name (applied on load).
-LEGACY_COLUMNS = {"sigma_max_bound": "sigma_bound"}
+LEGACY_COLUMNS = {"sigma_max_bound": "sigma_bound", "step_gain": "exact_theory_step_gain"}
 
 
 #: Failpoint for crash tests: GRPO_SIM_FAULT="POINT" or "POINT:N" ends the process with

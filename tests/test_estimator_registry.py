@@ -94,6 +94,25 @@ def test_limit_entries_converge_to_their_limit_as_G_grows(name):
     assert err[128] < err[32] / 2 < err[8] / 4, err
 
 
+FINITE = [n for n, s in E.REGISTRY.items() if s.finite_scale is not None]
+
+
+@pytest.mark.parametrize("name", FINITE)
+@pytest.mark.parametrize("G", [2, 3, 8])
+def test_finite_scale_entries_are_exact_at_every_group_size(name, G):
+    """finite_scale (theory.finite_group, closed form) = the enumerated expected update at finite G."""
+    spec = E.get(name)
+    sigma = noise_free_sigma()
+    mu = torch.tensor([c * p for c, p in zip(C, P_OBS)], dtype=torch.float64)
+    h, exact = spec.expected_scale(sigma, mu, torch.tensor(C, dtype=torch.float64), exact=False, group_size=G,
+                                   ddof=1, eps=1e-4)
+    assert exact and float(h[0]) == pytest.approx(expected_scale(spec, G, sigma), rel=1e-12)
+
+
+def test_finite_scale_is_given_for_grpo_and_its_plain_presets():
+    assert set(FINITE) == {"grpo", "trl_group", "verl_grpo", "openrlhf_group_norm"}
+
+
 def test_every_entry_is_tested_by_one_of_the_two():
     assert set(EXACT) | set(LIMIT) == set(E.ALL_NAMES) and not set(EXACT) & set(LIMIT)
 

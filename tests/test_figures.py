@@ -30,7 +30,7 @@ def synthetic_results(seed=0):
         phase = ["I"] * 3 + ["II"] * 3 + ["III"] * 3
         for k in range(len(t)):
             steps.append({"run_id": rid, "step": int(t[k]), "J": J[k], "sigma_bar": 0.3 / (1 + t[k]) ** 0.5,
-                          "rho": 0.9 - 0.05 * k, "step_gain": 1.5 - 0.1 * k, "phase": phase[k],
+                          "rho": 0.9 - 0.05 * k, "gain": 1.5 - 0.1 * k, "gain_se": 0.05, "phase": phase[k],
                           "empirical_M": 0.3 + 0.01 * k, "analytic_M": 0.9, "m_bound_ratio": 0.4 + 0.02 * k})
     return pd.DataFrame(runs), pd.DataFrame(steps)
 

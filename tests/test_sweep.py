@@ -26,12 +26,12 @@ def test_expand_grid_ids_and_theory_lr():
     assert [r.run_id for r in runs] == [r.run_id for r in S.expand(spec)]  # stable
     P = ProblemConfig().num_prompts
     for r in runs:
-        # tabular: M = diam^2 = ||e_y - e_y'||^2 = o * 2 + (1 - o) * 2 = 2; sigma_bound = c_max / 2 = 2
-        # -> GRPO P/M = P/2, REINFORCE P/(M sigma_bound) = P/4
-        expected = P / 2 if r.train.estimator == "grpo" else P / 4
+        # tabular: diam^2 = ||e_y - e_y'||^2 = o * 2 + (1 - o) * 2 = 2 and two-valued rewards: M = diam^2/4
+        # = 1/2; sigma_bound = c_max / 2 = 2 -> GRPO P/M = 2P, REINFORCE P/(M sigma_bound) = P
+        expected = 2 * P if r.train.estimator == "grpo" else P
         assert r.train.lr == pytest.approx(expected) and r.train.lr_rule == "theory"
     tuned = S.expand(S.SweepSpec.build({"estimator": ["grpo"], "kind": ["tabular"]}, seeds=1, lr="tuned"))
-    assert sorted(r.train.lr for r in tuned) == pytest.approx([P / 2 * 2.0**j for j in range(-1, 5)])
+    assert sorted(r.train.lr for r in tuned) == pytest.approx([2 * P * 2.0**j for j in range(-1, 5)])  # theory lr 2P
 
 
 def fake_runs(rows):

@@ -255,6 +255,40 @@ def test_phase_rule_ignores_single_step_blips():
     assert list(labels) == ["I"] * 10 + ["II"] * 10 + ["III"] * 10
 
 
+def test_phase_rule_counts_steps_not_logged_points():
+    """One planted run (I until step 300, II until 1500, III after, and a 30-step dip of the gain
+    at 1000) logged at 96 and at 200 log-spaced points: the same phases at the same steps (up to
+    the coarser grid's spacing), and the dip, shorter than its window (0.25 * 1000 steps), ignored
+    at both densities."""
+    from sim.engine import log_spaced_steps
+
+    def series(t):
+        gain = np.where(t < 300, 2.0, np.where(t < 1500, 1.05, 0.8))
+        gain = np.where((t >= 1000) & (t < 1030), 0.5, gain)
+        return np.ones(len(t)), np.full(len(t), 0.9), gain
+
+    first = {}
+    for n in (96, 200):
+        t = log_spaced_steps(2000, n)
+        labels = theory.label_phases(*series(t), steps=t)
+        assert list(labels) == sorted(labels, key=["I", "II", "III"].index)  # never back
+        first[n] = {ph: int(t[list(labels).index(ph)]) for ph in ("II", "III")}
+        assert labels[t < 1500].tolist().count("III") == 0
+    for ph, at in (("II", 300), ("III", 1500)):
+        coarse = log_spaced_steps(2000, 96)
+        gap = int(np.diff(coarse)[np.searchsorted(coarse, at) - 1])
+        assert at <= first[96][ph] <= at + gap and at <= first[200][ph] <= at + gap
+
+
+def test_phase_rule_reads_the_gain_with_its_standard_error():
+    s, r = np.ones(12), np.full(12, 0.9)
+    g = np.full(12, 0.9)  # below 1, but within 2 standard errors of it: not evidence of phase III
+    assert set(theory.label_phases(s, r, g, gain_se=np.full(12, 0.1))) == {"II"}
+    assert set(theory.label_phases(s, r, g, gain_se=np.full(12, 0.01))) == {"III"}
+    g_nan = np.full(12, np.nan)  # undefined gain: neither I nor III by gain
+    assert set(theory.label_phases(s, r, g_nan)) == {"II"}
+
+
 def test_feature_overlap_of_tabular_problems_is_one_minus_o():
     # shared one-hot blocks: the shared parts of two prompts' subspaces coincide, scaled by sqrt(1-o)
     # on both sides, so the largest principal cosine is (1 - o) / (o + (1 - o)) = 1 - o

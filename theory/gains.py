@@ -90,17 +90,12 @@ def one_step_change(bias, rbar, phi_private, phi_shared, theta_private, theta_sh
     return (mu_new - mu).mean(-1)
 
 
-def per_step_gain(dj_grpo: torch.Tensor, dj_reinforce: torch.Tensor, tiny: float = 1e-12,
-                  cap: float = 1e6) -> torch.Tensor:
-    """Measured per-step gain dJ_GRPO / dJ_REINFORCE at the same theta (each at its theory step).
-
-    NaN-free conventions: when REINFORCE's change is <= tiny, the gain is ``cap`` if GRPO's change
-    exceeds tiny and 1 if neither moves; finite results are clipped to [-cap, cap].
-    """
+def per_step_gain(dj_grpo: torch.Tensor, dj_reinforce: torch.Tensor, tiny: float = 1e-12) -> torch.Tensor:
+    """dJ_GRPO / dJ_REINFORCE at the same theta; NaN where REINFORCE's change is <= tiny (the ratio
+    is undefined there: no placeholder number)."""
     moving = dj_reinforce > tiny
     ratio = dj_grpo / torch.where(moving, dj_reinforce, torch.ones_like(dj_reinforce))
-    still = torch.where(dj_grpo > tiny, torch.full_like(ratio, cap), torch.ones_like(ratio))
-    return torch.where(moving, ratio, still).clamp(-cap, cap)
+    return torch.where(moving, ratio, torch.full_like(ratio, float("nan")))
 
 
 def step_decomposition(bias, rbar, phi_private, phi_shared, theta_private, theta_shared,
@@ -139,3 +134,47 @@ def step_decomposition(bias, rbar, phi_private, phi_shared, theta_private, theta
             "remainder": actual - own - cross - second,
             "remainder_bound": (4.0 / 6.0) * smax * diam**3 * step_norm**3, "step_norm": step_norm,
             "sigma": sigma}
+
+
+def reinforce_steps_by_time_change(steps, mu, rate, target: float) -> float:
+    """Predicted steps for REINFORCE to reach ``target`` (mean_i J_i >= target), from another run's
+    per-prompt trajectory, by the orthogonal-case time change.
+
+    With orthogonal prompts every estimator whose expected step on prompt i is a positive multiple
+    of grad J_i moves J_i along the same gradient-flow path, only at another speed: a step of
+    this run, of size lr h_i(t) grad J_i (h_i its expected scale, finite G included:
+    theory.finite_group), is worth rate_i(t) = lr h_i(t) / lr_R steps of REINFORCE at lr_R on
+    that prompt (REINFORCE's expected step is lr_R grad J_i). So REINFORCE's prompt i at its
+    step tau is where this run's prompt i was at the step t with tau_i(t) = sum_{t' < t} rate_i(t'),
+    and J_R(tau) = mean_i J_i(t_i(tau)). Exact in the small-step limit of an orthogonal problem;
+    the discrete steps, the sampling noise and (without orthogonality) the cross-prompt terms are
+    what it leaves out, so a measured speedup off this prediction measures those.
+
+    steps [L] the run's logged steps (increasing, from 0); mu, rate [L, P] per-prompt J_i and
+    rate_i at them (tau_i by the trapezoid rule between logged steps, J_i linear between them and
+    held at its last value). Returns the first integer tau with J_R(tau) >= target, or NaN when
+    J_R never reaches it on the trajectory given.
+    """
+    import numpy as np
+
+    steps = np.asarray(steps, dtype=float)
+    mu = np.asarray(mu, dtype=float)
+    rate = np.asarray(rate, dtype=float)
+    if not (steps.ndim == 1 and mu.shape == rate.shape and mu.shape[0] == steps.shape[0]):
+        raise ValueError(f"reinforce_steps_by_time_change: steps [L], mu and rate [L, P], got shapes "
+                         f"{list(steps.shape)}, {list(mu.shape)}, {list(rate.shape)}")
+    if not np.isfinite(rate).all() or (rate < 0).any():
+        return math.nan
+    tau = np.concatenate([np.zeros((1, mu.shape[1])),
+                          np.cumsum(np.diff(steps)[:, None] * (rate[1:] + rate[:-1]) / 2, axis=0)])  # [L, P]
+    knots = np.unique(tau)  # J_R is linear between consecutive knots of all prompts
+    J = np.mean([np.interp(knots, tau[:, i], mu[:, i]) for i in range(mu.shape[1])], axis=0)
+    hit = np.nonzero(J >= target)[0]
+    if len(hit) == 0:
+        return math.nan
+    j = int(hit[0])
+    if j == 0:
+        return 0.0
+    a, b = knots[j - 1], knots[j]  # the crossing lies in (a, b]: solve the linear piece
+    t_cross = a + (b - a) * (target - J[j - 1]) / (J[j] - J[j - 1])
+    return float(math.ceil(t_cross - 1e-9))

@@ -4,13 +4,17 @@ Phase I  (early acceleration): high reward variance, high orthogonality, GRPO's 
 Phase II (stable transition):  neither I nor III;
 Phase III (late regime):       orthogonality lost or normalization no longer pays (gain below 1).
 
-Rule (deterministic). With v_t = sigma_bar_t / max_t sigma_bar_t, each step gets a raw label
-    I   if v_t >= sigma_hi and rho_t >= rho_hi and gain_t >= gain_hi
-    III if rho_t < rho_lo or gain_t < gain_lo
-    II  otherwise.
-Phases never go back: at each step t the smallest raw label among steps t .. t+persist-1
-(fewer at the end of the series) is the candidate, and the phase moves on to it when it is
-later than the current one (step 0 starts at its candidate); single-step blips do not switch.
+Rule (deterministic). With v_t = sigma_bar_t / max_t sigma_bar_t, each logged step gets a raw label
+    I   if v_t >= sigma_hi and rho_t >= rho_hi and gain_t - z se_t >= gain_hi
+    III if rho_t < rho_lo or gain_t + z se_t < gain_lo
+    II  otherwise
+(se_t the gain's standard error, 0 when not given; a NaN gain, undefined at that step, counts
+neither for I nor for III). A logged step's label holds until the next logged step. Phases
+never go back, and they persist in training steps, not in logged points: at a logged step t
+the candidate is the smallest raw label over the steps [t, t + max(persist, persist_frac t))
+(fewer at the end of the series), and the phase moves on to it when it is later than the
+current one (the first step starts at its candidate). So a short blip does not switch, and
+the labels do not depend on how densely the run was logged (tested).
 """
 
 from __future__ import annotations
@@ -29,36 +33,48 @@ class PhaseThresholds:
     gain_hi: float = 1.1    # per-step gain at or above: acceleration
     rho_lo: float = 0.25    # rho_t below: orthogonality lost
     gain_lo: float = 1.0    # per-step gain below: normalization no longer pays
-    persist: int = 3        # consecutive raw labels needed to move on
+    persist: int = 5        # steps a raw label must hold (at least) to move on
+    persist_frac: float = 0.25  # ... or this fraction of the step it starts at, if longer
+    z: float = 2.0          # standard errors a sampled gain must clear a threshold by
 
 
-def raw_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds()) -> np.ndarray:
-    """Per-step raw labels 0 (I), 1 (II), 2 (III) from arrays [T]: I if v >= sigma_hi and rho >= rho_hi
-    and gain >= gain_hi, III if rho < rho_lo or gain < gain_lo, else II (module docstring)."""
+def raw_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds(), gain_se=None) -> np.ndarray:
+    """Per-step raw labels from arrays [T] (module docstring): 0 (I) if v >= sigma_hi and rho >= rho_hi
+    and gain - z se >= gain_hi, 2 (III) if rho < rho_lo or gain + z se < gain_lo, else 1 (II)."""
     s = np.asarray(sigma_bar, dtype=float)
     rho = np.asarray(rho, dtype=float)
     gain = np.asarray(gain, dtype=float)
-    if not (s.ndim == 1 and s.shape == rho.shape == gain.shape):
-        raise ValueError(f"raw_phases: sigma_bar, rho and gain must be series [T] of one length, got shapes "
-                         f"{list(s.shape)}, {list(rho.shape)}, {list(gain.shape)}")
+    se = np.zeros_like(gain) if gain_se is None else np.nan_to_num(np.asarray(gain_se, dtype=float), nan=0.0)
+    if not (s.ndim == 1 and s.shape == rho.shape == gain.shape == se.shape):
+        raise ValueError(f"raw_phases: sigma_bar, rho, gain (and gain_se) must be series [T] of one length, got "
+                         f"shapes {list(s.shape)}, {list(rho.shape)}, {list(gain.shape)}, {list(se.shape)}")
     peak = s.max() if s.size and s.max() > 0 else 1.0
     v = s / peak
+    with np.errstate(invalid="ignore"):
+        high = (gain - th.z * se) >= th.gain_hi  # NaN compares False: no evidence either way
+        low = (gain + th.z * se) < th.gain_lo
     raw = np.ones(s.shape, dtype=np.int64)
-    raw[(v >= th.sigma_hi) & (rho >= th.rho_hi) & (gain >= th.gain_hi)] = 0
-    raw[(rho < th.rho_lo) | (gain < th.gain_lo)] = 2
+    raw[(v >= th.sigma_hi) & (rho >= th.rho_hi) & high] = 0
+    raw[(rho < th.rho_lo) | low] = 2
     return raw
 
 
-def label_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds()) -> np.ndarray:
-    """Monotone phase labels 'I' / 'II' / 'III' for each step of the series [T] -> [T] (str)."""
-    raw = raw_phases(sigma_bar, rho, gain, th)
+def label_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds(), steps=None,
+                 gain_se=None) -> np.ndarray:
+    """Monotone phase labels 'I' / 'II' / 'III' for the logged steps [T] (``steps``, increasing;
+    None: 0, 1, 2, ...) of the series [T] -> [T] (str). Persistence counts training steps."""
+    raw = raw_phases(sigma_bar, rho, gain, th, gain_se)
     T = len(raw)
+    t = np.arange(T, dtype=float) if steps is None else np.asarray(steps, dtype=float)
+    if t.shape != raw.shape or (np.diff(t) <= 0).any():
+        raise ValueError("label_phases: steps must be increasing and match the series")
+    width = np.maximum(max(th.persist, 1), th.persist_frac * t)
+    ends = np.searchsorted(t, t + width, side="left")  # window j .. ends[j]-1: logged steps in [t_j, t_j + width)
     out = np.empty(T, dtype=np.int64)
     current = -1
-    for t in range(T):
-        window = raw[t:t + max(th.persist, 1)]
-        target = int(window.min())
+    for j in range(T):
+        target = int(raw[j:max(ends[j], j + 1)].min())
         if target > current:
             current = target
-        out[t] = current
+        out[j] = current
     return np.array(PHASE_NAMES, dtype=object)[out]

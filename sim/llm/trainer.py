@@ -332,7 +332,8 @@ class Trainer:
             # phases from (sigma_bar, rho, per-step gain); here the per-step gain is the predicted
             # sigma_bound / sigma_bar_t, since one LLM step cannot be replayed under both estimators
             labels = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
-                                         (sigma_bound / diag["sigma_bar"].clip(lower=1e-12)).to_numpy())
+                                         (sigma_bound / diag["sigma_bar"].clip(lower=1e-12)).to_numpy(),
+                                         steps=diag["step"].to_numpy())
             df.loc[diag.index, "phase"] = labels
         return df
 

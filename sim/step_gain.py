@@ -1,0 +1,136 @@
+"""Measured per-step gain of the estimators compared (DESIGN.md §3 'Phases'), at a logged theta.
+
+For estimator E at learning rate lr_E, the expected one-step change of J = mean_i J_i from theta:
+
+    dJ_E(theta) = E[ J(theta + (lr_E / P) g_E) ] - J(theta)
+
+with g_E the update the engine would take: exact mode the population step sum_i s_E,i grad J_i
+(deterministic), sampled mode the sampled update (1/G) sum_g A_ig grad log pi(y_ig), averaged
+over N draws of responses and rewards from the counter RNG (sim.rng, its own stream: the
+training draws are untouched), with a control variate where the expected update is known
+(``sampled_changes``). Every estimator sees the same N draws (common random numbers), so the
+ratio below has a small paired standard error. The measured gain is
+
+    gain = dJ_GRPO / dJ_REINFORCE,
+
+each at the same multiple of its own theory step as the run's learning rate is of the run
+estimator's (at lr_rule = theory: each at its theory step). It is NaN, with a reason, where it is
+undefined: REINFORCE's expected change is not positive ("reinforce_flat"), or in sampled mode not
+distinguishable from 0 at 2 standard errors ("reinforce_noisy").
+
+Dimension legend: R runs, N draws, P prompts, K responses, G group size, k / s private / shared dims.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import theory
+from sim import estimators
+from sim.rng import GOLDEN, mix64, uniforms
+
+#: Salt of the gain draws' stream: keys mix64(mix64(key ^ SALT) + n) for draw n (disjoint from training).
+GAIN_SALT = np.uint64(0x6A09E667F3BCC908)
+#: Reasons an undefined gain gives (the gain_undefined column; "" where it is defined).
+UNDEFINED_REASONS = ("reinforce_flat", "reinforce_noisy")
+
+
+def draw_keys(keys: np.ndarray, draws: int) -> np.ndarray:
+    """uint64 [R * N] stream keys of the N gain draws of every run (run-major)."""
+    base = mix64(np.asarray(keys, dtype=np.uint64) ^ GAIN_SALT)  # [R]
+    with np.errstate(over="ignore"):
+        return mix64(base[:, None] + np.arange(draws, dtype=np.uint64)[None, :] * GOLDEN).reshape(-1)
+
+
+def _mean_J(bias, rbar, phi_p, phi_s, theta_p, theta_s) -> torch.Tensor:
+    """J = mean_i J_i at N thetas per run: theta_p [R, P, k, N], theta_s [R, s, N] -> [R, N]
+    (theory.logits with the draws as the last dim: plain batched products, no feature copies)."""
+    R, P, K, _ = phi_p.shape
+    z = (bias.unsqueeze(-1) + phi_p @ theta_p
+         + (phi_s.flatten(1, 2) @ theta_s).unflatten(1, (P, K)))  # [R, P, K, N]
+    _, mu, _, _ = theory.prompt_stats(z.transpose(-1, -2).transpose(1, 2), rbar.unsqueeze(1))  # [R, N, P]
+    return mu.mean(-1)
+
+
+def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, step: int, group_size: int,
+                    lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int,
+                    control_variate: bool = True) -> dict[str, torch.Tensor]:
+    """dJ per draw for every estimator in ``lrs`` (name -> lr [R]): {name: [R, N]}.
+
+    pi, w_exact [R, P, K] (w_exact = pi (rbar - mu)), sigma, mu [R, P]; theta_p [R, P, k],
+    theta_s [R, s]. Where the estimator's expected update is known exactly
+    (EstimatorSpec.expected_scale: REINFORCE, Dr. GRPO, RLOO, GRPO and its presets), each draw's
+    change carries the control variate grad J . (Delta - E Delta): its first-order noise, whose
+    expectation is 0, is subtracted, which leaves the mean unbiased and cuts its standard error
+    several-fold."""
+    R, P, K = pi.shape
+    G = group_size
+    u = uniforms(draw_keys(keys, draws), step, (2, P, G), pi.dtype).to(pi.device).view(R, draws, 2, P, G)
+    cdf = pi.cumsum(-1)
+    cdf[..., -1] = 2.0  # above every draw (sim.engine.sampled_response_weights)
+    cdf = cdf.unsqueeze(1).expand(R, draws, P, K).contiguous()
+    y = torch.searchsorted(cdf, u[:, :, 0].contiguous(), right=True)  # [R, N, P, G]
+    q = problem.q.unsqueeze(1).expand(R, draws, P, K).gather(-1, y)
+    rewards = problem.scale[:, None, :, None] * (u[:, :, 1] < q).to(pi.dtype)  # [R, N, P, G]
+    phi_p, phi_s = problem.phi_private, problem.phi_shared
+    phiT_p, phiT_s = phi_p.transpose(-1, -2), phi_s.flatten(1, 2).transpose(-1, -2)  # [R, P, k, K], [R, s, P*K]
+    g_p, g_s = theory.per_prompt_gradients(w_exact, phi_p, phi_s)  # [R, P, k], [R, P, s]: grad J_i
+    J0 = mu.mean(-1, keepdim=True)  # [R, 1]
+    onehot_sum = torch.zeros(R, draws, P, K, dtype=pi.dtype, device=pi.device)
+    out = {}
+    for name, lr in lrs.items():
+        spec = estimators.get(name)
+        adv = spec.advantages(rewards, ddof=ddof, eps=eps, sigma=sigma.unsqueeze(1).expand(R, draws, P))
+        per_response = onehot_sum.zero_().scatter_add_(-1, y, adv)
+        w = (per_response - pi.unsqueeze(1) * adv.sum(-1, keepdim=True)) / G  # [R, N, P, K]
+        w = w.permute(0, 2, 3, 1)  # [R, P, K, N]
+        a = (lr / P).to(pi.dtype)
+        d_p = a[:, None, None, None] * (phiT_p @ w)  # [R, P, k, N]
+        d_s = a[:, None, None] * (phiT_s @ w.flatten(1, 2))  # [R, s, N]
+        dJ = _mean_J(problem.bias, problem.rbar, phi_p, phi_s, theta_p.unsqueeze(-1) + d_p,
+                     theta_s.unsqueeze(-1) + d_s) - J0
+        h, known = spec.expected_scale(sigma, mu, problem.scale, exact=False, group_size=G, ddof=ddof, eps=eps)
+        if known and control_variate:  # control variate: grad J . (Delta - E Delta), grad J = (1/P) sum_i g_i
+            e_p = a[:, None, None] * h.unsqueeze(-1) * g_p  # [R, P, k]: E Delta, private blocks
+            e_s = a[:, None] * (h.unsqueeze(-1) * g_s).sum(1)  # [R, s]
+            lin = ((g_p.unsqueeze(-1) * (d_p - e_p.unsqueeze(-1))).sum((1, 2))
+                   + (g_s.sum(1).unsqueeze(-1) * (d_s - e_s.unsqueeze(-1))).sum(1)) / P  # [R, N]
+            dJ = dJ - lin
+        out[name] = dJ
+    return out
+
+
+def exact_changes(mu, sigma, w, problem, theta_p, theta_s, lrs: dict[str, torch.Tensor],
+                  eps: float) -> dict[str, torch.Tensor]:
+    """dJ of the exact-mode step of every estimator in ``lrs``: {name: [R, 1]}."""
+    P = mu.shape[-1]
+    out = {}
+    for name, lr in lrs.items():
+        a = (lr / P).to(mu.dtype).unsqueeze(-1) * estimators.population_scale(name, sigma, mu, eps)  # [R, P]
+        out[name] = theory.one_step_change(problem.bias, problem.rbar, problem.phi_private, problem.phi_shared,
+                                           theta_p, theta_s, a, stats=(mu, w)).unsqueeze(-1)
+    return out
+
+
+def gain_from_changes(dj_grpo: torch.Tensor, dj_reinforce: torch.Tensor, tiny: float = 1e-12):
+    """(gain [R], standard error [R], reason [R] str) from per-draw changes [R, N] (N = 1: exact).
+
+    gain = mean dJ_GRPO / mean dJ_REINFORCE; its standard error by the delta method on the paired
+    draws, var = Var(a - gain b) / (N b^2); NaN with a reason where REINFORCE's mean change is
+    <= tiny ("reinforce_flat") or within 2 standard errors of 0 ("reinforce_noisy")."""
+    N = dj_grpo.shape[-1]
+    a, b = dj_grpo.mean(-1), dj_reinforce.mean(-1)
+    ratio = a / torch.where(b > tiny, b, torch.ones_like(b))
+    if N > 1:
+        se_b = dj_reinforce.std(-1) / N**0.5
+        resid = dj_grpo - ratio.unsqueeze(-1) * dj_reinforce
+        se = resid.std(-1) / N**0.5 / b.abs().clamp_min(1e-300)
+    else:
+        se_b = torch.zeros_like(b)
+        se = torch.zeros_like(b)
+    flat, noisy = b <= tiny, b <= 2 * se_b
+    reason = np.where(flat.cpu().numpy(), UNDEFINED_REASONS[0], np.where(noisy.cpu().numpy(), UNDEFINED_REASONS[1], ""))
+    bad = flat | noisy
+    nan = torch.full_like(ratio, float("nan"))
+    return torch.where(bad, nan, ratio), torch.where(bad, nan, se), reason.astype(object)
