@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from sim.results import ResultsError
-from sim.analysis import cell_speedups, mean_t_interval
+from sim.analysis import cell_speedups, censor_mark, mean_t_interval
 from sim.estimators import ALL_NAMES
 from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
 
@@ -102,11 +102,18 @@ def _speedup_by_cell(runs: pd.DataFrame, name: str, cell_cols: list[str], estima
 
 def speedup_heatmap(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Figure:
     """Fig. 2: speedup of GRPO over REINFORCE (geometric mean over seeds) over orthogonality x
-    difficulty spread (the heterogeneity of the per-prompt reward std)."""
+    difficulty spread (the heterogeneity of the per-prompt reward std). Marks (sim.analysis.censor_mark):
+    ≥ / ≤ some seeds' speedups are lower / upper bounds, ~ censoring of mixed direction, – no seed of
+    either method reached the target, with "0-succ" where runs ended with prompts whose groups are
+    almost surely all failures (stuck_prompts: zero advantage for both estimators)."""
     name = "speedup_heatmap"
     cells = _speedup_by_cell(runs, name, ["orthogonality", "difficulty_spread"])
     grid = cells.pivot(index="orthogonality", columns="difficulty_spread", values="speedup").sort_index()
     cens = cells.pivot(index="orthogonality", columns="difficulty_spread", values="censored").sort_index()
+    sel = runs[runs["selected"]] if "selected" in runs else runs
+    stuck = (sel.groupby(["orthogonality", "difficulty_spread"])["stuck_prompts"].mean().unstack()
+             .reindex(index=grid.index, columns=grid.columns).fillna(0.0) if "stuck_prompts" in sel
+             else grid * 0.0)
     with apply_style():
         fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.6))
         vals = grid.to_numpy()
@@ -117,9 +124,13 @@ def speedup_heatmap(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Fi
         ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
-                c = cens.iat[i, j]
-                mark = "≥" if c == "lower" else ("–" if c == "both" else "")
-                text = "n/a" if not np.isfinite(vals[i, j]) else "–" if mark == "–" else f"{mark}{vals[i, j]:.2f}"
+                mark = censor_mark(cens.iat[i, j])
+                if not np.isfinite(vals[i, j]):
+                    text = "n/a"
+                elif mark == "–":  # no seed of either method reached the target: say why where we know
+                    text = "–\n0-succ" if stuck.iat[i, j] > 0 else "–"
+                else:
+                    text = f"{mark}{vals[i, j]:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6)
         ax.set_xlabel("difficulty spread (logit half-width / logit 0.99)")
         ax.set_ylabel("feature orthogonality o")
@@ -132,38 +143,47 @@ def speedup_heatmap(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Fi
 
 
 def predicted_vs_measured(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Figure:
-    """Fig. 3: predicted gain G_pred = sigma_max / sigma_bar against the measured speedup, one point
-    per sweep cell; orthogonal (o = 1) and non-orthogonal cells marked differently; y = x line."""
+    """Fig. 3: the measured speedup against (a) G_pred = sigma_max / sigma_bar, the ratio of the rate
+    bounds, and (b) the orthogonal-case time-change prediction with finite groups
+    (predicted_speedup), one point per sweep cell; orthogonal (o = 1) and non-orthogonal cells
+    marked differently, hollow where the measured value is a lower bound; y = x lines."""
     name = "predicted_vs_measured"
-    require(runs, ["orthogonality", "predicted_gain"], name, "runs")
-    cols = [c for c in ("orthogonality", "difficulty_spread", "reward_scale_spread", "kind", "reward_noise")
-            if c in runs.columns]
+    require(runs, ["orthogonality", "predicted_gain", "predicted_speedup"], name, "runs")
+    cols = [c for c in ("orthogonality", "difficulty_spread", "reward_scale_spread", "kind", "reward_noise",
+                        "group_size", "mode") if c in runs.columns]
     cells = _speedup_by_cell(runs, name, cols)
+    panels = (("predicted_gain", "(a) G_pred = sigma_max / sigma_bar"),
+              ("predicted_speedup", "(b) time change, finite G"))
     with apply_style():
-        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.8))
-        lo = min(cells["predicted_gain"].min(), cells["speedup"].min(), 1.0) * 0.9
-        hi = max(cells["predicted_gain"].max(), cells["speedup"].max()) * 1.1
-        ax.plot([lo, hi], [lo, hi], color="0.5", linestyle="--", linewidth=0.8, label="y = x")
-        for orth, sty in ((True, {"marker": "o", "color": OKABE_ITO["blue"], "label": "orthogonal (o = 1)"}),
-                          (False, {"marker": "^", "color": OKABE_ITO["vermillion"], "label": "non-orthogonal (o < 1)"})):
-            part = cells[(cells["orthogonality"] == 1.0) == orth]
-            if part.empty:
-                continue
-            full = part["censored"] != "lower"
-            ax.scatter(part.loc[full, "predicted_gain"], part.loc[full, "speedup"], marker=sty["marker"],
-                       color=sty["color"], s=14, label=sty["label"], zorder=3)
-            if (~full).any():
-                ax.scatter(part.loc[~full, "predicted_gain"], part.loc[~full, "speedup"], marker=sty["marker"],
-                           facecolors="none", edgecolors=sty["color"], s=14, zorder=3,
-                           label=f"{sty['label']}, lower bound")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ticks = [t for t in (1, 1.5, 2, 3, 5, 8, 12, 20, 30) if lo <= t <= hi]
-        _plain_log_ticks(ax.xaxis, ticks)
-        _plain_log_ticks(ax.yaxis, ticks)
-        ax.set_xlabel("predicted gain G_pred = sigma_max / sigma_bar")
-        ax.set_ylabel("measured speedup (steps ratio)")
-        ax.legend(loc="upper left")
+        fig, axes = plt.subplots(1, 2, figsize=(DOUBLE_COLUMN, 2.8), sharey=True)
+        finite = cells[np.isfinite(cells[[c for c, _ in panels]].to_numpy(dtype=float)).all(1)]
+        lo = min(finite[[c for c, _ in panels] + ["speedup"]].min().min(), 1.0) * 0.9
+        hi = max(finite[[c for c, _ in panels] + ["speedup"]].max().max(), 1.0) * 1.1
+        ticks = [t for t in (0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 12, 20, 30) if lo <= t <= hi]
+        for ax, (col, label) in zip(axes, panels):
+            ax.plot([lo, hi], [lo, hi], color="0.5", linestyle="--", linewidth=0.8, label="y = x")
+            for orth, sty in ((True, {"marker": "o", "color": OKABE_ITO["blue"], "label": "orthogonal (o = 1)"}),
+                              (False, {"marker": "^", "color": OKABE_ITO["vermillion"],
+                                       "label": "non-orthogonal (o < 1)"})):
+                part = finite[(finite["orthogonality"] == 1.0) == orth]
+                if part.empty:
+                    continue
+                full = ~part["censored"].str.contains("lower")
+                ax.scatter(part.loc[full, col], part.loc[full, "speedup"], marker=sty["marker"],
+                           color=sty["color"], s=14, label=sty["label"], zorder=3)
+                if (~full).any():
+                    ax.scatter(part.loc[~full, col], part.loc[~full, "speedup"], marker=sty["marker"],
+                               facecolors="none", edgecolors=sty["color"], s=14, zorder=3,
+                               label=f"{sty['label']}, lower bound")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            _plain_log_ticks(ax.xaxis, ticks)
+            _plain_log_ticks(ax.yaxis, ticks)
+            ax.set_xlabel(f"predicted: {label}")
+        axes[0].set_ylabel("measured speedup (steps ratio)")
+        axes[0].legend(loc="upper left")
         fig.tight_layout()
     return fig
 
@@ -207,16 +227,18 @@ PHASE_COLOURS = {"I": OKABE_ITO["orange"], "II": OKABE_ITO["sky"], "III": "0.6"}
 def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
     """Fig. 5: sigma_bar_t, rho_t and the measured per-step gain dJ_GRPO / dJ_REINFORCE from GRPO's
     theta_t (sim.step_gain; +- 2 standard errors shaded, undefined steps left out) over training,
-    with the phase labels of theory.phases shaded; one column per orthogonality (first seed's GRPO run)."""
+    with the phase labels of theory.phases shaded; one column per value of the problem setting that
+    varies (failure_mode, else orthogonality; first seed's GRPO run)."""
     name = "phases"
     require(runs, ["run_id", "orthogonality", "estimator", "seed"], name, "runs")
     require(steps, ["run_id", "step", "sigma_bar", "rho", "gain", "phase"], name, "steps")
     sel = _rows(runs, name, estimator=["grpo"])
-    orths = sorted(sel["orthogonality"].unique())
+    axis = next((c for c in ("failure_mode", "orthogonality") if c in sel and sel[c].nunique() > 1), "orthogonality")
+    orths = sorted(sel[axis].unique())
     with apply_style():
         fig, axes = plt.subplots(3, len(orths), figsize=(DOUBLE_COLUMN, 4.2), sharex="col", squeeze=False)
         for j, o in enumerate(orths):
-            run = sel[sel["orthogonality"] == o].sort_values("seed").iloc[0]
+            run = sel[sel[axis] == o].sort_values("seed").iloc[0]
             s = steps[steps["run_id"] == run["run_id"]].sort_values("step")
             x = s["step"].to_numpy()
             for i, (col, label) in enumerate((("sigma_bar", "reward std σ̄"),
@@ -236,8 +258,13 @@ def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
                         ax.fill_between(x, s[col] - 2 * s["gain_se"], s[col] + 2 * s["gain_se"], color="0.6",
                                         alpha=0.4, linewidth=0)
                     ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
+                    g = s[col].to_numpy(dtype=float)
+                    g = g[np.isfinite(g)]
+                    if g.size:  # late sampled gains of a stalled REINFORCE step swing far: keep 1 readable
+                        ax.set_ylim(max(-1.5, float(g.min()) - 0.2), min(6.0, float(g.max()) + 0.2))
                 if i == 0:
-                    ax.set_title(f"orthogonality o = {o:g}")
+                    ax.set_title({"failure_mode": f"failure mode beta = {o:g}",
+                                  "orthogonality": f"orthogonality o = {o:g}"}[axis])
                 if i == 2:
                     ax.set_xlabel("training step")
         handles = [Patch(color=c, alpha=0.4, label=f"phase {p}") for p, c in PHASE_COLOURS.items()]

@@ -31,6 +31,31 @@ def _effective_steps(runs: pd.DataFrame) -> pd.Series:
     return runs["steps_to_target"].where(runs["reached_target"], runs["steps"] + 1)
 
 
+def _selection(runs: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
+    """The chosen lr per (cell, estimator) (SELECTION_RULE), with the smallest and largest lr tried:
+    columns cells + estimator, lr, lr_min, lr_max."""
+    runs = runs.assign(_eff=_effective_steps(runs))
+    score = (runs.groupby(cells + ["estimator", "lr"], dropna=False)
+             .agg(med=("_eff", "median"), auc=("auc", "mean")).reset_index())
+    score = score.sort_values(["med", "auc", "lr"], ascending=[True, False, True], kind="stable")
+    best = score.drop_duplicates(cells + ["estimator"])[cells + ["estimator", "lr"]]
+    span = runs.groupby(cells + ["estimator"], dropna=False)["lr"].agg(lr_min="min", lr_max="max").reset_index()
+    return best.merge(span, on=cells + ["estimator"], how="left")
+
+
+def lr_edges(runs: pd.DataFrame) -> pd.DataFrame:
+    """(cell, estimator) groups of tuned runs whose chosen lr is the largest ("top") or smallest
+    ("bottom") one tried: columns cells + estimator, lr, edge. Fixed and theory runs have none."""
+    tuned = runs[runs["lr_rule"] == "tuned"] if "lr_rule" in runs.columns else runs.iloc[:0]
+    cells = cell_columns(runs)
+    if tuned.empty:
+        return pd.DataFrame(columns=cells + ["estimator", "lr", "edge"])
+    sel = _selection(tuned, cells)
+    sel = sel[sel["lr_min"] < sel["lr_max"]]
+    sel["edge"] = np.where(sel["lr"] >= sel["lr_max"], "top", np.where(sel["lr"] <= sel["lr_min"], "bottom", ""))
+    return sel[sel["edge"] != ""][cells + ["estimator", "lr", "edge"]].reset_index(drop=True)
+
+
 def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     """Add ``selected`` (this run's lr is its estimator's choice in the cell, SELECTION_RULE)
     and, for selected runs, ``speedup`` = max(1, steps_R) / max(1, steps_X) against the selected
@@ -38,21 +63,25 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     {"", "lower", "upper", "both"}: "lower" when only REINFORCE never reached the target (the
     true speedup is at least the value), "upper" when only this run never did, "both" when neither.
     Rows without a REINFORCE partner (the sweep has none) get speedup NaN, censoring "no-reinforce".
+    ``lr_edge`` ("top", "bottom" or ""): a tuned run's chosen lr is still the largest or smallest
+    of its grid (the sweep extends the grid first, sim.sweep.MAX_LR_EXTENSIONS times at most):
+    the cell is edge-limited, its speedup measured against a rate that may not be the best.
     """
     runs = runs.copy()
     cells = cell_columns(runs)
-    runs["_eff"] = _effective_steps(runs)
-    score = (runs.groupby(cells + ["estimator", "lr"], dropna=False)
-             .agg(med=("_eff", "median"), auc=("auc", "mean")).reset_index())
-    score = score.sort_values(["med", "auc", "lr"], ascending=[True, False, True], kind="stable")
-    best = score.drop_duplicates(cells + ["estimator"])[cells + ["estimator", "lr"]]
+    best = _selection(runs, cells)[cells + ["estimator", "lr"]]
     best["selected"] = True
     runs = runs.merge(best, on=cells + ["estimator", "lr"], how="left")
     runs["selected"] = runs["selected"].fillna(False).astype(bool)
+    edges = lr_edges(runs)
+    runs = runs.drop(columns=["lr_edge"], errors="ignore").merge(
+        edges.rename(columns={"edge": "lr_edge"}), on=cells + ["estimator", "lr"], how="left")
+    runs["lr_edge"] = runs["lr_edge"].fillna("").where(runs["selected"], "").astype(str)
 
-    ref = runs[runs["selected"] & (runs["estimator"] == "reinforce")][cells + ["seed", "steps_to_target",
-                                                                              "reached_target"]]
-    ref = ref.rename(columns={"steps_to_target": "_ref_steps", "reached_target": "_ref_reached"})
+    ref_cols = cells + ["seed", "steps_to_target", "reached_target", "lr"] + (["lr_theory"] if "lr_theory" in runs else [])
+    ref = runs[runs["selected"] & (runs["estimator"] == "reinforce")][ref_cols]
+    ref = ref.rename(columns={"steps_to_target": "_ref_steps", "reached_target": "_ref_reached", "lr": "_ref_lr",
+                              "lr_theory": "_ref_lr_theory"})
     runs = runs.merge(ref, on=cells + ["seed"], how="left")
     has_ref = runs["_ref_steps"].notna() & runs["selected"]
     ref_steps = runs["_ref_steps"].fillna(1).clip(lower=1)
@@ -64,8 +93,30 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
                      ["no-reinforce", "both", "lower", "upper"], default="")
     runs["speedup_censored"] = np.where(runs["selected"], cens, "not-selected")
     runs["measured_gain"] = runs["speedup"]  # the measured counterpart of predicted_gain (DESIGN.md §3)
-    runs = runs.drop(columns=["_eff", "_ref_steps", "_ref_reached"])
+    if "predicted_speedup" in runs and "_ref_lr_theory" in runs:
+        # the time change's rate is proportional to 1 / lr_REINFORCE, so against the REINFORCE run
+        # actually compared (its selected lr) the predicted steps scale by lr_theory / lr, exactly
+        runs["predicted_speedup_vs_selected"] = np.where(
+            has_ref, runs["predicted_speedup"] * runs["_ref_lr_theory"] / runs["_ref_lr"], np.nan)
+    runs = runs.drop(columns=[c for c in ("_ref_steps", "_ref_reached", "_ref_lr", "_ref_lr_theory") if c in runs])
     return runs.sort_values("run_id", kind="stable").reset_index(drop=True)
+
+
+def censor_mark(censored: str) -> str:
+    """The mark of a cell's speedup from its censoring set (cell_speedups' comma-joined
+    speedup_censored): "" none; "≥" some seeds are lower bounds (only REINFORCE missed the target);
+    "≤" some are upper bounds; "–" no seed of either method reached it; "~" a mix whose direction
+    is unknown (lower and upper, or seeds where neither reached it beside others)."""
+    parts = set(str(censored).split(",")) - {""}
+    if not parts:
+        return ""
+    if parts == {"both"}:
+        return "–"
+    if parts == {"lower"}:
+        return "≥"
+    if parts == {"upper"}:
+        return "≤"
+    return "~"
 
 
 def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -100,7 +151,8 @@ def cell_speedups(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     speedup_hi) over the runs that have a REINFORCE partner, speedup_censored (the censoring
     marks present, comma-joined; "no-reinforce" and NaN speedups when no run has a partner),
     predicted_gain and predicted_gain_finite_g (means) and predicted_speedup (geometric mean of the
-    runs that have one), NaN when the runs lack them. The one place a speedup is aggregated.
+    runs' predicted_speedup_vs_selected, or predicted_speedup, where they have one), NaN when the
+    runs lack them. The one place a speedup is aggregated.
     """
     sel = runs[runs["selected"]] if "selected" in runs.columns else runs
     rows = []
@@ -116,7 +168,8 @@ def cell_speedups(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             row.update(speedup=math.nan, speedup_lo=math.nan, speedup_hi=math.nan, speedup_censored="no-reinforce")
         for c in ("predicted_gain", "predicted_gain_finite_g"):
             row[c] = float(g[c].mean()) if c in g else math.nan
-        pred = g["predicted_speedup"].dropna().to_numpy() if "predicted_speedup" in g else np.array([])
+        col = "predicted_speedup_vs_selected" if "predicted_speedup_vs_selected" in g else "predicted_speedup"
+        pred = g[col].dropna().to_numpy() if col in g else np.array([])
         pred = pred[pred > 0]
         row["predicted_speedup"] = float(np.exp(np.log(pred).mean())) if len(pred) else math.nan
         rows.append(row)
@@ -140,6 +193,7 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
         row = {k: d[k] for k in group_by + ["estimator"]}
         reached = g["reached_target"].astype(bool)
         row["lr"] = float(g["lr"].iloc[0])
+        row["lr_edge"] = str(g["lr_edge"].iloc[0]) if "lr_edge" in g else ""
         row["n"] = len(g)
         row["reached"] = int(reached.sum())
         row["steps_to_target"] = float(g["steps_to_target"].median())

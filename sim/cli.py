@@ -175,16 +175,16 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
             steps = f"≥{steps}" if r["reached"] * 2 < r["n"] else steps
         sp = "n/a"
         if r.get("speedup") == r.get("speedup"):  # not NaN: the sweep has a REINFORCE run
-            cens = r.get("speedup_censored", "")
-            if cens == "both":
+            mark = analysis.censor_mark(r.get("speedup_censored", ""))
+            if mark == "–":
                 sp = "– (neither)"
             else:
-                mark = {"lower": "≥", "upper": "≤"}.get(cens, "~" if cens else "")
                 sp = f"{mark}{r['speedup']:.2f}"
                 if r["n"] > 1:
                     sp += f" ({r['speedup_lo']:.2f}–{r['speedup_hi']:.2f})"
         table.add_row(*[_fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in show],
-                      str(r["estimator"]), _fmt(r["lr"]), f"{r['reached']}/{r['n']}", steps,
+                      str(r["estimator"]), _fmt(r["lr"]) + {"top": "↑", "bottom": "↓"}.get(r.get("lr_edge", ""), ""),
+                      f"{r['reached']}/{r['n']}", steps,
                       f"{r['final_J'] / r['j_star']:.3f}", sp,
                       f"{r['predicted_speedup']:.2f}" if r["predicted_speedup"] == r["predicted_speedup"] else "–",
                       f"{r['predicted_gain']:.2f}" if estimators.is_std_normalized(r["estimator"]) else "",
@@ -196,9 +196,13 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
              "where orthogonality, the M-bound, step-size safety and the relaxed sigma condition all hold",
              "speedup = REINFORCE steps / estimator steps, same cell and seed, each at its own lr; "
              "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
-             "(≥: most runs never reached it); ≥/≤/~ on a speedup: some runs never reached the target"]
+             "(≥: most runs never reached it); ≥/≤ on a speedup: a lower / upper bound (some runs never reached the "
+             "target), ~: censored in both directions"]
     if spec.lr == "tuned" or not isinstance(spec.lr, str):
         notes.append(f"lr selection: {analysis.SELECTION_RULE}")
+    if "lr_edge" in table_df and (table_df["lr_edge"] != "").any():
+        notes.append("lr↑ / lr↓: edge-limited, the chosen lr is still the largest / smallest tried after extending "
+                     f"the grid {sweep_mod.MAX_LR_EXTENSIONS} times (its speedup may be against a rate that is not the best)")
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
     console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")

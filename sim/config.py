@@ -62,6 +62,10 @@ class ProblemConfig:
         open_max=True))
     problem_seed: int = field(default=0, metadata=option("seed of the problem's random draws", min=0,
                                                        max=2**62))
+    failure_mode: float = field(default=0.0, metadata=option(
+        "similarity beta of every prompt's hard wrong response to its correct one, the rest of it one "
+        "failure direction shared by all prompts (0 = none): gradients align as training goes on",
+        min=0.0, max=0.99))
 
     @property
     def k(self) -> int:

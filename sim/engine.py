@@ -440,6 +440,7 @@ class Recorder:
         summary["auc"] = (J_hist.mean(-1) / j_star).numpy()
         summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
         summary["sigma_bound"] = prob.sigma_bound.numpy()
+        summary["stuck_prompts"] = self._stuck_prompts(state).numpy()
         self._theory_columns(summary, sigma_bar_to_target, logged, min_sigma_ratio, P)
         return BatchResult(summary, self._steps_frame(run_ids, logged), cpu(state.theta_private),
                            cpu(state.theta_shared))
@@ -474,6 +475,16 @@ class Recorder:
         for name, ok in conditions.items():
             summary[name] = ok.numpy()
         summary["conditions_ok"] = torch.stack(list(conditions.values())).all(0).numpy()
+
+    def _stuck_prompts(self, state: TrainState) -> torch.Tensor:
+        """[R] prompts whose sampled groups at the last step are all failures with probability >= 0.99,
+        (1 - p_i)^G >= 0.99 with p_i = J_i / c_i: both estimators get zero advantage there, so no
+        estimator can move them (0 in exact mode, whose gradients never vanish by sampling)."""
+        train = self.batch.train
+        if train.mode == "exact":
+            return torch.zeros(state.mu.shape[0], dtype=torch.int64)
+        p = (state.mu / self.batch.problem.scale).clamp(0.0, 1.0).cpu()
+        return ((1 - p) ** train.group_size >= 0.99).sum(-1)
 
     def _finite_g_predictions(self, summary: pd.DataFrame, logged: dict[str, torch.Tensor], lr: torch.Tensor,
                               lr_reinforce: torch.Tensor) -> None:

@@ -28,6 +28,23 @@ In both kinds response 0 is the correct one, and the shared vector of prompt i's
 response y is the row pi_i(y) of one shared table W [K, s], pi_i a random permutation:
 prompts whose correct responses map to the same row cooperate, the rest compete.
 
+Losing orthogonality as training goes on (``failure_mode`` = beta > 0): response 1 of every
+prompt becomes a hard wrong answer, close to the correct one plus one failure direction f of the
+shared block that all prompts share, with a sign e_i = +-1 that splits them in two camps (half
+each, at random), so that what suppresses the failure for one camp promotes it for the other:
+
+    phi(x_i, 1) = (beta phi(x_i, 0) + sqrt(1 - beta^2) e_i [0 ; f]) / ||.||.
+
+With one correct response, grad J_i = c p (1 - p) (phi(x_i, 0) - phibar_wrong), phibar_wrong the
+pi-mean of the wrong responses' features. Early the K - 1 wrong responses are about equally likely,
+so f enters phibar_wrong with weight ~1/(K-1) and the gradients are mostly prompt-specific; the
+easy wrong responses (||phi(x_i, 0) - phi(x_i, y)||^2 about 2) are suppressed fast, the hard one
+(||phi(x_i, 0) - phi(x_i, 1)||^2 about 2 (1 - beta)) slowly, so late phibar_wrong -> phi(x_i, 1)
+and grad J_i -> its direction phi(x_i, 0) - phi(x_i, 1), whose part along -e_i f dominates
+every prompt's: |cos| between prompts -> 1 and rho_t falls, while the two camps pull theta_sh
+in opposite directions along f. With beta = 0.9 at o = 1, rho_t goes from about 0.9 to below 0.25
+(README 'What the simulator shows').
+
 Rewards: r(x_i, y) in {0, c_i}; the observed reward is flipped with probability f
 (``reward_noise``), so the mean reward is rbar = c_i (1 - f) for the correct response and
 c_i f for the others. The flips add variance that carries no curvature.
@@ -146,9 +163,18 @@ def make_problem(cfg: ProblemConfig, dtype: torch.dtype = torch.float64) -> Prob
         V = W[perms]  # [P, K, s]
 
     o = cfg.orthogonality
+    phi_p, phi_s = math.sqrt(o) * U, math.sqrt(1 - o) * V
+    if cfg.failure_mode > 0:  # module docstring: response 1 = beta * correct + the shared failure direction
+        beta = cfg.failure_mode
+        f = _unit_rows(rng.standard_normal(s)) if cfg.kind == "linear" else np.eye(s)[0]
+        camp = rng.permutation(np.where(np.arange(P) % 2 == 0, 1.0, -1.0))[:, None]  # [P, 1]: +f or -f
+        new_p = beta * phi_p[:, 0]
+        new_s = beta * phi_s[:, 0] + math.sqrt(1 - beta**2) * camp * f
+        norm = np.sqrt((new_p**2).sum(-1) + (new_s**2).sum(-1))[:, None]
+        phi_p[:, 1], phi_s[:, 1] = new_p / norm, new_s / norm
     t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-    prob = Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), phi_private=t(math.sqrt(o) * U),
-                   phi_shared=t(math.sqrt(1 - o) * V), orthogonality=t(o))
+    prob = Problem(bias=t(bias), rbar=t(rbar), q=t(q), scale=t(scale), phi_private=t(phi_p),
+                   phi_shared=t(phi_s), orthogonality=t(o))
     if float(prob.curvature_bound) <= 1e-12:
         raise ValueError("shared-dim: no prompt's features tell its responses apart (every feature "
                          "difference is 0), so nothing can be learned; raise --orthogonality or --shared-dim")

@@ -172,6 +172,15 @@ def write_manifest(out: Path, spec: dict, run_rows: list[dict], **extra) -> None
     }, out / MANIFEST)
 
 
+def manifest_field(out: Path, name: str, default=None):
+    """A field of ``out``'s manifest.json (``default`` when the file or the field is missing or unreadable)."""
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return default
+    return data.get(name, default) if isinstance(data, dict) else default
+
+
 def _clear_stale_temp_files(out: Path) -> None:
     """Remove the temp files (.NAME.*.tmp) of writes that a crash cut short."""
     for stale in out.rglob(".*.tmp"):

@@ -9,7 +9,10 @@ rates that ``lr`` resolves to for each (problem, estimator):
             P/(M sigma_bound) for the others, M = max_i diam_i^2 <= 4 B^2 the global curvature
             bound of the problem (theory.curvature.m_diameter)
     tuned   the grid lr_theory * 2^j, j = -1..4; the lr kept per (cell, estimator) is chosen
-            by sim.analysis.add_comparisons (rule: sim.analysis.SELECTION_RULE)
+            by sim.analysis.add_comparisons (rule: sim.analysis.SELECTION_RULE). Where the
+            chosen lr is the largest (smallest) of the grid, the sweep runs that cell and
+            estimator at twice (half) that lr too, until the choice is interior or
+            MAX_LR_EXTENSIONS rounds have run; a choice still at the edge is marked (lr_edge)
 
 A cell is one setting of every config field except estimator, lr, lr_rule and seed.
 """
@@ -34,6 +37,8 @@ from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemCo
 from sim.engine import ENGINE_CHOICES, batch_key, resolve_engine, train_batch
 
 TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
+#: Rounds of extending a tuned grid past its edge (each a factor 2 further), at most.
+MAX_LR_EXTENSIONS = 4
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
 MAX_BATCH = 64
 #: A sweep larger than this is refused before anything is built (a typo like --seeds 100000).
@@ -190,6 +195,37 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
             for seed in range(spec.seeds):
                 runs.append(RunConfig(problem, TrainConfig(**base, lr=lr, lr_rule=rule, seed=seed)))
     return tuple(runs)
+
+
+def stable_row_id(row: dict) -> str:
+    """run_id of a flat config row (RunConfig.run_id)."""
+    return RunConfig.from_flat_dict(row).run_id
+
+
+def lr_extensions(runs_df: pd.DataFrame) -> list[RunConfig]:
+    """The next round of a tuned grid: for every (cell, estimator) whose chosen lr is at the edge of
+    the rates tried (sim.analysis.lr_edges), its runs at twice ("top") or half ("bottom") that lr,
+    every seed, the rest of the config unchanged. Deterministic in the finished runs."""
+    from sim.analysis import cell_columns, lr_edges
+
+    edges = lr_edges(runs_df)
+    if edges.empty:
+        return []
+    cells = cell_columns(runs_df)
+    keys = cells + ["estimator", "lr"]
+    # a grid is extended MAX_LR_EXTENSIONS times at most, counted in the rates it holds (so a
+    # resumed sweep continues the same rounds instead of starting new ones)
+    tried = runs_df.groupby(cells + ["estimator"], dropna=False)["lr"].nunique().rename("_tried").reset_index()
+    edges = edges.merge(tried, on=cells + ["estimator"], how="left")
+    edges = edges[edges["_tried"] < len(TUNED_FACTORS) + MAX_LR_EXTENSIONS].drop(columns="_tried")
+    chosen = runs_df.merge(edges, on=keys, how="inner")
+    out = []
+    for _, row in chosen.sort_values(["run_id"]).iterrows():
+        new_lr = float(row["lr"]) * (2.0 if row["edge"] == "top" else 0.5)
+        cfg = RunConfig.from_flat_dict({**row.to_dict(), "lr": new_lr})
+        if new_lr <= 1e9:
+            out.append(cfg)
+    return out
 
 
 def make_batches(runs: list[RunConfig], max_batch: int = MAX_BATCH) -> list[list[RunConfig]]:
@@ -390,33 +426,46 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         recorded = spec.as_dict() if device == "cpu" else {**spec.as_dict(), "device": device}
         done = results.open_results_dir(out, recorded, rows, resume)
         pending = [r for r in runs if r.run_id not in done]
-        batches = sorted(make_batches(pending, max_batch), key=batch_cost, reverse=True)  # ties keep order
-        total = sum(b[0].train.steps * len(b) for b in batches)
-        progress = [0]
+        progress, total = [0], [0]
 
         def advance(n):
             progress[0] += n
             if on_progress:
-                on_progress(progress[0], total)
-
-        advance(0)
+                on_progress(progress[0], total[0])
 
         def commit(b, runs_df, steps_df):
             results.write_part(out, runs_df, steps_df)
             advance(b[0].train.steps * len(b))
 
-        if backend == "ray":
-            _ray_batches(batches, workers, address, commit, engine)
-        elif workers <= 1:
-            for b in batches:
-                res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
-                                  engine=engine)
-                results.write_part(out, res.runs, res.steps)
-        else:
-            futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device, engine): b
-                    for b in batches}
-            for fut in as_completed(futs):
-                commit(futs[fut], *fut.result())
+        def run_all(todo: list[RunConfig]) -> None:
+            batches = sorted(make_batches(todo, max_batch), key=batch_cost, reverse=True)  # ties keep order
+            total[0] += sum(b[0].train.steps * len(b) for b in batches)
+            advance(0)
+            if backend == "ray":
+                _ray_batches(batches, workers, address, commit, engine)
+            elif workers <= 1:
+                for b in batches:
+                    res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
+                                      engine=engine)
+                    results.write_part(out, res.runs, res.steps)
+            else:
+                futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device, engine): b
+                        for b in batches}
+                for fut in as_completed(futs):
+                    commit(futs[fut], *fut.result())
+
+        run_all(pending)
+        if spec.lr == "tuned":  # extend the grid where the best rate is at its edge (module docstring)
+            extended = {stable_row_id(d): d for d in results.manifest_field(out, "extension_runs", [])}
+            for _ in range(MAX_LR_EXTENSIONS):  # each round adds one rate per edge group, so this bounds it
+                new = lr_extensions(results.read_parts(out)[0])  # beyond the committed rates only
+                if not new:
+                    break
+                extended.update({r.run_id: r.as_flat_dict() for r in new})
+                # the manifest lists them (its fingerprint stays the spec's, so --resume still matches)
+                results.write_manifest(out, recorded, rows, extension_runs=list(extended.values()))
+                done = results.committed_run_ids(out)
+                run_all([r for r in new if r.run_id not in done])
         runs_df, steps_df = results.read_parts(out)
         runs_df = add_comparisons(runs_df)
         results.finalize(out, runs_df, steps_df)

@@ -24,7 +24,8 @@ def synthetic_results(seed=0):
                      "reward_scale_spread": 1.0, "reward_noise": 0.0, "group_size": G, "eps": eps,
                      "estimator": est, "seed": seed_, "mode": "exact" if G == 2 else "sampled", "selected": True,
                      "speedup": speed, "speedup_censored": "lower" if (o == 0.2 and spread == 1.0) else "",
-                     "predicted_gain": 1 + abs(rng.normal(0.5, 0.3)), "j_star": 1.0, "target_fraction": 0.9})
+                     "predicted_gain": 1 + abs(rng.normal(0.5, 0.3)), "predicted_speedup": speed * 1.05,
+                     "stuck_prompts": int(o == 0.2 and spread == 1.0), "j_star": 1.0, "target_fraction": 0.9})
         t = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128])
         J = 1 - 0.6 * (1 + t) ** -0.8
         phase = ["I"] * 3 + ["II"] * 3 + ["III"] * 3
@@ -89,6 +90,24 @@ def test_pipeline_reuses_stored_results_without_training(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "train_batch", no_training)
     second = figures.build_figures(out, only="m_bound_validation", quick=True, results_root=root)
     assert second[0].reused and second[0].results_dir == first[0].results_dir
+
+
+def test_censoring_marks():
+    from sim.analysis import censor_mark
+
+    assert [censor_mark(c) for c in ("", "lower", "upper", "both", "both,lower", "lower,upper", "both,upper")] == \
+        ["", "≥", "≤", "–", "~", "~", "~"]
+
+
+def test_heatmap_says_why_no_seed_reached_the_target():
+    from paper_figs.figures import speedup_heatmap
+
+    runs, steps = synthetic_results()
+    runs = runs[(runs["kind"] == "linear") & (runs["group_size"] == 8) & (runs["eps"] == 1e-4)].copy()
+    cell = (runs["orthogonality"] == 0.2) & (runs["difficulty_spread"] == 1.0)
+    runs.loc[cell & (runs["estimator"] != "reinforce"), "speedup_censored"] = "both"
+    texts = [t.get_text() for t in speedup_heatmap(runs).axes[0].texts]
+    assert "–\n0-succ" in texts and not any(t.startswith("≥") for t in texts)
 
 
 def test_unknown_figure_is_one_line_exit_2(capsys):

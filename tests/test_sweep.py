@@ -8,6 +8,8 @@ import sys
 import time
 
 import numpy as np
+import json
+
 import pandas as pd
 import pytest
 
@@ -70,6 +72,47 @@ def test_selection_and_speedup_with_censoring():
     # geometric mean of (4, 4.5, 1)
     assert table.loc["grpo", "speedup"] == pytest.approx((4 * 4.5 * 1) ** (1 / 3))
     assert table.loc["grpo", "speedup_lo"] < table.loc["grpo", "speedup"] < table.loc["grpo", "speedup_hi"]
+
+
+def test_lr_edges_are_found_and_marked():
+    rows = [("grpo", lr, seed, steps, True, 0.5) for lr, steps in ((1.0, 50), (2.0, 40), (4.0, 30)) for seed in (0, 1)]
+    rows += [("reinforce", lr, seed, steps, True, 0.5) for lr, steps in ((1.0, 60), (2.0, 70), (4.0, 80))
+             for seed in (0, 1)]
+    runs = fake_runs(rows)
+    runs["lr_rule"] = "tuned"
+    edges = A.lr_edges(runs).set_index("estimator")
+    assert edges.loc["grpo", "edge"] == "top" and edges.loc["grpo", "lr"] == 4.0       # fastest at the largest lr
+    assert edges.loc["reinforce", "edge"] == "bottom" and edges.loc["reinforce", "lr"] == 1.0
+    out = A.add_comparisons(runs)
+    assert set(out[out.selected].groupby("estimator").lr_edge.first().items()) == {("grpo", "top"),
+                                                                                   ("reinforce", "bottom")}
+    assert (out[~out.selected].lr_edge == "").all()
+    runs.loc[runs.lr == 4.0, "steps_to_target"] = 45  # now lr 2 is best for GRPO: interior, not an edge
+    assert "grpo" not in set(A.lr_edges(runs).estimator)
+    runs["lr_rule"] = "theory"  # a theory or fixed rate has no grid to be at the edge of
+    assert A.lr_edges(runs).empty
+
+
+def test_tuned_sweep_extends_its_grid_until_the_choice_is_interior(tmp_path):
+    """A tiny tuned sweep whose best rates lie beyond the initial grid: the sweep adds rates a factor 2
+    further until each choice is interior or MAX_LR_EXTENSIONS rounds ran, lists them in the
+    manifest, and a --resume of the finished directory reproduces it."""
+    spec = S.SweepSpec.build({"estimator": ["reinforce", "grpo"], "num_prompts": [2], "num_responses": [3],
+                              "steps": [60], "mode": ["exact"], "orthogonality": [1.0]}, seeds=1, lr="tuned")
+    runs, _ = S.run_sweep(spec, tmp_path / "r")
+    grid = len(S.TUNED_FACTORS)
+    tried = runs.groupby("estimator").lr.nunique()
+    assert (tried > grid).any()  # exact mode at 60 steps: the fastest safe rate lies above 16 x theory
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert len(manifest["extension_runs"]) == len(runs) - len(manifest["runs"])
+    sel = runs[runs.selected]
+    for est, g in runs.groupby("estimator"):
+        edge = sel[sel.estimator == est].lr_edge.iloc[0]
+        chosen = sel[sel.estimator == est].lr.iloc[0]
+        assert edge == ("top" if chosen == g.lr.max() else "bottom" if chosen == g.lr.min() else "")
+        assert edge == "" or g.lr.nunique() == grid + S.MAX_LR_EXTENSIONS
+    again, _ = S.run_sweep(spec, tmp_path / "r", resume=True)
+    pd.testing.assert_frame_equal(again, runs)
 
 
 def test_geometric_ci_closed_form():
