@@ -78,10 +78,11 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
         edges.rename(columns={"edge": "lr_edge"}), on=cells + ["estimator", "lr"], how="left")
     runs["lr_edge"] = runs["lr_edge"].fillna("").where(runs["selected"], "").astype(str)
 
-    ref_cols = cells + ["seed", "steps_to_target", "reached_target", "lr"] + (["lr_theory"] if "lr_theory" in runs else [])
+    ref_cols = (cells + ["seed", "steps_to_target", "reached_target", "lr"]
+                + [c for c in ("lr_theory", "final_J", "final_F") if c in runs])
     ref = runs[runs["selected"] & (runs["estimator"] == "reinforce")][ref_cols]
     ref = ref.rename(columns={"steps_to_target": "_ref_steps", "reached_target": "_ref_reached", "lr": "_ref_lr",
-                              "lr_theory": "_ref_lr_theory"})
+                              "lr_theory": "_ref_lr_theory", "final_J": "_ref_J", "final_F": "_ref_F"})
     runs = runs.merge(ref, on=cells + ["seed"], how="left")
     has_ref = runs["_ref_steps"].notna() & runs["selected"]
     ref_steps = runs["_ref_steps"].fillna(1).clip(lower=1)
@@ -98,7 +99,13 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
         # actually compared (its selected lr) the predicted steps scale by lr_theory / lr, exactly
         runs["predicted_speedup_vs_selected"] = np.where(
             has_ref, runs["predicted_speedup"] * runs["_ref_lr_theory"] / runs["_ref_lr"], np.nan)
-    runs = runs.drop(columns=[c for c in ("_ref_steps", "_ref_reached", "_ref_lr", "_ref_lr_theory") if c in runs])
+    if "_ref_F" in runs:
+        # REINFORCE ends with the higher J, this run with the higher normalized objective F
+        # (theory.normalized_objective): it optimizes another objective, it is not slower
+        runs["objective_mismatch"] = (has_ref & (runs["_ref_J"] > runs["final_J"] * (1 + 1e-3))
+                                      & (runs["final_F"] > runs["_ref_F"] * (1 + 1e-3)))
+    runs = runs.drop(columns=[c for c in ("_ref_steps", "_ref_reached", "_ref_lr", "_ref_lr_theory", "_ref_J",
+                                          "_ref_F") if c in runs])
     return runs.sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
@@ -200,6 +207,7 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
         row["final_J"] = float(g["final_J"].mean())
         row["j_star"] = float(g["j_star"].mean())
         row["conditions_ok"] = int(g["conditions_ok"].sum())
+        row["objective_mismatch"] = int(g["objective_mismatch"].sum()) if "objective_mismatch" in g else 0
         sp = speedups.loc[key if isinstance(key, tuple) else (key,)]
         row.update({c: float(sp[c]) for c in PREDICTIONS})
         row.update({c: sp[c] for c in ("speedup", "speedup_lo", "speedup_hi", "speedup_censored")})

@@ -200,6 +200,12 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
              "target), ~: censored in both directions"]
     if spec.lr == "tuned" or not isinstance(spec.lr, str):
         notes.append(f"lr selection: {analysis.SELECTION_RULE}")
+    mismatch = table_df[table_df["objective_mismatch"] > 0] if "objective_mismatch" in table_df else table_df.iloc[:0]
+    if len(mismatch):
+        notes.append(f"objective mismatch in {len(mismatch)} row(s) ({', '.join(sorted(set(mismatch['estimator'])))}): "
+                     "REINFORCE ends with the higher J, the estimator with the higher F = mean_i 2 arcsin sqrt(p_i), "
+                     "the scale-free objective population GRPO ascends; it optimizes another objective, "
+                     "which is not phase III (theory.normalized_objective)")
     if "lr_edge" in table_df and (table_df["lr_edge"] != "").any():
         notes.append("lr↑ / lr↓: edge-limited, the chosen lr is still the largest / smallest tried after extending "
                      f"the grid {sweep_mod.MAX_LR_EXTENSIONS} times (its speedup may be against a rate that is not the best)")

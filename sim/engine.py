@@ -441,6 +441,8 @@ class Recorder:
         summary["sigma_bar_to_target"] = sigma_bar_to_target.numpy()
         summary["sigma_bound"] = prob.sigma_bound.numpy()
         summary["stuck_prompts"] = self._stuck_prompts(state).numpy()
+        rb = prob.rbar
+        summary["final_F"] = theory.normalized_objective(state.mu.cpu(), rb.amin(-1), rb.amax(-1)).numpy()
         self._theory_columns(summary, sigma_bar_to_target, logged, min_sigma_ratio, P)
         return BatchResult(summary, self._steps_frame(run_ids, logged), cpu(state.theta_private),
                            cpu(state.theta_shared))

@@ -255,6 +255,26 @@ def test_phase_rule_ignores_single_step_blips():
     assert list(labels) == ["I"] * 10 + ["II"] * 10 + ["III"] * 10
 
 
+@SETTINGS
+@given(data=st.data())
+def test_normalized_objective_is_what_exact_grpo_ascends(data):
+    """grad F_i = grad J_i / sigma_i with F_i = 2 arcsin sqrt(p_i) (two-valued rewards): the
+    gradient of theory.normalized_objective (autograd) equals the population GRPO direction."""
+    prob = data.draw(problems())
+    tp, ts = data.draw(thetas(prob, max_scale=2.0))
+    P = prob.bias.shape[0]
+    tp, ts = tp.requires_grad_(), ts.requires_grad_()
+    _, mu, sigma, w = theory.prompt_stats(theory.logits(prob.bias, prob.phi_private, prob.phi_shared, tp, ts),
+                                          prob.rbar)
+    assume(bool((sigma > 1e-3 * (prob.rbar.amax(-1) - prob.rbar.amin(-1))).all()))
+    F = theory.normalized_objective(mu, prob.rbar.amin(-1), prob.rbar.amax(-1)) * P  # sum_i F_i
+    g_tp, g_ts = torch.autograd.grad(F, (tp, ts))
+    with torch.no_grad():
+        s_p, s_s = theory.summed_gradient(w / sigma.unsqueeze(-1), prob.phi_private, prob.phi_shared)
+    torch.testing.assert_close(g_tp, s_p, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(g_ts, s_s, rtol=1e-7, atol=1e-10)
+
+
 def test_phase_rule_counts_steps_not_logged_points():
     """One planted run (I until step 300, II until 1500, III after, and a 30-step dip of the gain
     at 1000) logged at 96 and at 200 log-spaced points: the same phases at the same steps (up to

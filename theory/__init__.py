@@ -19,7 +19,7 @@ from theory.curvature import (centered_features, curvature_constant, gradient_bo
                               m_directional, m_fourth_moment, prompt_curvature, prompt_gradient, prompt_hessian,
                               reduced_features, spectral_norm, two_valued)
 from theory.gains import (one_step_change, per_step_gain, predicted_gain, rate_bounds,  # noqa: F401
-                          reinforce_steps_by_time_change, step_decomposition)
+                          normalized_objective, reinforce_steps_by_time_change, step_decomposition)
 from theory.conditions import (Condition, m_bound_condition, orthogonality_condition,  # noqa: F401
                                relaxed_condition, step_size_condition)
 from theory.phases import PhaseThresholds, label_phases  # noqa: F401

@@ -178,3 +178,18 @@ def reinforce_steps_by_time_change(steps, mu, rate, target: float) -> float:
     a, b = knots[j - 1], knots[j]  # the crossing lies in (a, b]: solve the linear piece
     t_cross = a + (b - a) * (target - J[j - 1]) / (J[j] - J[j - 1])
     return float(math.ceil(t_cross - 1e-9))
+
+
+def normalized_objective(mu: torch.Tensor, r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
+    """F = mean_i 2 arcsin sqrt(p_i), p_i = (J_i - r_lo,i) / (r_hi,i - r_lo,i): the objective that
+    exact (population) GRPO ascends when each prompt's rewards take two values. There
+    sigma_i = Delta_i sqrt(p_i (1 - p_i)) and grad J_i = Delta_i grad p_i, so
+    grad J_i / sigma_i = grad p_i / sqrt(p_i (1 - p_i)) = grad (2 arcsin sqrt(p_i)) (Davis and Recht,
+    2025): scale-free, blind to the reward scales c_i. Where prompts compete for parameters GRPO
+    settles where F is best, not J; REINFORCE ending with a higher J while GRPO ends with a higher F
+    is this objective mismatch, not a loss of normalization's speed. mu, r_lo, r_hi [..., P] -> [...]."""
+    check_shapes("normalized_objective", mu=(mu, "... P"), r_lo=(r_lo, "... P"), r_hi=(r_hi, "... P"))
+    width = (r_hi - r_lo)
+    p = torch.where(width > 0, (mu - r_lo) / torch.where(width > 0, width, torch.ones_like(width)),
+                    torch.zeros_like(mu)).clamp(0.0, 1.0)
+    return (2 * torch.asin(p.sqrt())).mean(-1)
