@@ -346,7 +346,7 @@ def _make_theory_command(name: str, doc: str, default_steps: int):
         as_json = kwargs.pop("json")
         steps = _int_option("steps", kwargs.pop("steps"), default_steps, 1, 100_000)
         values = _parse_axes(kwargs, False, (ProblemConfig,))
-        problem = ProblemConfig(**{k: v[0] for k, v in values.items()})
+        problem = sweep_mod.resolve_problem(ProblemConfig(**{k: v[0] for k, v in values.items()}))
         validate_run(sweep_mod.RunConfig(problem, TrainConfig()))
         sweep_mod.built_problem(problem)  # degenerate features -> one-line error
         report = getattr(theory_report, name)(problem, steps)

@@ -62,6 +62,13 @@ class ProblemConfig:
         open_max=True))
     problem_seed: int = field(default=0, metadata=option("seed of the problem's random draws", min=0,
                                                        max=2**62))
+    problem_file: str = field(default="", metadata=option(
+        "a problem of your own: an .npz file with arrays bias [P, K], q [P, K] (probability that a "
+        "response's observed reward is c_i), scale [P] (c_i > 0), phi_private [P, K, k], phi_shared "
+        "[P, K, s] (sim.problems.save_problem writes one); it sets the prompts, responses and dims, and "
+        "the family's options (kind, orthogonality, difficulty, rewards, seed, failure mode) do not apply"))
+    problem_sha256: str = field(default="", metadata=option(
+        "sha256 of --problem-file, checked when given (empty: taken from the file, and recorded)"))
     failure_mode: float = field(default=0.0, metadata=option(
         "similarity beta of every prompt's hard wrong response to its correct one, the rest of it one "
         "failure direction shared by all prompts (0 = none): gradients align as training goes on",

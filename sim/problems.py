@@ -134,8 +134,110 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+#: The arrays of a problem file (save_problem / load_problem_arrays), with their shapes.
+PROBLEM_ARRAYS = {"bias": "P K", "q": "P K", "scale": "P", "phi_private": "P K k", "phi_shared": "P K s"}
+
+
+def problem_from_arrays(bias, q, scale, phi_private, phi_shared, dtype: torch.dtype = torch.float64) -> Problem:
+    """A Problem from arrays of your own: reference logits bias [P, K], q [P, K] the probability that
+    response y's observed reward is c_i (else 0), scale [P] = c_i > 0, features phi_private [P, K, k]
+    and phi_shared [P, K, s] (DESIGN.md §2; rbar = c q). ValueError naming the array on bad input."""
+    arrs = {"bias": bias, "q": q, "scale": scale, "phi_private": phi_private, "phi_shared": phi_shared}
+    arrs = {k: np.asarray(v, dtype=np.float64) for k, v in arrs.items()}
+    dims: dict[str, int] = {}
+    for name, legend in PROBLEM_ARRAYS.items():
+        a = arrs[name]
+        if a.ndim != len(legend.split()):
+            raise ValueError(f"{name}: expected shape [{', '.join(legend.split())}], got {list(a.shape)}")
+        for d, n in zip(legend.split(), a.shape):
+            if dims.setdefault(d, n) != n:
+                raise ValueError(f"{name}: dimension {d} is {n}, but {dims[d]} in the arrays before it")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: holds NaN or infinite values")
+    if dims["K"] < 2 or dims["P"] < 1:
+        raise ValueError(f"bias: needs at least 1 prompt and 2 responses, got shape [{dims['P']}, {dims['K']}]")
+    if ((arrs["q"] < 0) | (arrs["q"] > 1)).any():
+        raise ValueError("q: reward probabilities must lie in [0, 1]")
+    if (arrs["scale"] <= 0).any():
+        raise ValueError("scale: reward scales c_i must be > 0")
+    t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
+    private_sq = (arrs["phi_private"] ** 2).sum(-1).sum(-1)  # [P]
+    shared_sq = (arrs["phi_shared"] ** 2).sum(-1).sum(-1)
+    o = float(private_sq.sum() / max(private_sq.sum() + shared_sq.sum(), 1e-300))  # the private weight
+    prob = Problem(bias=t(arrs["bias"]), rbar=t(arrs["scale"][:, None] * arrs["q"]), q=t(arrs["q"]),
+                   scale=t(arrs["scale"]), phi_private=t(arrs["phi_private"]), phi_shared=t(arrs["phi_shared"]),
+                   orthogonality=t(o))
+    if float(prob.curvature_bound) <= 1e-12:
+        raise ValueError("phi_private: no prompt's features tell its responses apart, so nothing can be learned")
+    return prob
+
+
+def save_problem(prob: Problem, path) -> None:
+    """Write ``prob`` (one problem, [P, ...]) as the .npz file that --problem-file reads (no pickle)."""
+    np.savez(path, **{k: getattr(prob, k).cpu().numpy() for k in PROBLEM_ARRAYS})
+
+
+def load_problem_arrays(path) -> dict[str, np.ndarray]:
+    """The arrays of a problem file, read without pickle; ValueError (one line) when it is missing,
+    not an .npz, or lacks an array."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in PROBLEM_ARRAYS if k not in data.files]
+            if missing:
+                raise ValueError(f"problem-file: {path} lacks the array(s) {', '.join(missing)} "
+                                 f"(needs {', '.join(PROBLEM_ARRAYS)})")
+            return {k: np.array(data[k]) for k in PROBLEM_ARRAYS}
+    except FileNotFoundError:
+        raise ValueError(f"problem-file: no such file {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"problem-file: {path} is a directory, not an .npz file") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"problem-file: {path} is not a readable .npz file ({e})") from None
+    except ValueError as e:
+        if str(e).startswith("problem-file"):
+            raise
+        if "pickle" in str(e):  # not a zip: numpy would unpickle it, which is refused
+            raise ValueError(f"problem-file: {path} is not an .npz file of arrays (reading it would need "
+                             "pickle, which is refused)") from None
+        raise ValueError(f"problem-file: {path}: {e}") from None
+
+
+def file_digest(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def resolve_problem_file(cfg: ProblemConfig) -> ProblemConfig:
+    """``cfg`` with the shape fields of its problem file and the file's sha256 (recorded with the
+    runs, so results of another file never mix): ValueError naming the problem."""
+    import dataclasses
+    import os
+
+    if not cfg.problem_file:
+        return cfg
+    path = os.path.abspath(os.path.expanduser(cfg.problem_file))
+    arrs = load_problem_arrays(path)
+    digest = file_digest(path)
+    if cfg.problem_sha256 and cfg.problem_sha256 != digest:
+        raise ValueError(f"problem-sha256: {path} has sha256 {digest}, not {cfg.problem_sha256}")
+    P, K, k = arrs["phi_private"].shape if arrs["phi_private"].ndim == 3 else (0, 0, 0)
+    s = arrs["phi_shared"].shape[-1] if arrs["phi_shared"].ndim == 3 else 0
+    return dataclasses.replace(cfg, problem_file=path, problem_sha256=digest, num_prompts=P or cfg.num_prompts,
+                               num_responses=K or cfg.num_responses, private_dim=k, shared_dim=s)
+
+
 def make_problem(cfg: ProblemConfig, dtype: torch.dtype = torch.float64) -> Problem:
-    """Build the problem tensors of ``cfg`` deterministically from ``cfg.problem_seed``."""
+    """Build the problem tensors of ``cfg`` deterministically from ``cfg.problem_seed`` (or from its
+    problem file, checked against its recorded sha256)."""
+    if cfg.problem_file:
+        arrs = load_problem_arrays(cfg.problem_file)
+        if cfg.problem_sha256 and file_digest(cfg.problem_file) != cfg.problem_sha256:
+            raise ValueError(f"problem-sha256: {cfg.problem_file} changed since its runs were set up")
+        return problem_from_arrays(**arrs, dtype=dtype)
     validate_problem(cfg)
     rng = np.random.default_rng(cfg.problem_seed)
     P, K, k, s = cfg.num_prompts, cfg.num_responses, cfg.k, cfg.s

@@ -98,6 +98,19 @@ class SweepSpec:
         return [k for k, v in self.axes if len(v) > 1 and k != "estimator"]
 
 
+def resolve_problem(problem: ProblemConfig) -> ProblemConfig:
+    """A problem file's shapes and sha256 into the config (sim.problems.resolve_problem_file), its
+    ValueError as a ConfigError; other configs unchanged."""
+    if not problem.problem_file:
+        return problem
+    from sim.problems import resolve_problem_file
+
+    try:
+        return resolve_problem_file(problem)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def built_problem(problem: ProblemConfig):
     """make_problem with its ValueError (degenerate features) turned into a ConfigError."""
     from sim.problems import make_problem
@@ -181,6 +194,7 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
     for combo in itertools.product(*(v for _, v in spec.axes)):
         d = dict(zip(names, combo))
         problem = ProblemConfig(**{k: d[k] for k in PROBLEM_FIELDS})
+        problem = resolve_problem(problem)
         base = {k: d[k] for k in TRAIN_AXES}
         validate_run(RunConfig(problem, TrainConfig(**base)))  # before anything builds the problem
         if problem not in built:
