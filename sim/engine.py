@@ -44,7 +44,8 @@ from sim.rng import run_keys, uniforms
 BATCH_FIELDS = ("estimator", "mode", "group_size", "steps", "eps", "ddof", "target_fraction", "log_points",
                 "gain_draws")
 
-#: Per-step metric columns written to steps.parquet (besides run_id, step, sigma_per_prompt).
+#: Per-step metric columns written to steps.parquet (besides run_id, step, phase, gain_undefined,
+#: sigma_per_prompt and mu_per_prompt).
 STEP_METRICS = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "rho",
                 "empirical_M", "analytic_M", "m_bound_ratio", "gain", "gain_se", "dJ_grpo", "dJ_reinforce", "dJ_run",
                 "exact_theory_step_gain")
