@@ -105,12 +105,40 @@ def test_arithmetic_generator_is_deterministic_and_correct():
 
 
 def test_completion_mask_stops_after_first_eos():
-    # prompt of 3 tokens, then completion: 5 6 EOS(2) PAD(0) PAD(0)
-    seqs = torch.tensor([[9, 9, 9, 5, 6, 2, 0, 0], [9, 9, 9, 5, 6, 7, 8, 3]])
+    # prompt of 3 tokens, then completion: 5 6 EOS(2) PAD(0) PAD(0); a generated pad-id token (0)
+    # before the eos counts, as in TRL's GRPOTrainer (every token up to and including the first eos)
+    seqs = torch.tensor([[9, 9, 9, 5, 6, 2, 0, 0], [9, 9, 9, 5, 6, 7, 8, 3], [9, 9, 9, 0, 6, 2, 0, 0]])
     mask = T.completion_mask(seqs, prompt_len=3, eos_id=2, pad_id=0)
     # position j predicts token j+1: predicted completion tokens are positions 2..6
     assert mask[0].tolist() == [False, False, True, True, True, False, False]
     assert mask[1].tolist() == [False, False, True, True, True, True, True]
+    assert mask[2].tolist() == [False, False, True, True, True, False, False]
+
+
+def test_token_logprobs_are_those_of_the_tempered_distribution(tiny_dir):
+    model, tok = model_mod.load(str(tiny_dir))
+    torch.manual_seed(1)
+    seqs = torch.randint(4, len(tok), (2, 7))
+    attn = torch.ones_like(seqs)
+    logits = model(input_ids=seqs, attention_mask=attn).logits[:, :-1].float()
+    for temp in (1.0, 0.7, 1.6):
+        want = torch.log_softmax(logits / temp, -1).gather(-1, seqs[:, 1:].unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(T.token_logprobs(model, seqs, attn, temp), want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_mean_uses_the_global_token_count_under_ddp():
+    """Two ranks with 3 and 1 completion tokens: DDP averages their gradients, so token-mean (dapo)
+    must give sum_ranks token sums / 4, token-mean-local (bnpo) the mean of per-rank token means."""
+    logp = [torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-4.0, 0.0, 0.0]])]
+    masks = [torch.tensor([[True, True, True]]), torch.tensor([[True, False, False]])]
+    adv = torch.tensor([1.0])
+    dapo = [T.pg_loss(lp, m, adv, "token-mean", 3, global_tokens=4, world_size=2) for lp, m in zip(logp, masks)]
+    bnpo = [T.pg_loss(lp, m, adv, "token-mean-local", 3) for lp, m in zip(logp, masks)]
+    # -(A log pi) summed: rank 0: 6, rank 1: 4. dapo: DDP mean of (6 * 2 / 4, 4 * 2 / 4) = 10 / 4
+    assert float((dapo[0] + dapo[1]) / 2) == pytest.approx(10 / 4)
+    assert float((bnpo[0] + bnpo[1]) / 2) == pytest.approx((6 / 3 + 4 / 1) / 2)
+    one = T.pg_loss(torch.cat(logp, 0), torch.cat(masks, 0), torch.tensor([1.0, 1.0]), "token-mean", 3)
+    assert float(one) == pytest.approx(10 / 4)  # one process: the same global mean
 
 
 @pytest.mark.parametrize("agg", T.LOSS_AGGREGATIONS)
@@ -128,6 +156,7 @@ def test_loss_gradient_equals_hand_computed_policy_gradient(agg, tiny_dir):
     # hand-computed: sum_k w_k A_k grad log pi(y_k | x) with the aggregation's weights w_k
     lens = mask.sum(-1).float()
     w = {"seq-mean-token-mean": 1 / (4 * lens), "token-mean": torch.full((4,), 1 / float(lens.sum())),
+         "token-mean-local": torch.full((4,), 1 / float(lens.sum())),
          "seq-mean-token-sum-norm": torch.full((4,), 1 / (4 * 6.0))}[agg]
     hand = [torch.zeros_like(p) for p in params]
     for k in range(4):
@@ -137,6 +166,27 @@ def test_loss_gradient_equals_hand_computed_policy_gradient(agg, tiny_dir):
             h -= w[k] * adv[k] * gi
     for a, h in zip(auto, hand):
         torch.testing.assert_close(a, h, rtol=1e-4, atol=1e-6)
+
+
+def test_measured_gain_is_the_ratio_of_first_order_changes(tiny_dir, tmp_path, monkeypatch):
+    """If GRPO's advantages were exactly 2x REINFORCE's, its update would be 2x as long along the same
+    direction: the measured gain (g_B . u_GRPO) / (g_B . u_REINFORCE) must be 2 (or undefined)."""
+    real = estimators.advantages
+
+    def doubled(name, rewards, **kw):
+        return 2 * real("reinforce", rewards, **kw) if name == "grpo" else real(name, rewards, **kw)
+
+    monkeypatch.setattr(T, "reward", lambda text, answer, kind: float(len(text) % 2))  # rewards that vary
+    cfg = T.LLMConfig(model=str(tiny_dir), estimator="reinforce", steps=1, prompts_per_step=4, group_size=8,
+                      diag_every=1, max_new_tokens=4)
+    tr = T.Trainer(cfg, tmp_path / "g", log=lambda *a: None)
+    monkeypatch.setattr(estimators, "advantages", doubled)
+    rows = [tr.step(k) for k in range(6)]  # the sign of g_B . u is noise: some steps are undefined
+    defined = [r for r in rows if r["gain_undefined"] == ""]
+    assert defined and all(r["gain"] == pytest.approx(2.0, rel=1e-4) for r in defined)
+    assert all(r["gain_undefined"] == "reinforce_not_improving" for r in rows if r not in defined)
+    small = T.Trainer(dataclasses.replace(cfg, group_size=3), tmp_path / "s", log=lambda *a: None).step(0)
+    assert small["gain_undefined"] == "group_too_small" and small["gain"] != small["gain"]
 
 
 def test_trainer_uses_sim_estimators(tiny_dir, tmp_path, monkeypatch):
@@ -151,9 +201,12 @@ def test_trainer_uses_sim_estimators(tiny_dir, tmp_path, monkeypatch):
     cfg = T.LLMConfig(model=str(tiny_dir), estimator="rloo", steps=2, prompts_per_step=3, group_size=4,
                       diag_every=1, max_new_tokens=4)
     runs, steps = T.Trainer(cfg, tmp_path / "run", log=lambda *a: None).run()
-    assert calls == [("rloo", (3, 4)), ("rloo", (3, 4))]
+    assert [c for c in calls if c[1] == (3, 4)] == [("rloo", (3, 4)), ("rloo", (3, 4))]  # the training updates
+    # the measured gain's half-groups (2 of the 4 samples of each prompt), both steps diagnosed
+    assert sorted(c for c in calls if c[1] != (3, 4)) == [("grpo", (3, 2))] * 2 + [("reinforce", (3, 2))] * 2
     assert (tmp_path / "run" / "runs.parquet").exists() and (tmp_path / "run" / "final" / "config.json").exists()
-    assert {"J", "sigma_bar", "zero_std_frac", "rho", "empirical_M", "predicted_gain"} <= set(steps.columns)
+    assert {"J", "sigma_bar", "zero_std_frac", "rho", "empirical_M", "predicted_gain", "gain",
+            "gain_undefined"} <= set(steps.columns)
 
     # and the update is driven by those advantages: all-zero advantages leave the model unchanged (SGD)
     monkeypatch.setattr(estimators, "advantages", lambda name, rewards, **kw: torch.zeros_like(rewards))

@@ -12,8 +12,15 @@ simulator), and take one optimizer step on the sequence-level policy-gradient lo
 
 with the aggregation named as TRL / verl name it (DESIGN.md §4):
     seq-mean-token-mean      TRL loss_type="grpo", verl "seq-mean-token-mean"
-    token-mean               TRL "dapo" / "bnpo", verl "token-mean"
+    token-mean               TRL "dapo", verl "token-mean": token sum / the token count of the whole
+                             batch, all ranks (gathered), so every token weighs the same under DDP
+    token-mean-local         TRL "bnpo": token sum / this rank's token count (equal to token-mean
+                             on one process; under DDP a rank with fewer tokens weighs its own more)
     seq-mean-token-sum-norm  TRL "dr_grpo", verl "seq-mean-token-sum-norm" (token sum / max_new_tokens)
+
+Log-probabilities are those of the sampling distribution, softmax(logits / temperature), as TRL
+computes them; the loss mask keeps every completion token up to and including the first EOS
+(TRL's completion_mask: a generated token equal to the pad id before it counts).
 
 Under `accelerate launch` (DDP) the prompts are split across ranks; rewards are gathered so
 every rank computes the advantages of the whole batch (grpo_batch's batch std included) and
@@ -42,7 +49,7 @@ from sim.llm import model as model_mod
 from sim.llm.rewards import reward
 from sim.results import stable_id, write_manifest, write_parquet
 
-LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "token-mean-local", "seq-mean-token-sum-norm")
 
 
 @dataclass(frozen=True)
@@ -91,33 +98,45 @@ def run_id(cfg: LLMConfig) -> str:
     return stable_id(dataclasses.asdict(cfg), 16)
 
 
-def completion_mask(sequences: torch.Tensor, prompt_len: int, eos_id: int, pad_id: int) -> torch.Tensor:
-    """[N, L] -> [N, L-1] mask over predicted positions: completion tokens up to and including the
-    first eos (position j predicts token j+1)."""
+def completion_mask(sequences: torch.Tensor, prompt_len: int, eos_id: int, pad_id: int | None = None) -> torch.Tensor:
+    """[N, L] -> [N, L-1] mask over predicted positions: every completion token up to and including
+    the first eos (position j predicts token j+1), as TRL's GRPOTrainer masks completions; what
+    generate() pads after the eos is left out, a pad-id token before it is not. (``pad_id`` is
+    accepted for callers that pass it; it does not change the mask.)"""
     comp = sequences[:, prompt_len:]  # [N, C]
     is_eos = comp == eos_id
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # tokens strictly after the first eos
-    valid = ~after_eos & ~((comp == pad_id) & ~is_eos)
+    valid = ~after_eos
     mask = torch.zeros(sequences.shape[0], sequences.shape[1] - 1, dtype=torch.bool, device=sequences.device)
     mask[:, prompt_len - 1:] = valid
     return mask
 
 
-def token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y_j+1 | y_<=j) for every position: [N, L-1]."""
+def token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_j+1 | y_<=j) for every position, pi = softmax(logits / temperature), the distribution
+    the completions were sampled from (TRL divides the logits the same way): [N, L-1]."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded input
     logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids).logits[:, :-1].float()
+                   position_ids=position_ids).logits[:, :-1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def pg_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, agg: str, max_new_tokens: int) -> torch.Tensor:
-    """Sequence-level policy-gradient loss -agg(A_k log pi) (module docstring). logp, mask [N, L-1]; adv [N]."""
+def pg_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, agg: str, max_new_tokens: int,
+            global_tokens: float | None = None, world_size: int = 1) -> torch.Tensor:
+    """Sequence-level policy-gradient loss -agg(A_k log pi) (module docstring). logp, mask [N, L-1]; adv [N].
+
+    token-mean divides by ``global_tokens``, the completion tokens of all ranks (this rank's when
+    None), times ``world_size`` because DDP averages the ranks' gradients: the sum over ranks of the
+    token sums over the global count, TRL's dapo."""
     m = mask.to(logp.dtype)
     per_tok = -adv.to(logp.dtype).unsqueeze(-1) * logp * m
     if agg == "seq-mean-token-mean":
         return (per_tok.sum(-1) / m.sum(-1).clamp_min(1)).mean()
     if agg == "token-mean":
+        count = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=logp.dtype)
+        return per_tok.sum() * world_size / count.clamp_min(1)
+    if agg == "token-mean-local":
         return per_tok.sum() / m.sum().clamp_min(1)
     if agg == "seq-mean-token-sum-norm":
         return per_tok.sum() / (per_tok.shape[0] * max_new_tokens)
@@ -207,7 +226,7 @@ class Trainer:
         """
         model = self.acc.unwrap_model(self.model)
         params = [p for _, p in self.diag]
-        seq_logp = (token_logprobs(model, seqs, attn) * mask).sum(-1)  # [N]
+        seq_logp = (token_logprobs(model, seqs, attn, self.cfg.temperature) * mask).sum(-1)  # [N]
         ref = seq_logp.detach() if ref_logp is None else ref_logp
         weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
         c = centred.reshape(-1).to(seq_logp.device, seq_logp.dtype)
@@ -228,6 +247,44 @@ class Trainer:
                              / math.sqrt(self.cfg.diag_proj)).to(G_.device)
             G_ = G_ @ self.proj
         return G_, seq_logp.detach()
+
+    def _summed_grad(self, seqs, attn, mask, coeff: torch.Tensor) -> torch.Tensor:
+        """sum_k coeff_k grad log pi(y_k) on the diagnostic subset (one backward pass): [n]."""
+        model = self.acc.unwrap_model(self.model)
+        params = [p for _, p in self.diag]
+        seq_logp = (token_logprobs(model, seqs, attn, self.cfg.temperature) * mask).sum(-1)
+        g = torch.autograd.grad((coeff.to(seq_logp.device, seq_logp.dtype) * seq_logp).sum(), params,
+                                allow_unused=True)
+        return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float() for x, p in zip(g, params)])
+
+    def _measured_gain(self, seqs, attn, mask, rewards_local: torch.Tensor) -> tuple[float, str]:
+        """(gain, reason) from independent half-groups: the first G//2 samples of every prompt give each
+        estimator's update u_E = (1/P) sum_i (1/G_A) sum_g A^E_ig grad log pi(y_ig) (advantages of that
+        half alone), the other half an independent estimate g_B of grad J (mean baseline), so
+        g_B . u_E estimates the first-order one-step change of J along E's update (unbiased: the
+        halves are independent given theta). gain = (g_B . u_GRPO) / (g_B . u_REINFORCE), both at this
+        run's lr and on the diagnostic parameter subset: the simulator's measured gain, with the
+        first-order change in place of the exact one. NaN with a reason where undefined."""
+        cfg = self.cfg
+        G = cfg.group_size
+        half = G // 2
+        if half < 2:
+            return math.nan, "group_too_small"
+        P_loc = rewards_local.shape[0]
+        idx_a = torch.cat([torch.arange(i * G, i * G + half) for i in range(P_loc)])
+        idx_b = torch.cat([torch.arange(i * G + half, (i + 1) * G) for i in range(P_loc)])
+        r_a, r_b = rewards_local[:, :half], rewards_local[:, half:]
+        sel = lambda x, ix: x[ix.to(x.device)]  # noqa: E731
+        g_b = self._summed_grad(sel(seqs, idx_b), sel(attn, idx_b), sel(mask, idx_b),
+                                (r_b - r_b.mean(-1, keepdim=True)).reshape(-1) / (P_loc * (G - half)))
+        change = {}
+        for name in ("grpo", "reinforce"):
+            adv = estimators.advantages(name, r_a.double(), ddof=cfg.ddof, eps=cfg.eps).reshape(-1)
+            u = self._summed_grad(sel(seqs, idx_a), sel(attn, idx_a), sel(mask, idx_a), adv / (P_loc * half))
+            change[name] = float(g_b.double() @ u.double())
+        if not change["reinforce"] > 0:
+            return math.nan, "reinforce_not_improving"
+        return change["grpo"] / change["reinforce"], ""
 
     def _param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.acc.unwrap_model(self.model).parameters()])
@@ -257,9 +314,14 @@ class Trainer:
             centred = rewards_local - rewards_local.mean(-1, keepdim=True)  # [P_loc, G]
             g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
             theta_before = self._param_vector()
+            gain = self._measured_gain(seqs, attn, mask, rewards_local)  # at theta_t, before the update
             t_diag += time.perf_counter() - td
-        logp = token_logprobs(self.model, seqs, attn)
-        loss = pg_loss(logp, mask, adv.reshape(-1).to(logp.device), cfg.loss_agg, cfg.max_new_tokens)
+        logp = token_logprobs(self.model, seqs, attn, cfg.temperature)
+        global_tokens = None
+        if cfg.loss_agg == "token-mean" and self.world > 1:
+            global_tokens = float(self.acc.gather(mask.sum().reshape(1).to(self.acc.device)).sum())
+        loss = pg_loss(logp, mask, adv.reshape(-1).to(logp.device), cfg.loss_agg, cfg.max_new_tokens,
+                       global_tokens, self.world)
         self.opt.zero_grad()
         self.acc.backward(loss)
         finite = bool(torch.isfinite(loss.detach()))
@@ -285,6 +347,7 @@ class Trainer:
             live = sig_loc > 0
             row["empirical_M"] = float((smooth[live] / sig_loc[live]).max()) if live.any() else 0.0
             row["smoothness"] = float(smooth.mean())
+            row["gain"], row["gain_undefined"] = gain
             t_diag += time.perf_counter() - td
         row["seconds"] = time.perf_counter() - t0
         row["diag_seconds"] = t_diag
@@ -329,11 +392,10 @@ class Trainer:
         df["predicted_gain"] = theory.predicted_gain(running_mean[:, None, None], sigma_bound).numpy()
         diag = df[df["diagnosed"]]
         if len(diag):
-            # phases from (sigma_bar, rho, per-step gain); here the per-step gain is the predicted
-            # sigma_bound / sigma_bar_t, since one LLM step cannot be replayed under both estimators
+            # phases from (sigma_bar, rho, measured per-step gain of GRPO's update over REINFORCE's,
+            # Trainer._measured_gain), as in the simulator
             labels = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
-                                         (sigma_bound / diag["sigma_bar"].clip(lower=1e-12)).to_numpy(),
-                                         steps=diag["step"].to_numpy())
+                                         diag["gain"].to_numpy(dtype=float), steps=diag["step"].to_numpy())
             df.loc[diag.index, "phase"] = labels
         return df
 
