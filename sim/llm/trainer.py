@@ -159,6 +159,68 @@ def diag_parameters(model, spec: str) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
+def per_prompt_gradients(model, params, seqs, attn, mask, coeff: torch.Tensor, temperature: float = 1.0,
+                         ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt gradient estimates on ``params``: ([P, n], sequence log-probs [N]), N = P G sequences
+    in prompt-major order.
+
+    g_i = -grad of L_i = (1/G) sum_g c_ig exp(log pi(y_ig) - ref_ig), log pi(y_ig) the sequence
+    log-probability at ``temperature``. With ref = log pi at the current theta (the default)
+    g_i = (1/G) sum_g c_ig grad log pi(y_ig), with c = R - mean_g R an estimate of grad J_i =
+    E[(r - mu) grad log pi]; with ref from an earlier theta the same samples are importance-weighted,
+    so the difference of the two estimates follows the whole Hessian of J_i, E[(r - mu)(s s^T + grad s)],
+    along the step."""
+    seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)  # [N]
+    ref = seq_logp.detach() if ref_logp is None else ref_logp
+    weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
+    c = coeff.reshape(-1).to(seq_logp.device, seq_logp.dtype)
+    P, G = coeff.shape
+    grads = []
+    for i in range(P):
+        sl = slice(i * G, (i + 1) * G)
+        g = torch.autograd.grad((c[sl] * weight[sl]).mean(), params, retain_graph=i < P - 1, allow_unused=True)
+        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
+                                for x, p in zip(g, params)]))
+    return torch.stack(grads), seq_logp.detach()
+
+
+def summed_gradient(model, params, seqs, attn, mask, coeff: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """sum_k coeff_k grad log pi(y_k) on ``params`` (one backward pass): [n]."""
+    seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)
+    g = torch.autograd.grad((coeff.reshape(-1).to(seq_logp.device, seq_logp.dtype) * seq_logp).sum(), params,
+                            allow_unused=True)
+    return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float() for x, p in zip(g, params)])
+
+
+def half_group_gain(model, params, seqs, attn, mask, rewards: torch.Tensor, ddof: int, eps: float,
+                    temperature: float = 1.0) -> tuple[float, str]:
+    """(gain, reason) from independent half-groups, rewards [P, G] of the N = P G sequences (prompt-major):
+    the first G//2 samples of every prompt give each estimator's update u_E = (1/P) sum_i (1/G_A)
+    sum_g A^E_ig grad log pi(y_ig) (advantages of that half alone), the other half an independent
+    estimate g_B of grad J (mean baseline), so g_B . u_E estimates the first-order one-step change of
+    J along E's update (unbiased: the halves are independent given theta). gain = (g_B . u_GRPO) /
+    (g_B . u_REINFORCE) at equal lr, on ``params``: the simulator's measured gain (sim.step_gain),
+    with the first-order change in place of the exact one. NaN with a reason where undefined
+    ("group_too_small": G < 4; "reinforce_not_improving": g_B . u_REINFORCE <= 0)."""
+    P, G = rewards.shape
+    half = G // 2
+    if half < 2:
+        return math.nan, "group_too_small"
+    idx_a = torch.cat([torch.arange(i * G, i * G + half) for i in range(P)]).to(seqs.device)
+    idx_b = torch.cat([torch.arange(i * G + half, (i + 1) * G) for i in range(P)]).to(seqs.device)
+    r_a, r_b = rewards[:, :half], rewards[:, half:]
+    g_b = summed_gradient(model, params, seqs[idx_b], attn[idx_b], mask[idx_b],
+                          (r_b - r_b.mean(-1, keepdim=True)) / (P * (G - half)), temperature)
+    change = {}
+    for name in ("grpo", "reinforce"):
+        adv = estimators.advantages(name, r_a.double(), ddof=ddof, eps=eps)
+        u = summed_gradient(model, params, seqs[idx_a], attn[idx_a], mask[idx_a], adv / (P * half), temperature)
+        change[name] = float(g_b.double() @ u.double())
+    if not change["reinforce"] > 0:
+        return math.nan, "reinforce_not_improving"
+    return change["grpo"] / change["reinforce"], ""
+
+
 class Trainer:
     """One run: holds the model, optimizer and accelerate state; `run()` trains and logs."""
 
@@ -215,76 +277,17 @@ class Trainer:
         return gathered, adv[self.rank * P_loc:(self.rank + 1) * P_loc].float()
 
     def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None):
-        """Per-prompt gradient estimates on the diagnostic subset: ([P_loc, n], sequence log-probs [N]).
-
-        g_i = -grad of L_i = (1/G) sum_g c_ig exp(log pi(y_ig) - ref_ig), c = R - mean_g R (the mean
-        baseline, whatever the training estimator), log pi(y_ig) the sequence log-probability. With
-        ref = log pi at the current theta (the default) g_i = (1/G) sum_g c_ig grad log pi(y_ig), an
-        estimate of grad J_i = E[(r - mu) grad log pi]; with ref from an earlier theta the same
-        samples are importance-weighted, so the difference of the two estimates follows the whole
-        Hessian of J_i, E[(r - mu)(s s^T + grad s)], along the step.
-        """
+        """per_prompt_gradients on the diagnostic subset (optionally randomly projected)."""
         model = self.acc.unwrap_model(self.model)
-        params = [p for _, p in self.diag]
-        seq_logp = (token_logprobs(model, seqs, attn, self.cfg.temperature) * mask).sum(-1)  # [N]
-        ref = seq_logp.detach() if ref_logp is None else ref_logp
-        weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
-        c = centred.reshape(-1).to(seq_logp.device, seq_logp.dtype)
-        G = self.cfg.group_size
-        P_loc = centred.shape[0]
-        grads = []
-        for i in range(P_loc):
-            sl = slice(i * G, (i + 1) * G)
-            surrogate = (c[sl] * weight[sl]).mean()
-            g = torch.autograd.grad(surrogate, params, retain_graph=i < P_loc - 1, allow_unused=True)
-            grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
-                                    for x, p in zip(g, params)]))
-        G_ = torch.stack(grads)  # [P_loc, n]
+        G_, seq_logp = per_prompt_gradients(model, [p for _, p in self.diag], seqs, attn, mask, centred,
+                                            self.cfg.temperature, ref_logp)
         if self.cfg.diag_proj:
             if self.proj is None:
                 gen = torch.Generator().manual_seed(self.cfg.seed + 7)
                 self.proj = (torch.randn(G_.shape[1], self.cfg.diag_proj, generator=gen)
                              / math.sqrt(self.cfg.diag_proj)).to(G_.device)
             G_ = G_ @ self.proj
-        return G_, seq_logp.detach()
-
-    def _summed_grad(self, seqs, attn, mask, coeff: torch.Tensor) -> torch.Tensor:
-        """sum_k coeff_k grad log pi(y_k) on the diagnostic subset (one backward pass): [n]."""
-        model = self.acc.unwrap_model(self.model)
-        params = [p for _, p in self.diag]
-        seq_logp = (token_logprobs(model, seqs, attn, self.cfg.temperature) * mask).sum(-1)
-        g = torch.autograd.grad((coeff.to(seq_logp.device, seq_logp.dtype) * seq_logp).sum(), params,
-                                allow_unused=True)
-        return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float() for x, p in zip(g, params)])
-
-    def _measured_gain(self, seqs, attn, mask, rewards_local: torch.Tensor) -> tuple[float, str]:
-        """(gain, reason) from independent half-groups: the first G//2 samples of every prompt give each
-        estimator's update u_E = (1/P) sum_i (1/G_A) sum_g A^E_ig grad log pi(y_ig) (advantages of that
-        half alone), the other half an independent estimate g_B of grad J (mean baseline), so
-        g_B . u_E estimates the first-order one-step change of J along E's update (unbiased: the
-        halves are independent given theta). gain = (g_B . u_GRPO) / (g_B . u_REINFORCE), both at this
-        run's lr and on the diagnostic parameter subset: the simulator's measured gain, with the
-        first-order change in place of the exact one. NaN with a reason where undefined."""
-        cfg = self.cfg
-        G = cfg.group_size
-        half = G // 2
-        if half < 2:
-            return math.nan, "group_too_small"
-        P_loc = rewards_local.shape[0]
-        idx_a = torch.cat([torch.arange(i * G, i * G + half) for i in range(P_loc)])
-        idx_b = torch.cat([torch.arange(i * G + half, (i + 1) * G) for i in range(P_loc)])
-        r_a, r_b = rewards_local[:, :half], rewards_local[:, half:]
-        sel = lambda x, ix: x[ix.to(x.device)]  # noqa: E731
-        g_b = self._summed_grad(sel(seqs, idx_b), sel(attn, idx_b), sel(mask, idx_b),
-                                (r_b - r_b.mean(-1, keepdim=True)).reshape(-1) / (P_loc * (G - half)))
-        change = {}
-        for name in ("grpo", "reinforce"):
-            adv = estimators.advantages(name, r_a.double(), ddof=cfg.ddof, eps=cfg.eps).reshape(-1)
-            u = self._summed_grad(sel(seqs, idx_a), sel(attn, idx_a), sel(mask, idx_a), adv / (P_loc * half))
-            change[name] = float(g_b.double() @ u.double())
-        if not change["reinforce"] > 0:
-            return math.nan, "reinforce_not_improving"
-        return change["grpo"] / change["reinforce"], ""
+        return G_, seq_logp
 
     def _param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.acc.unwrap_model(self.model).parameters()])
@@ -314,7 +317,8 @@ class Trainer:
             centred = rewards_local - rewards_local.mean(-1, keepdim=True)  # [P_loc, G]
             g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
             theta_before = self._param_vector()
-            gain = self._measured_gain(seqs, attn, mask, rewards_local)  # at theta_t, before the update
+            gain = half_group_gain(self.acc.unwrap_model(self.model), [p for _, p in self.diag], seqs, attn, mask,
+                                   rewards_local, cfg.ddof, cfg.eps, cfg.temperature)  # at theta_t
             t_diag += time.perf_counter() - td
         logp = token_logprobs(self.model, seqs, attn, cfg.temperature)
         global_tokens = None
@@ -393,7 +397,7 @@ class Trainer:
         diag = df[df["diagnosed"]]
         if len(diag):
             # phases from (sigma_bar, rho, measured per-step gain of GRPO's update over REINFORCE's,
-            # Trainer._measured_gain), as in the simulator
+            # half_group_gain), as in the simulator
             labels = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
                                          diag["gain"].to_numpy(dtype=float), steps=diag["step"].to_numpy())
             df.loc[diag.index, "phase"] = labels
