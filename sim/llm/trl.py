@@ -1,0 +1,201 @@
+"""grpo-sim's diagnostics inside TRL's GRPOTrainer, through its public hooks (tested with TRL 1.16).
+
+A TRL user adds two things to a GRPOTrainer they already have:
+
+    diag = GrpoSimDiagnostics(num_generations=args.num_generations, out="results/trl-run")
+    trainer = GRPOTrainer(model=..., reward_funcs=diag.wrap(my_reward), args=args,
+                          train_dataset=..., callbacks=[diag])
+
+``wrap`` returns a reward function that calls theirs unchanged (TRL sees the same rewards) and, on
+the way, measures what the simulator measures, logged through TRL's ``log_metric`` hook (so they
+reach TRL's logs, wandb or tensorboard under ``grpo_sim/``):
+
+    sigma_mean, sigma_max   mean and largest per-prompt reward std sigma_i (population form, ddof 0)
+                            over the groups of the step (gathered across processes)
+    zero_std_frac           fraction of groups whose rewards are all equal (zero advantage for every
+                            std-normalized or mean-baseline estimator)
+    predicted_gain          sigma_bound / running mean of sigma_bar (theory.predicted_gain;
+                            sigma_bound = (r_max - r_min) / 2 of ``reward_range``)
+and every ``every`` steps, on the parameter subset ``diag_params`` (sim.llm.trainer.diag_parameters):
+    rho                     1 - mean |cos| of the per-prompt gradient estimates (1/G) sum_g (r - mean) grad log pi
+    gain                    dJ_GRPO / dJ_REINFORCE, the first-order one-step changes along each
+                            estimator's update from independent half-groups (sim.llm.trainer.half_group_gain)
+
+At the end of training (``on_train_end``) the steps and a one-row runs table are written to ``out`` as
+a grpo-sim results directory (manifest.json, runs.parquet, steps.parquet, with phase labels from
+theory.label_phases) that ``sim.load_results`` reads.
+
+Scope. Log-probabilities are recomputed from the prompt text (tokenized by the trainer's
+processing class, as TRL does) and the completion ids TRL passes, at ``args.temperature``. The
+gradient diagnostics use the process's own groups (only groups wholly on one process; the reward
+statistics use every group, gathered); under DeepSpeed ZeRO-3 or FSDP the parameters are sharded,
+and the gradient diagnostics are refused (``rho``/``gain`` are not logged) rather than computed on
+shards. With several reward functions only the wrapped one is measured (wrap the sum yourself to
+measure the total). Conversational prompts are not supported by the gradient diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+import theory
+from sim.results import stable_id, write_manifest, write_parquet
+
+#: The TRL versions this module is tested with (the hooks it uses: reward kwargs log_metric and
+#: trainer_state, TrainerCallback.on_train_begin's model / processing_class).
+TESTED_TRL = ">=1.16,<1.17"
+
+
+class GrpoSimDiagnostics(TrainerCallback):
+    """The callback and reward wrapper of the module docstring."""
+
+    def __init__(self, num_generations: int, out: str | Path | None = None, every: int = 1,
+                 diag_params: str = "last-mlp", reward_range: tuple[float, float] = (0.0, 1.0),
+                 ddof: int = 1, eps: float = 1e-4):
+        if num_generations < 2:
+            raise ValueError("num_generations: grpo-sim's diagnostics need groups of at least 2 completions")
+        self.G, self.out, self.every, self.diag_params = num_generations, out, max(1, every), diag_params
+        self.sigma_bound = float(theory.reward_std_bound(*reward_range))
+        self.ddof, self.eps = ddof, eps
+        self.model = self.tokenizer = None
+        self.temperature = 1.0
+        self.rows: list[dict] = []
+        self.refused = ""
+
+    # -- TrainerCallback ------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self.model = model
+        self.tokenizer = processing_class if processing_class is not None else kwargs.get("tokenizer")
+        self.temperature = float(getattr(args, "temperature", 1.0) or 1.0)
+        self.args = args
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            self.refused = "sharded parameters (DeepSpeed / FSDP): gradient diagnostics are not computed"
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.out is None or not state.is_world_process_zero or not self.rows:
+            return
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        steps = pd.DataFrame(self.rows)
+        cfg = {"backend": "trl-callback", "num_generations": self.G, "every": self.every,
+               "diag_params": self.diag_params, "sigma_bound": self.sigma_bound,
+               "temperature": self.temperature, "model": getattr(getattr(self.model, "config", None),
+                                                                 "_name_or_path", "")}
+        rid = stable_id(cfg, 16)
+        steps.insert(0, "run_id", rid)
+        diag = steps[steps["rho"].notna()] if "rho" in steps else steps.iloc[:0]
+        steps["phase"] = None
+        if len(diag):
+            steps.loc[diag.index, "phase"] = theory.label_phases(
+                diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(), diag["gain"].to_numpy(dtype=float),
+                steps=diag["step"].to_numpy())
+        k = max(1, len(steps) // 5)
+        runs = pd.DataFrame([{"run_id": rid, **cfg, "estimator": "trl", "initial_J": float(steps["J"].iloc[:k].mean()),
+                              "final_J": float(steps["J"].iloc[-k:].mean()), "auc": float(steps["J"].mean()),
+                              "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
+                              "phases": ",".join(dict.fromkeys(steps["phase"].dropna()))}])
+        write_manifest(out, {"trl": cfg}, [{"run_id": rid, **cfg}], kind="trl",
+                       world_size=int(getattr(args, "world_size", 1)))
+        write_parquet(steps, out / "steps.parquet")
+        write_parquet(runs, out / "runs.parquet")
+
+    # -- the reward wrapper ---------------------------------------------------------------------
+    def wrap(self, reward_func):
+        """A reward function for GRPOTrainer that returns ``reward_func``'s rewards unchanged and
+        measures them (module docstring)."""
+        def wrapped(prompts, completions, completion_ids=None, **kwargs):
+            rewards = reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+            try:
+                self._measure(prompts, completion_ids, rewards, kwargs)
+            except Exception as e:  # a diagnostic must never stop a training run
+                self.refused = f"diagnostics failed: {type(e).__name__}: {e}"
+            return rewards
+
+        wrapped.__name__ = getattr(reward_func, "__name__", "reward")
+        return wrapped
+
+    def _measure(self, prompts, completion_ids, rewards, kwargs) -> None:
+        from accelerate.utils import gather_object
+
+        state = kwargs.get("trainer_state")
+        log_metric = kwargs.get("log_metric", lambda name, value: None)
+        step = int(state.global_step) if state is not None else len(self.rows)
+        local = [math.nan if r is None else float(r) for r in rewards]
+        every = np.asarray(gather_object(local), dtype=np.float64)
+        if len(every) % self.G:
+            return
+        groups = every.reshape(-1, self.G)  # TRL's layout: each prompt's G completions consecutive
+        sigma = groups.std(-1)
+        row = {"step": step, "J": float(np.nanmean(groups)), "sigma_bar": float(np.nanmean(sigma)),
+               "sigma_max": float(np.nanmax(sigma)), "zero_std_frac": float((sigma == 0).mean()),
+               "sigma_per_prompt": sigma}
+        past = [r["sigma_bar"] for r in self.rows] + [row["sigma_bar"]]
+        row["predicted_gain"] = float(theory.predicted_gain(torch.tensor(past, dtype=torch.float64)[:, None],
+                                                            self.sigma_bound))
+        if step % self.every == 0 and not self.refused and completion_ids is not None:
+            row.update(self._gradient_diagnostics(prompts, completion_ids, local))
+        for name in ("sigma_bar", "sigma_max", "zero_std_frac", "predicted_gain", "rho", "gain"):
+            if name in row and row[name] == row[name]:
+                log_metric(f"grpo_sim/{name if name != 'sigma_bar' else 'sigma_mean'}", row[name])
+        self.rows.append(row)
+
+    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float]) -> dict:
+        """rho and the measured gain on this process's whole groups (module docstring)."""
+        from sim.llm.trainer import completion_mask, diag_parameters, half_group_gain, per_prompt_gradients
+
+        n = (len(local) // self.G) * self.G
+        if n < 2 * self.G or self.model is None or self.tokenizer is None or not isinstance(prompts[0], str):
+            return {}
+        model = self.model
+        params = [p for _, p in diag_parameters(model, self.diag_params)]
+        tok = self.tokenizer
+        device = next(model.parameters()).device
+        seqs, prompt_lens = [], []
+        for p, c in zip(prompts[:n], completion_ids[:n]):
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            prompt_lens.append(len(ids))
+            seqs.append(list(ids) + list(c))
+        width = max(len(x) for x in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, width - 1), dtype=torch.bool)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else -1
+        for k, (x, pl) in enumerate(zip(seqs, prompt_lens)):
+            ids[k, :len(x)] = torch.tensor(x)
+            attn[k, :len(x)] = 1
+            m = completion_mask(ids[k:k + 1, :len(x)], pl, eos)[0]  # up to the first eos, as TRL
+            mask[k, :len(x) - 1] = m
+        ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+        r = torch.tensor(local[:n], dtype=torch.float64).reshape(-1, self.G)
+        was_training = model.training
+        model.eval()  # no dropout in a diagnostic
+        try:
+            with torch.enable_grad():
+                g, _ = per_prompt_gradients(model, params, ids, attn, mask, r - r.mean(-1, keepdim=True),
+                                            self.temperature)
+                gain, reason = half_group_gain(model, params, ids, attn, mask, r, self.ddof, self.eps,
+                                               self.temperature)
+        finally:
+            model.train(was_training)
+        gram = g.double() @ g.double().T
+        return {"rho": float(theory.gradient_orthogonality(gram)), "gain": gain, "gain_undefined": reason}
+
+
+def tested_trl_installed() -> bool:
+    """True when the installed TRL is in TESTED_TRL (the hooks above exist there)."""
+    try:
+        import trl
+        from packaging.specifiers import SpecifierSet
+    except ImportError:
+        return False
+    return trl.__version__ in SpecifierSet(TESTED_TRL)
+
+
+__all__ = ["GrpoSimDiagnostics", "TESTED_TRL", "tested_trl_installed"]
