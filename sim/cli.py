@@ -462,6 +462,14 @@ def _llm_command(name: str, doc: str):
             from sim.results import check_writable
 
             check_writable(out)
+            if cfg.backend == "trl":
+                try:
+                    from sim.llm.trl import run_trl
+                except ImportError:
+                    raise ConfigError("backend: trl is not installed; run: pip install -e '.[trl]'") from None
+                runs, _ = run_trl(cfg, out, log=console.print)
+                console.print(runs.drop(columns=[c for c in runs.columns if c.startswith("_")]).T.to_string())
+                return
             runs, _ = trainer_mod.Trainer(cfg, out, log=console.print).run()
             _print_llm_table([runs.iloc[0]], f"LLM run → {out}")
             return

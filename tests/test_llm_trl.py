@@ -9,7 +9,8 @@ pytest.importorskip("trl", reason="the trl extra is not installed (pip install -
 
 import sim  # noqa: E402
 from sim.llm import model as model_mod  # noqa: E402
-from sim.llm.trl import GrpoSimDiagnostics, tested_trl_installed  # noqa: E402
+from sim.llm.trl import GrpoSimDiagnostics  # noqa: E402
+from sim.llm.trl import tested_trl_installed as trl_in_tested_range  # noqa: E402
 
 
 def test_the_installed_trl_is_the_tested_one_and_has_the_public_hooks():
@@ -17,7 +18,7 @@ def test_the_installed_trl_is_the_tested_one_and_has_the_public_hooks():
 
     from trl import GRPOTrainer
 
-    assert tested_trl_installed()
+    assert trl_in_tested_range()
     # the reward kwargs the wrapper reads (TRL passes them to every reward function)
     src = inspect.getsource(GRPOTrainer._calculate_rewards)
     assert 'reward_kwargs["log_metric"]' in src and 'reward_kwargs["trainer_state"]' in src
@@ -64,3 +65,87 @@ def test_callback_logs_the_diagnostics_and_writes_a_results_directory(tmp_path):
 def test_too_small_groups_are_refused_in_one_line():
     with pytest.raises(ValueError, match="num_generations"):
         GrpoSimDiagnostics(num_generations=1)
+
+
+def _sim_trainer(tmp_path, estimator, reward_fn, steps=1):
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from sim.llm.trl import sim_grpo_trainer
+
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    ds = Dataset.from_dict({"prompt": [f"{i}*{i}=" for i in range(32)]})
+    diag = GrpoSimDiagnostics(num_generations=4, every=0)
+    args = GRPOConfig(output_dir=str(tmp_path / estimator), per_device_train_batch_size=16, num_generations=4,
+                      max_completion_length=6, max_steps=steps, report_to=[], use_cpu=True, save_strategy="no",
+                      beta=0.0, seed=1, scale_rewards="group")
+    trainer = sim_grpo_trainer()(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                 reward_funcs=diag.wrap(reward_fn), callbacks=[diag], sim_estimator=estimator,
+                                 sim_diagnostics=diag)
+    trainer.train()
+    return trainer, diag
+
+
+def _varying(prompts, completions, **kw):
+    return [float(len(c) % 3) / 2 for c in completions]
+
+
+def test_the_private_hook_exists():
+    from trl import GRPOTrainer
+
+    assert callable(getattr(GRPOTrainer, "_generate_and_score_completions", None))
+
+
+def test_trl_preset_reproduces_trls_own_advantages_and_reinforce_runs_inside_trl(tmp_path):
+    import torch
+
+    trainer, diag = _sim_trainer(tmp_path, "trl_group", _varying)  # TRL scale_rewards="group", eps 1e-4
+    rewards = torch.as_tensor(diag.last_rewards)
+    assert rewards.std() > 0  # the check below is not about all-zero advantages
+    own = trainer.trl_advantages
+    from sim import estimators
+
+    ours = estimators.advantages("trl_group", rewards.view(-1, 4)).reshape(-1)
+    torch.testing.assert_close(ours.float(), own.float(), rtol=1e-5, atol=1e-6)
+    trainer, diag = _sim_trainer(tmp_path, "reinforce", _varying)  # GRPOTrainer has no REINFORCE: ours
+    rewards = torch.as_tensor(diag.last_rewards, dtype=torch.float32)
+    # the advantages TRL trained on are the rewards themselves (no baseline), not TRL's group-normalized ones
+    torch.testing.assert_close(trainer._sim_last_advantages, rewards)
+    assert not torch.allclose(trainer.trl_advantages, rewards)
+
+
+def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_path):
+    """The native runner's _advantages and the TRL backend apply one function (sim.estimators) with
+    the run's ddof and eps: on the same rewards they give the same numbers."""
+    import torch
+
+    from sim.llm import trainer as T
+
+    (tmp_path / "tiny").mkdir()
+    tok = model_mod.char_tokenizer()
+    model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    for name in ("rloo", "grpo", "reinforce"):
+        trainer, diag = _sim_trainer(tmp_path, name, _varying)
+        rewards = torch.as_tensor(diag.last_rewards).view(-1, 4)
+        native = T.Trainer(T.LLMConfig(model=str(tmp_path / "tiny"), estimator=name, group_size=4,
+                                       prompts_per_step=rewards.shape[0]), tmp_path / f"n-{name}", log=lambda *a: None)
+        _, adv = native._advantages(rewards)
+        torch.testing.assert_close(adv.reshape(-1), trainer._sim_last_advantages.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_cli_trl_backend_writes_results(tmp_path):
+    import subprocess
+    import sys
+
+    tok = model_mod.char_tokenizer()
+    model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "llm", "train", "--backend", "trl", "--model",
+                        str(tmp_path / "tiny"), "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
+                        "--diag-every", "1", "--max-new-tokens", "4", "--estimator", "rloo", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs, steps = sim.load_results(tmp_path / "run")
+    assert runs["estimator"].iloc[0] == "rloo" and runs["backend"].iloc[0] == "trl" and len(steps) == 2

@@ -83,6 +83,9 @@ class LLMConfig:
         "auto (a GPU when present) | cpu | cuda"))
     save_every: int = field(default=0, metadata=option("checkpoint every k steps (0 = only at the end)", min=0,
                                                      max=1_000_000))
+    backend: Literal["native", "trl"] = field(default="native", metadata=option(
+        "native: this runner; trl: TRL's GRPOTrainer with the same estimator, data, rewards and model "
+        "(sim.llm.trl, needs the trl extra)"))
 
 
 def validate(cfg: LLMConfig) -> None:

@@ -16,7 +16,7 @@ reach TRL's logs, wandb or tensorboard under ``grpo_sim/``):
                             std-normalized or mean-baseline estimator)
     predicted_gain          sigma_bound / running mean of sigma_bar (theory.predicted_gain;
                             sigma_bound = (r_max - r_min) / 2 of ``reward_range``)
-and every ``every`` steps, on the parameter subset ``diag_params`` (sim.llm.trainer.diag_parameters):
+and every ``every`` steps (0: never), on the parameter subset ``diag_params`` (sim.llm.trainer.diag_parameters):
     rho                     1 - mean |cos| of the per-prompt gradient estimates (1/G) sum_g (r - mean) grad log pi
     gain                    dJ_GRPO / dJ_REINFORCE, the first-order one-step changes along each
                             estimator's update from independent half-groups (sim.llm.trainer.half_group_gain)
@@ -57,12 +57,14 @@ class GrpoSimDiagnostics(TrainerCallback):
 
     def __init__(self, num_generations: int, out: str | Path | None = None, every: int = 1,
                  diag_params: str = "last-mlp", reward_range: tuple[float, float] = (0.0, 1.0),
-                 ddof: int = 1, eps: float = 1e-4):
+                 ddof: int = 1, eps: float = 1e-4, config: dict | None = None):
         if num_generations < 2:
             raise ValueError("num_generations: grpo-sim's diagnostics need groups of at least 2 completions")
-        self.G, self.out, self.every, self.diag_params = num_generations, out, max(1, every), diag_params
+        self.G, self.out, self.every, self.diag_params = num_generations, out, max(0, every), diag_params
         self.sigma_bound = float(theory.reward_std_bound(*reward_range))
         self.ddof, self.eps = ddof, eps
+        self.config = dict(config or {})  # recorded with the run (manifest, runs.parquet)
+        self.last_rewards = np.zeros(0)
         self.model = self.tokenizer = None
         self.temperature = 1.0
         self.rows: list[dict] = []
@@ -83,7 +85,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         out = Path(self.out)
         out.mkdir(parents=True, exist_ok=True)
         steps = pd.DataFrame(self.rows)
-        cfg = {"backend": "trl-callback", "num_generations": self.G, "every": self.every,
+        cfg = {"backend": "trl-callback", "estimator": "trl", **self.config, "num_generations": self.G,
+               "every": self.every,
                "diag_params": self.diag_params, "sigma_bound": self.sigma_bound,
                "temperature": self.temperature, "model": getattr(getattr(self.model, "config", None),
                                                                  "_name_or_path", "")}
@@ -96,7 +99,7 @@ class GrpoSimDiagnostics(TrainerCallback):
                 diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(), diag["gain"].to_numpy(dtype=float),
                 steps=diag["step"].to_numpy())
         k = max(1, len(steps) // 5)
-        runs = pd.DataFrame([{"run_id": rid, **cfg, "estimator": "trl", "initial_J": float(steps["J"].iloc[:k].mean()),
+        runs = pd.DataFrame([{"run_id": rid, **cfg, "initial_J": float(steps["J"].iloc[:k].mean()),
                               "final_J": float(steps["J"].iloc[-k:].mean()), "auc": float(steps["J"].mean()),
                               "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
                               "phases": ",".join(dict.fromkeys(steps["phase"].dropna()))}])
@@ -128,6 +131,7 @@ class GrpoSimDiagnostics(TrainerCallback):
         step = int(state.global_step) if state is not None else len(self.rows)
         local = [math.nan if r is None else float(r) for r in rewards]
         every = np.asarray(gather_object(local), dtype=np.float64)
+        self.last_rewards = every  # all processes' rewards in TRL's order (SimGRPOTrainer reads them)
         if len(every) % self.G:
             return
         groups = every.reshape(-1, self.G)  # TRL's layout: each prompt's G completions consecutive
@@ -138,7 +142,7 @@ class GrpoSimDiagnostics(TrainerCallback):
         past = [r["sigma_bar"] for r in self.rows] + [row["sigma_bar"]]
         row["predicted_gain"] = float(theory.predicted_gain(torch.tensor(past, dtype=torch.float64)[:, None],
                                                             self.sigma_bound))
-        if step % self.every == 0 and not self.refused and completion_ids is not None:
+        if self.every and step % self.every == 0 and not self.refused and completion_ids is not None:
             row.update(self._gradient_diagnostics(prompts, completion_ids, local))
         for name in ("sigma_bar", "sigma_max", "zero_std_frac", "predicted_gain", "rho", "gain"):
             if name in row and row[name] == row[name]:
@@ -188,6 +192,93 @@ class GrpoSimDiagnostics(TrainerCallback):
         return {"rho": float(theory.gradient_orthogonality(gram)), "gain": gain, "gain_undefined": reason}
 
 
+#: LLMConfig.loss_agg -> TRL's loss_type (DESIGN.md §4).
+TRL_LOSS_TYPES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "token-mean-local": "bnpo",
+                  "seq-mean-token-sum-norm": "dr_grpo"}
+
+
+def sim_grpo_trainer():
+    """GRPOTrainer with grpo-sim's estimators: the thinnest subclass (TRL has no public hook for the
+    advantages). It overrides the private ``_generate_and_score_completions`` (pinned: TESTED_TRL,
+    and tests/test_llm_trl.py checks the method exists): TRL generates and scores as usual, then the
+    advantages of the whole batch (all processes' rewards, gathered by the diagnostics' reward
+    wrapper) are replaced by ``sim.estimators.advantages(estimator, rewards [P, G])`` and this
+    process's slice kept, as TRL slices its own. TRL's own advantages stay in ``trl_advantages``
+    (so tests can check that a TRL preset reproduces them). Returns the class."""
+    from trl import GRPOTrainer
+
+    from sim import estimators
+
+    class SimGRPOTrainer(GRPOTrainer):
+        def __init__(self, *args, sim_estimator: str, sim_diagnostics: GrpoSimDiagnostics, sim_ddof: int = 1,
+                     sim_eps: float = 1e-4, **kwargs):
+            estimators.get(sim_estimator)  # a one-line error for an unknown name, before TRL starts
+            self.sim_estimator, self.sim_diag, self.sim_ddof, self.sim_eps = sim_estimator, sim_diagnostics, \
+                sim_ddof, sim_eps
+            self.trl_advantages = None
+            super().__init__(*args, **kwargs)
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            rewards = torch.as_tensor(self.sim_diag.last_rewards, dtype=torch.float64)
+            adv = estimators.advantages(self.sim_estimator, rewards.view(-1, self.num_generations),
+                                        ddof=self.sim_ddof, eps=self.sim_eps).reshape(-1)
+            adv = torch.nan_to_num(adv, nan=0.0)  # unscorable completions carry no signal (as TRL)
+            n = out["advantages"].shape[0]
+            local = adv[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
+            self.trl_advantages = out["advantages"].detach().clone()
+            out["advantages"] = local.to(out["advantages"].device, out["advantages"].dtype)
+            self._sim_last_advantages = out["advantages"].detach().clone()
+            return out
+
+    return SimGRPOTrainer
+
+
+def run_trl(cfg, out: Path, log=print):
+    """`sim llm train --backend trl`: the native runner's data, rewards, model loading and estimator
+    (sim.llm.trainer.LLMConfig), trained by TRL's GRPOTrainer (sim_grpo_trainer) with the
+    diagnostics callback, whose results directory is ``out``. One optimizer step per generation
+    batch (TRL's defaults: num_iterations 1, no KL: beta 0), so TRL's clipped ratio is 1 and its loss
+    is the native policy-gradient loss with the same aggregation (TRL_LOSS_TYPES).
+    Returns (runs, steps) as sim.load_results reads them."""
+    import dataclasses
+
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    import sim
+    from sim.config import resolve_device
+    from sim.llm import data as data_mod
+    from sim.llm import model as model_mod
+    from sim.llm.rewards import reward
+
+    model, tok = model_mod.load(cfg.model, device="cpu")
+    examples = data_mod.load_data(cfg.data, difficulty=cfg.difficulty, seed=cfg.seed)
+    ds = Dataset.from_dict({"prompt": [e.prompt for e in examples], "answer": [e.answer for e in examples],
+                            "kind": [e.kind for e in examples]})
+
+    def task_reward(prompts, completions, answer, kind, **kwargs):
+        return [reward(c, a, k) for c, a, k in zip(completions, answer, kind)]
+
+    diag = GrpoSimDiagnostics(num_generations=cfg.group_size, out=out, every=cfg.diag_every,
+                              diag_params=cfg.diag_params, ddof=cfg.ddof, eps=cfg.eps,
+                              config={**dataclasses.asdict(cfg), "backend": "trl"})
+    args = GRPOConfig(output_dir=str(Path(out) / "trl"), per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
+                      num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
+                      temperature=cfg.temperature, learning_rate=cfg.lr, lr_scheduler_type="constant",
+                      optim="adamw_torch" if cfg.optimizer == "adamw" else "sgd", weight_decay=0.0,
+                      max_steps=cfg.steps, beta=0.0, loss_type=TRL_LOSS_TYPES[cfg.loss_agg], logging_steps=1,
+                      report_to=[], save_strategy="no", seed=cfg.seed, use_cpu=resolve_device(cfg.device) == "cpu",
+                      top_k=0, top_p=1.0)
+    trainer = sim_grpo_trainer()(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                 reward_funcs=diag.wrap(task_reward), callbacks=[diag], sim_estimator=cfg.estimator,
+                                 sim_diagnostics=diag, sim_ddof=cfg.ddof, sim_eps=cfg.eps)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        trainer.save_model(str(Path(out) / "final"))
+    return sim.load_results(out)
+
+
 def tested_trl_installed() -> bool:
     """True when the installed TRL is in TESTED_TRL (the hooks above exist there)."""
     try:
@@ -198,4 +289,4 @@ def tested_trl_installed() -> bool:
     return trl.__version__ in SpecifierSet(TESTED_TRL)
 
 
-__all__ = ["GrpoSimDiagnostics", "TESTED_TRL", "tested_trl_installed"]
+__all__ = ["GrpoSimDiagnostics", "TESTED_TRL", "TRL_LOSS_TYPES", "run_trl", "sim_grpo_trainer", "tested_trl_installed"]
