@@ -1,0 +1,110 @@
+"""LLM step time, native runner vs TRL's GRPOTrainer, with and without grpo-sim's diagnostics (not part of
+the test suite). Run: python bench/llm_backends.py [--model DIR] [--steps N] [--rounds R]
+
+Same model, batch (P prompts x G completions), completion length and optimizer in every case; each
+case is timed over N steps after one warm-up step, in R alternating rounds (medians), as this
+machine's speed drifts. Diagnostics every step (the worst case; the default is every 10).
+Prints seconds per step and the ratios the issue's goals name: callback overhead (TRL with / without
+the callback) and native / TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _tiny(d: Path) -> str:
+    from sim.llm import model as M
+
+    tok = M.char_tokenizer()
+    M.tiny_model(len(tok), "tiny", seed=0).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def native_step_seconds(model: str, steps: int, P: int, G: int, diag: bool, out: Path) -> float:
+    from sim.llm.trainer import LLMConfig, Trainer
+
+    cfg = LLMConfig(model=model, steps=steps, prompts_per_step=P, group_size=G, max_new_tokens=8,
+                    diag_every=1 if diag else 0, device="cpu")
+    tr = Trainer(cfg, out, log=lambda *a: None)
+    tr.step(0)  # warm-up
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        tr.step(s)
+    return (time.perf_counter() - t0) / steps
+
+
+def trl_step_seconds(model: str, steps: int, P: int, G: int, callback: bool, out: Path) -> float:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sim.llm import data as data_mod
+    from sim.llm import model as model_mod
+    from sim.llm.rewards import reward
+    from sim.llm.trl import GrpoSimDiagnostics
+
+    m, tok = model_mod.load(model, device="cpu")
+    ex = data_mod.load_data("arith", seed=0)
+    ds = Dataset.from_dict({"prompt": [e.prompt for e in ex], "answer": [e.answer for e in ex],
+                            "kind": [e.kind for e in ex]})
+
+    def task_reward(prompts, completions, answer, kind, **kw):
+        return [reward(c, a, k) for c, a, k in zip(completions, answer, kind)]
+
+    class Clock(TrainerCallback):  # time from the end of the warm-up step to the end of the last
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:
+                self.t0 = time.perf_counter()
+            self.t1 = time.perf_counter()
+
+    clock = Clock()
+    diag = GrpoSimDiagnostics(num_generations=G, every=1)
+    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=P * G, num_generations=G,
+                      max_completion_length=8, learning_rate=5e-4, max_steps=steps + 1, beta=0.0, report_to=[],
+                      save_strategy="no", use_cpu=True, logging_steps=10_000, disable_tqdm=True)
+    trainer = GRPOTrainer(model=m, args=args, train_dataset=ds, processing_class=tok,
+                          reward_funcs=diag.wrap(task_reward) if callback else task_reward,
+                          callbacks=[clock] + ([diag] if callback else []))
+    trainer.train()
+    return (clock.t1 - clock.t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model directory (default: an untrained tiny model)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=8)
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as d:
+        model = a.model or _tiny(Path(d) / "tiny")
+        cases = {"native": lambda: native_step_seconds(model, a.steps, a.prompts, a.group_size, False, Path(d) / "n"),
+                 "native + diagnostics": lambda: native_step_seconds(model, a.steps, a.prompts, a.group_size, True,
+                                                                     Path(d) / "nd"),
+                 "TRL": lambda: trl_step_seconds(model, a.steps, a.prompts, a.group_size, False, Path(d) / "t"),
+                 "TRL + callback": lambda: trl_step_seconds(model, a.steps, a.prompts, a.group_size, True,
+                                                            Path(d) / "tc")}
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(a.rounds):
+            for k, fn in cases.items():
+                times[k].append(fn())
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"P = {a.prompts} prompts x G = {a.group_size}, 8 new tokens, {a.steps} steps x {a.rounds} rounds (medians)")
+    for k, v in med.items():
+        print(f"  {k:22s} {v:.3f} s/step")
+    print(f"  callback overhead: {med['TRL + callback'] / med['TRL'] - 1:+.0%} (goal <= +15%); "
+          f"native / TRL: {med['native'] / med['TRL']:.2f} (goal <= 1); native diagnostics: "
+          f"{med['native + diagnostics'] / med['native'] - 1:+.0%}")
+
+
+if __name__ == "__main__":
+    main()
