@@ -1,6 +1,8 @@
 """grpo-sim's diagnostics inside TRL's GRPOTrainer (sim.llm.trl) on the project's tiny model, CPU."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -136,9 +138,6 @@ def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_pat
 
 
 def test_cli_trl_backend_writes_results(tmp_path):
-    import subprocess
-    import sys
-
     tok = model_mod.char_tokenizer()
     model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
@@ -149,3 +148,30 @@ def test_cli_trl_backend_writes_results(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     runs, steps = sim.load_results(tmp_path / "run")
     assert runs["estimator"].iloc[0] == "rloo" and runs["backend"].iloc[0] == "trl" and len(steps) == 2
+
+
+def test_two_process_run_gathers_every_group(tmp_path):
+    """torch.distributed.run with 2 CPU processes (gloo): each rank holds half the completions, the
+    reward statistics cover every group of both (TRL's own zero-std fraction, computed on its
+    gathered rewards, agrees on both ranks), and rank 0 writes the results directory."""
+    import json
+    import os
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "trl_ddp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(30500 + os.getpid() % 1000), str(worker), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rec in ranks:
+        assert rec["world"] == 2 and rec["refused"] == "" and len(rec["logs"]) == 3
+        # 8 completions per process, groups of 4: 4 groups per step in all, both processes' groups
+        assert rec["groups"] == [4, 4, 4]
+        for h in rec["logs"]:
+            assert h["grpo_sim/zero_std_frac"] == pytest.approx(h["frac_reward_zero_std"], abs=1e-6)
+            assert "grpo_sim/rho" in h
+    assert ranks[0]["logs"] == ranks[1]["logs"]
+    runs, steps = sim.load_results(tmp_path / "res")
+    assert len(steps) == 3
