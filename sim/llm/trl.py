@@ -102,7 +102,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         runs = pd.DataFrame([{"run_id": rid, **cfg, "initial_J": float(steps["J"].iloc[:k].mean()),
                               "final_J": float(steps["J"].iloc[-k:].mean()), "auc": float(steps["J"].mean()),
                               "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
-                              "phases": ",".join(dict.fromkeys(steps["phase"].dropna()))}])
+                              "phases": ",".join(dict.fromkeys(steps["phase"].dropna())),
+                              "diagnostics_refused": self.refused}])
         write_manifest(out, {"trl": cfg}, [{"run_id": rid, **cfg}], kind="trl",
                        world_size=int(getattr(args, "world_size", 1)))
         write_parquet(steps, out / "steps.parquet")
