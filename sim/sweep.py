@@ -211,11 +211,6 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
     return tuple(runs)
 
 
-def stable_row_id(row: dict) -> str:
-    """run_id of a flat config row (RunConfig.run_id)."""
-    return RunConfig.from_flat_dict(row).run_id
-
-
 def lr_extensions(runs_df: pd.DataFrame) -> list[RunConfig]:
     """The next round of a tuned grid: for every (cell, estimator) whose chosen lr is at the edge of
     the rates tried (sim.analysis.lr_edges), its runs at twice ("top") or half ("bottom") that lr,
@@ -470,16 +465,20 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
 
         run_all(pending)
         if spec.lr == "tuned":  # extend the grid where the best rate is at its edge (module docstring)
-            extended = {stable_row_id(d): d for d in results.manifest_field(out, "extension_runs", [])}
+            extended = {d["run_id"]: d for d in results.manifest_field(out, "extension_runs", [])}
+            # a resumed sweep first finishes the round it was in: a rate with some seeds committed
+            # would otherwise count as tried, its missing seeds never run
+            done = results.committed_run_ids(out)
+            run_all([RunConfig.from_flat_dict(d) for rid, d in extended.items() if rid not in done])
             for _ in range(MAX_LR_EXTENSIONS):  # each round adds one rate per edge group, so this bounds it
                 new = lr_extensions(results.read_parts(out)[0])  # beyond the committed rates only
                 if not new:
                     break
-                extended.update({r.run_id: r.as_flat_dict() for r in new})
-                # the manifest lists them (its fingerprint stays the spec's, so --resume still matches)
+                extended.update({r.run_id: {"run_id": r.run_id, **r.as_flat_dict()} for r in new})
+                # listed in the manifest before they run (its fingerprint stays the spec's, so --resume
+                # still matches), so that a resume knows the round
                 results.write_manifest(out, recorded, rows, extension_runs=list(extended.values()))
-                done = results.committed_run_ids(out)
-                run_all([r for r in new if r.run_id not in done])
+                run_all(new)
         runs_df, steps_df = results.read_parts(out)
         runs_df = add_comparisons(runs_df)
         results.finalize(out, runs_df, steps_df)

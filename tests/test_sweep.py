@@ -115,6 +115,26 @@ def test_tuned_sweep_extends_its_grid_until_the_choice_is_interior(tmp_path):
     pd.testing.assert_frame_equal(again, runs)
 
 
+def test_a_tuned_sweep_killed_inside_a_grid_extension_resumes_to_the_uninterrupted_result(tmp_path):
+    """One run per part (max_batch 1), killed right after the first extension run is committed: its
+    other seed is still missing. The resume runs the extension runs the manifest lists before it
+    proposes new ones, so it ends with exactly the uninterrupted results."""
+    axes = {"estimator": ["reinforce", "grpo"], "num_prompts": [2], "num_responses": [3], "steps": [60],
+            "mode": ["exact"], "orthogonality": [1.0]}
+    initial = 2 * len(S.TUNED_FACTORS) * 2  # estimators x grid x seeds, one part each
+    code = ("import sys; from pathlib import Path; from sim import sweep as S\n"
+            f"S.run_sweep(S.SweepSpec.build({axes!r}, seeds=2, lr='tuned'), Path(sys.argv[1]), max_batch=1)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_SIM_FAULT": f"part-committed:{initial + 1}"}
+    out = tmp_path / "killed"
+    crashed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
+    assert crashed.returncode == 137, crashed.stderr
+    assert len(json.loads((out / "manifest.json").read_text())["extension_runs"]) >= 2
+    spec = S.SweepSpec.build(axes, seeds=2, lr="tuned")
+    resumed, _ = S.run_sweep(spec, out, resume=True, max_batch=1)
+    full, _ = S.run_sweep(spec, tmp_path / "full", max_batch=1)
+    pd.testing.assert_frame_equal(resumed, full)
+
+
 def test_geometric_ci_closed_form():
     # logs of (e, e^3): mean 2, sd sqrt(2), n 2 -> half width t_{.975,1} * sqrt(2)/sqrt(2) = 12.706
     m, lo, hi = A.geometric_ci(np.array([math.e, math.e**3]))
