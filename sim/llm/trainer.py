@@ -224,6 +224,26 @@ def half_group_gain(model, params, seqs, attn, mask, rewards: torch.Tensor, ddof
     return change["grpo"] / change["reinforce"], ""
 
 
+def phase_labels(steps: pd.DataFrame, diagnosed: pd.Series) -> pd.Series:
+    """The phase of every diagnosed step (theory.label_phases on sigma_bar, rho and the measured gain,
+    persisting in training steps), None on the others: the same rule as the simulator's."""
+    labels = pd.Series([None] * len(steps), index=steps.index, dtype=object)
+    diag = steps[diagnosed]
+    if len(diag):
+        labels[diag.index] = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
+                                                 diag["gain"].to_numpy(dtype=float), steps=diag["step"].to_numpy())
+    return labels
+
+
+def run_summary(steps: pd.DataFrame) -> dict:
+    """One run's summary from its steps: initial_J / final_J (mean reward over the first / last fifth
+    of the steps), auc (mean reward), the last predicted_gain and the phases met, in order."""
+    k = max(1, len(steps) // 5)
+    return {"initial_J": float(steps["J"].iloc[:k].mean()), "final_J": float(steps["J"].iloc[-k:].mean()),
+            "auc": float(steps["J"].mean()), "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
+            "phases": ",".join(dict.fromkeys(steps["phase"].dropna())) if "phase" in steps else ""}
+
+
 class Trainer:
     """One run: holds the model, optimizer and accelerate state; `run()` trains and logs."""
 
@@ -397,25 +417,15 @@ class Trainer:
         sb = torch.tensor(df["sigma_bar"].to_numpy())
         running_mean = sb.cumsum(0) / torch.arange(1, len(sb) + 1, dtype=sb.dtype)  # sigma_bar over steps <= t
         df["predicted_gain"] = theory.predicted_gain(running_mean[:, None, None], sigma_bound).numpy()
-        diag = df[df["diagnosed"]]
-        if len(diag):
-            # phases from (sigma_bar, rho, measured per-step gain of GRPO's update over REINFORCE's,
-            # half_group_gain), as in the simulator
-            labels = theory.label_phases(diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(),
-                                         diag["gain"].to_numpy(dtype=float), steps=diag["step"].to_numpy())
-            df.loc[diag.index, "phase"] = labels
+        if df["diagnosed"].any():
+            df["phase"] = phase_labels(df, df["diagnosed"])
         return df
 
     def _runs_frame(self, steps: pd.DataFrame, rid: str) -> pd.DataFrame:
-        cfg = self.cfg
-        k = max(1, len(steps) // 5)
-        row = {"run_id": rid, **dataclasses.asdict(cfg), "world_size": self.world,
-               "initial_J": float(steps["J"].iloc[:k].mean()), "final_J": float(steps["J"].iloc[-k:].mean()),
-               "auc": float(steps["J"].mean()), "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
+        row = {"run_id": rid, **dataclasses.asdict(self.cfg), "world_size": self.world, **run_summary(steps),
                "step_seconds": float(steps["seconds"].mean()),
                "diag_overhead": float(steps["diag_seconds"].sum() / max(steps["seconds"].sum()
-                                                                        - steps["diag_seconds"].sum(), 1e-9)),
-               "phases": ",".join(dict.fromkeys(steps["phase"].dropna())) if "phase" in steps else ""}
+                                                                        - steps["diag_seconds"].sum(), 1e-9))}
         if "empirical_M" in steps:
             row["empirical_M"] = float(steps["empirical_M"].max())
         return pd.DataFrame([row])

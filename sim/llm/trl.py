@@ -92,18 +92,11 @@ class GrpoSimDiagnostics(TrainerCallback):
                                                                  "_name_or_path", "")}
         rid = stable_id(cfg, 16)
         steps.insert(0, "run_id", rid)
-        diag = steps[steps["rho"].notna()] if "rho" in steps else steps.iloc[:0]
-        steps["phase"] = None
-        if len(diag):
-            steps.loc[diag.index, "phase"] = theory.label_phases(
-                diag["sigma_bar"].to_numpy(), diag["rho"].to_numpy(), diag["gain"].to_numpy(dtype=float),
-                steps=diag["step"].to_numpy())
-        k = max(1, len(steps) // 5)
-        runs = pd.DataFrame([{"run_id": rid, **cfg, "initial_J": float(steps["J"].iloc[:k].mean()),
-                              "final_J": float(steps["J"].iloc[-k:].mean()), "auc": float(steps["J"].mean()),
-                              "predicted_gain": float(steps["predicted_gain"].iloc[-1]),
-                              "phases": ",".join(dict.fromkeys(steps["phase"].dropna())),
-                              "diagnostics_refused": self.refused}])
+        from sim.llm.trainer import phase_labels, run_summary
+
+        diagnosed = steps["rho"].notna() if "rho" in steps else pd.Series(False, index=steps.index)
+        steps["phase"] = phase_labels(steps, diagnosed)
+        runs = pd.DataFrame([{"run_id": rid, **cfg, **run_summary(steps), "diagnostics_refused": self.refused}])
         write_manifest(out, {"trl": cfg}, [{"run_id": rid, **cfg}], kind="trl",
                        world_size=int(getattr(args, "world_size", 1)))
         write_parquet(steps, out / "steps.parquet")
