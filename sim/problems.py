@@ -224,10 +224,9 @@ def resolve_problem_file(cfg: ProblemConfig) -> ProblemConfig:
     digest = file_digest(path)
     if cfg.problem_sha256 and cfg.problem_sha256 != digest:
         raise ValueError(f"problem-sha256: {path} has sha256 {digest}, not {cfg.problem_sha256}")
-    P, K, k = arrs["phi_private"].shape if arrs["phi_private"].ndim == 3 else (0, 0, 0)
-    s = arrs["phi_shared"].shape[-1] if arrs["phi_shared"].ndim == 3 else 0
-    return dataclasses.replace(cfg, problem_file=path, problem_sha256=digest, num_prompts=P or cfg.num_prompts,
-                               num_responses=K or cfg.num_responses, private_dim=k, shared_dim=s)
+    P, K, k = problem_from_arrays(**arrs).phi_private.shape  # validated here: one line naming a bad array
+    return dataclasses.replace(cfg, problem_file=path, problem_sha256=digest, num_prompts=P, num_responses=K,
+                               private_dim=k, shared_dim=arrs["phi_shared"].shape[-1])
 
 
 def make_problem(cfg: ProblemConfig, dtype: torch.dtype = torch.float64) -> Problem:
