@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from theory.shapes import check_shapes
@@ -155,8 +156,6 @@ def reinforce_steps_by_time_change(steps, mu, rate, target: float) -> float:
     held at its last value). Returns the first integer tau with J_R(tau) >= target, or NaN when
     J_R never reaches it on the trajectory given.
     """
-    import numpy as np
-
     steps = np.asarray(steps, dtype=float)
     mu = np.asarray(mu, dtype=float)
     rate = np.asarray(rate, dtype=float)
