@@ -160,10 +160,14 @@ def test_two_process_run_gathers_every_group(tmp_path):
 
     worker = Path(__file__).parent / "trl_ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(30500 + os.getpid() % 1000), str(worker), str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    # --standalone: the rendezvous takes a free port (a fixed one can be taken on a shared machine)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    # on failure show the workers' own error lines (a native abort, a Python error), not only the
+    # launcher's summary, which is all the last 2000 characters would hold
+    errors = [ln for ln in p.stderr.splitlines() if any(
+        k in ln for k in ("Error", "error:", "terminate", "what()", "Fatal", "File \"", "Abort", "gloo"))]
+    assert p.returncode == 0, "\n".join(errors[:60]) + "\n---\n" + p.stderr[-1500:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rec in ranks:
         assert rec["world"] == 2 and rec["refused"] == "" and len(rec["logs"]) == 3

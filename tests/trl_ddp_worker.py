@@ -1,16 +1,19 @@
 """Run by tests/test_llm_trl.py under `torch.distributed.run --nproc_per_node 2`: a few steps of TRL's
 GRPOTrainer with grpo-sim's diagnostics on CPU (gloo); each rank writes what it logged as JSON."""
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
 
+import torch.distributed
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from sim.llm import model as model_mod
 from sim.llm.trl import GrpoSimDiagnostics
 
+faulthandler.enable()  # a native crash prints the Python stack (the test shows it)
 out = Path(sys.argv[1])
 tok = model_mod.char_tokenizer()
 model = model_mod.tiny_model(len(tok), "tiny", seed=0)
@@ -34,3 +37,6 @@ logs = [{k: v for k, v in h.items() if k == "frac_reward_zero_std" or k.startswi
 (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.accelerator.num_processes, "refused": diag.refused,
                                                   "logs": logs, "groups": [len(r["sigma_per_prompt"])
                                                                            for r in diag.rows]}))
+# leave together: a rank that exits while the other still talks to it can abort in gloo's teardown
+trainer.accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()

@@ -268,8 +268,8 @@ def run_trl(cfg, out: Path, log=print):
                                  reward_funcs=diag.wrap(task_reward), callbacks=[diag], sim_estimator=cfg.estimator,
                                  sim_diagnostics=diag, sim_ddof=cfg.ddof, sim_eps=cfg.eps)
     trainer.train()
-    if trainer.accelerator.is_main_process:
-        trainer.save_model(str(Path(out) / "final"))
+    trainer.save_model(str(Path(out) / "final"))  # every rank calls it (ZeRO-3 / FSDP gather); rank 0 writes
+    trainer.accelerator.wait_for_everyone()  # no rank leaves (and tears down its process group) early
     return sim.load_results(out)
 
 
