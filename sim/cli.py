@@ -7,9 +7,12 @@ line ``error: <option>: <what is wrong>`` and exits with code 2 before any resul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import inspect
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional, get_args, get_type_hints
@@ -20,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
-from sim import analysis, estimators
+from sim import analysis, estimators, results
 from sim import sweep as sweep_mod
 from sim.config import (ConfigError, ProblemConfig, TrainConfig, check_device, option_name, parse_int, parse_value,
                         range_text, resolve_device)
@@ -222,6 +225,61 @@ def _say_compiling() -> None:
     console.print("compiling kernels (first run only) ...")
 
 
+class Interrupted(Exception):
+    """A sweep stopped by SIGINT or SIGTERM: main prints ``str(e)`` and exits with ``code``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class RuntimeFailure(Exception):
+    """A command that failed at run time (exit code 1); str(e) is the one line to print."""
+
+
+#: The argument list main() was called with (the resume hint repeats it).
+_ARGV: list[str] = []
+
+
+def resume_command(out: Path) -> str:
+    """The command line that continues this sweep: the same arguments, --out DIR, --resume."""
+    import shlex
+
+    args, skip = [], False
+    for a in _ARGV:
+        if skip:
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        if a.startswith("--out=") or a == "--resume":
+            continue
+        args.append(a)
+    return "sim " + shlex.join([*args, "--out", str(out), "--resume"])
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C does) while a sweep runs, so
+    both stop it the same way; which signal it was is kept for the exit code (128 + signal)."""
+    got = {"signal": signal.SIGINT}
+
+    def on_term(signum, frame):
+        got["signal"] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, workers: int, prefix: str,
              backend: str = "local", address: Optional[str] = None, device: str = "cpu",
              engine: str = "auto") -> None:
@@ -231,16 +289,49 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
         out = Path("results") / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     runs = sweep_mod.expand(spec)  # validates every run before anything is written
     console.print(f"{len(runs)} runs → {out}")
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("run-steps", total=None)
+    started = [False]
 
-        def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def on_notice(line: str) -> None:
+        console.print(f"note: {line}")
 
-        runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
-                                         backend=backend, address=address, device=device, engine=engine,
-                                         on_compile=_say_compiling)
+    def on_batch(done: int, total: int) -> None:
+        started[0] = True
+        if not console.is_terminal:  # a pipe or a log file: a line per batch, not a bar at the end
+            print(f"{_dt.datetime.now():%H:%M:%S} {done}/{total} runs committed", flush=True)
+
+    def stopped(what: str, then: str = "") -> str:
+        n = len(results.committed_run_ids(out)) if (out / results.MANIFEST).exists() else 0
+        return f"{what}; {n} of {len(runs)} runs are committed in {out}; {then}resume with: {resume_command(out)}"
+
+    with _sigterm_as_interrupt() as got:
+        try:
+            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                          transient=False, disable=not console.is_terminal) as progress:
+                task = progress.add_task("run-steps", total=None)
+
+                def on_progress(done: int, total: int) -> None:
+                    progress.update(task, completed=done, total=total)
+
+                runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
+                                                 backend=backend, address=address, device=device, engine=engine,
+                                                 on_compile=_say_compiling, on_notice=on_notice, on_batch=on_batch)
+        except KeyboardInterrupt:
+            name = signal.Signals(got["signal"]).name
+            if not (out / results.MANIFEST).exists():
+                raise Interrupted(f"interrupted ({name}) before any run started; nothing was written",
+                                  128 + got["signal"]) from None
+            raise Interrupted(stopped(f"interrupted ({name})"), 128 + got["signal"]) from None
+        except sweep_mod.SweepFailure as e:
+            if not (out / results.MANIFEST).exists():
+                raise RuntimeFailure(str(e)) from None
+            raise RuntimeFailure(stopped(str(e))) from None
+        except OSError as e:  # a full disk, a directory removed under the sweep: what is committed stays
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            msg = f"{e.strerror or e}{where}"
+            if not (out / results.MANIFEST).exists():
+                raise RuntimeFailure(msg) from None
+            raise RuntimeFailure(stopped(msg, "free space, then " if e.errno == errno.ENOSPC else "")) from None
     print_summary(runs_df, spec, out)
 
 
@@ -258,8 +349,11 @@ def _make_command(name: str, list_valued: bool, doc: str):
         check_device(device, backend, allow_auto=False)
         sweep_mod.check_engine(engine)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
-        _execute(spec, Path(out) if out else None, resume, workers, prefix=name, backend=backend, address=address,
-                 device=device, engine=engine)
+        if not list_valued and isinstance(spec.lr, tuple) and len(spec.lr) > 1:
+            raise ConfigError(f"lr: sim run takes one learning rate (or theory / tuned), got {lr!r}; "
+                              "sim sweep takes a list")
+        _execute(spec, results.out_path(out) if out is not None else None, resume, workers, prefix=name,
+                 backend=backend, address=address, device=device, engine=engine)
 
     params = []
     if list_valued:
@@ -438,9 +532,8 @@ def llm_make_tiny(
     seed_ = _int_option("seed", seed, 0, 0, 2**31)
     check_device(device)
     on = resolve_device(device)
-    from sim.results import check_writable
-
-    check_writable(Path(out))
+    out = results.out_path(out)
+    results.check_writable(out)
     rec = model_mod.make_tiny(Path(out), size=size, difficulty=level, seed=seed_, log=console.print, device=on)
     console.print(f"saved {out}: {rec['parameters']:,} parameters, sampled accuracy {rec['sampled_accuracy']:.2f} "
                   f"on {rec['held_out']} held-out problems after {rec['steps']} steps ({rec['seconds']:.0f} s)")
@@ -453,24 +546,25 @@ def _llm_command(name: str, doc: str):
         _require_llm_extra()
         from sim.llm import trainer as trainer_mod
 
-        out = Path(kwargs.pop("out"))
+        out = results.out_path(kwargs.pop("out"))
         ests = kwargs.pop("estimators", None)
         values = _parse_axes(kwargs, False, (LLMConfig,))
         cfg = LLMConfig(**{k: v[0] for k, v in values.items()})
         trainer_mod.validate(cfg)
         if name == "train":
-            from sim.results import check_writable
-
-            check_writable(out)
+            trainer_mod.preflight(cfg)  # model and data checked: nothing is written before this passes
             if cfg.backend == "trl":
                 try:
                     from sim.llm.trl import run_trl
                 except ImportError:
                     raise ConfigError("backend: trl is not installed; run: pip install -e '.[trl]'") from None
+                results.check_writable(out)
                 runs, _ = run_trl(cfg, out, log=console.print)
                 console.print(runs.drop(columns=[c for c in runs.columns if c.startswith("_")]).T.to_string())
                 return
-            runs, _ = trainer_mod.Trainer(cfg, out, log=console.print).run()
+            trainer = trainer_mod.Trainer(cfg, out, log=console.print)
+            results.check_writable(out)
+            runs, _ = trainer.run()
             _print_llm_table([runs.iloc[0]], f"LLM run → {out}")
             return
         names = [e.strip() for e in (ests or "grpo,reinforce").split(",")]
@@ -479,12 +573,13 @@ def _llm_command(name: str, doc: str):
                 raise ConfigError(f"estimators: unknown estimator {e!r}; choose from "
                                   f"{', '.join(estimators.LLM_NAMES)}")
             trainer_mod.validate(dataclasses.replace(cfg, estimator=e))
-        from sim.results import check_writable
-
-        check_writable(out)
+        trainer_mod.preflight(cfg)
         rows = []
-        for e in names:
-            runs, _ = trainer_mod.Trainer(dataclasses.replace(cfg, estimator=e), out / e, log=console.print).run()
+        for i, e in enumerate(names):
+            trainer = trainer_mod.Trainer(dataclasses.replace(cfg, estimator=e), out / e, log=console.print)
+            if i == 0:
+                results.check_writable(out)
+            runs, _ = trainer.run()
             rows.append(runs.iloc[0])
         _print_llm_table(rows, f"GRPO vs REINFORCE from {cfg.model} (same checkpoint, prompts and seed) → {out}")
 
@@ -514,25 +609,50 @@ llm_app.command("compare")(_llm_command("compare", "Train GRPO and REINFORCE fro
                                                    "print the side-by-side table."))
 
 
+#: Set to 1 to see the traceback of an unexpected error instead of its one line.
+TRACEBACK_ENV = "GRPO_SIM_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors with exit code 2 for every usage or config problem."""
+    """Entry point. Exit codes: 0 done; 2 a usage, config or input problem (one line
+    ``error: <option or file>: <what is wrong>``, nothing written); 1 a failure at run time (one
+    line; what was committed stays and the line says how to resume); 128 + signal when interrupted
+    (SIGINT 130, SIGTERM 143), with the resume command."""
+    import os
+
+    args = list(argv if argv is not None else sys.argv[1:])
+    _ARGV[:] = args
     cmd = typer.main.get_command(app)
     try:
-        rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="sim", standalone_mode=False)
+        rv = cmd.main(args=args, prog_name="sim", standalone_mode=False)
     except USAGE_ERRORS as e:
         msg = " ".join(e.format_message().split())
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {msg}", 2)
     except (ConfigError, ResultsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {_one_line(e)}", 2)
+    except RuntimeFailure as e:
+        _fail(f"error: {_one_line(e)}", 1)
+    except Interrupted as e:
+        _fail(str(e), e.code)
     except ABORTS:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", 130)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", 130)
+    except Exception as e:  # a bug or an unforeseen input: one line, the traceback on request
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        _fail(f"error: internal error {type(e).__name__}: {_one_line(e)} (set {TRACEBACK_ENV}=1 for the "
+              "traceback, and please report it)", 1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:1000]
+
+
+def _fail(line: str, code: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -120,8 +120,42 @@ def fingerprint(spec: dict, run_rows: list[dict]) -> str:
     return stable_id({"spec": spec, "runs": run_rows})
 
 
+#: Longest file or directory name most file systems accept (bytes).
+NAME_MAX = 255
+
+
+def out_path(text, option: str = "out") -> Path:
+    """The directory an ``--out`` option names, checked without creating anything: ``~`` expanded;
+    refused (ResultsError naming ``option``) when empty, when a name in it is longer than NAME_MAX
+    bytes, when it or an existing ancestor is not a directory, or when the nearest existing ancestor
+    cannot be written."""
+    raw = "" if text is None else str(text)
+    if not raw.strip():
+        raise ResultsError(f"{option}: empty path; name a directory")
+    path = Path(os.path.expanduser(raw))
+    long = [part for part in path.parts if len(os.fsencode(part)) > NAME_MAX]
+    if long:
+        raise ResultsError(f"{option}: the name {long[0][:40]!r}... is longer than {NAME_MAX} bytes")
+    try:
+        if path.exists() and not path.is_dir():
+            raise ResultsError(f"{option}: {path} exists and is not a directory")
+        ancestor = path
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        ancestor = ancestor if str(ancestor) else Path(".")
+    except OSError as e:
+        raise ResultsError(f"{option}: cannot use {raw!r}: {e.strerror or e}") from None
+    if not ancestor.is_dir():
+        raise ResultsError(f"{option}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ResultsError(f"{option}: {ancestor} is not writable")
+    return path
+
+
 def check_writable(out: Path) -> None:
-    """Fail early (ResultsError naming --out) if ``out`` cannot be created and written."""
+    """Create ``out`` and check it can be written (ResultsError naming --out otherwise). Call it
+    once the command has been validated: it is the first write."""
+    out = out_path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=out)
@@ -131,26 +165,133 @@ def check_writable(out: Path) -> None:
         raise ResultsError(f"out: cannot write to {out}: {e.strerror or e}") from None
 
 
-def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool) -> set[str]:
+def read_manifest(out: Path) -> dict:
+    """``out``'s manifest.json as a dict; a damaged one (unreadable, not UTF-8 JSON, not an object
+    with a fingerprint) raises one ResultsError that says how to recover."""
+    path = out / MANIFEST
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        why = "" if isinstance(data, dict) and isinstance(data.get("fingerprint"), str) else \
+            "not a grpo-sim manifest"
+    except OSError as e:
+        why = e.strerror or str(e)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = f"not UTF-8 JSON: {type(e).__name__}"
+    if why:
+        raise ResultsError(f"resume: {path} is damaged ({why}); to recover, move it aside "
+                           f"(mv {path} {path}.bad) and rerun the same command with --resume: the committed "
+                           "parts are checked against the sweep and kept")
+    return data
+
+
+#: Columns every committed part must hold beyond its runs' config fields (check_parts).
+SUMMARY_COLUMNS = ("run_id", "final_J", "initial_J", "auc", "steps_to_target", "reached_target")
+STEP_COLUMNS = ("run_id", "step", "J")
+#: Where check_parts moves the parts it cannot keep.
+DAMAGED = "damaged"
+
+
+def _same(a, b) -> bool:
+    """Config values equal as written and read back (None and NaN are the same missing value)."""
+    missing = lambda v: v is None or (isinstance(v, float) and v != v)  # noqa: E731
+    if missing(a) or missing(b):
+        return missing(a) and missing(b)
+    return a == b
+
+
+def _part_defect(runs_path: Path, expected: dict[str, dict]) -> str:
+    """Why the committed part ``runs_path`` cannot be kept ('' when it can): a file unreadable or
+    missing, a column missing, a run not of this sweep (run id unknown, or config columns that do
+    not match its run id), steps that do not cover its runs, or a NaN final J."""
+    steps_path = runs_path.with_name(runs_path.name.replace(".runs.", ".steps."))
+    try:
+        runs = pd.read_parquet(runs_path).rename(columns=LEGACY_COLUMNS)
+    except Exception as e:  # pyarrow raises several types for truncated or corrupt files
+        return f"unreadable runs file ({type(e).__name__})"
+    if not steps_path.exists():
+        return "its steps file is missing"
+    try:
+        steps = pd.read_parquet(steps_path, columns=list(STEP_COLUMNS))
+    except Exception as e:
+        return f"unreadable steps file or missing columns ({type(e).__name__})"
+    if "run_id" not in runs.columns or runs["run_id"].duplicated().any() or len(runs) == 0:
+        return "no or duplicate run ids"
+    config_cols = set().union(*(expected[r].keys() for r in runs["run_id"] if r in expected))
+    missing = [c for c in (*SUMMARY_COLUMNS, *sorted(config_cols)) if c not in runs.columns]
+    if missing:
+        return f"missing column(s) {', '.join(missing[:3])}"
+    foreign = [r for r in runs["run_id"] if r not in expected]
+    if foreign:
+        return f"{len(foreign)} run(s) not of this sweep"
+    for row in runs.to_dict("records"):
+        want = expected[row["run_id"]]
+        if not all(_same(row[k], v) for k, v in want.items()):
+            return f"run {row['run_id'][:12]}: config columns do not match its run id"
+    if runs["final_J"].isna().any():
+        return "NaN final J"
+    if set(steps["run_id"]) != set(runs["run_id"]):
+        return "its steps do not cover its runs"
+    return ""
+
+
+def check_parts(out: Path, expected: dict[str, dict]) -> list[tuple[str, str]]:
+    """Validate every committed part of ``out`` against the sweep's runs ``expected``
+    (run_id -> config fields) before any training: a part that cannot be kept (_part_defect) is
+    moved, both files, to ``out/damaged/`` so that its runs are recomputed. Returns (part name,
+    reason) of each part moved."""
+    moved = []
+    for runs_path in _committed_parts(out):
+        why = _part_defect(runs_path, expected)
+        if not why:
+            continue
+        dest = out / DAMAGED
+        dest.mkdir(exist_ok=True)
+        name = runs_path.name.replace(".runs.parquet", "")
+        for f in (runs_path.with_name(f"{name}.steps.parquet"), runs_path):  # runs file last: the commit mark
+            if f.exists():
+                target = dest / f.name
+                n = 1
+                while target.exists():
+                    target, n = dest / f"{f.name}.{n}", n + 1
+                os.replace(f, target)
+        moved.append((name, why))
+    return moved
+
+
+def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool,
+                     on_notice=None) -> set[str]:
     """Prepare ``out`` for a sweep; return the run_ids already committed (resume).
 
-    A directory holding results needs ``resume``; resuming checks the fingerprint so a
-    directory written by a different config refuses to continue.
+    A directory holding results needs ``resume``; resuming checks the fingerprint, so that a
+    directory written by a different config refuses to continue, and validates every committed
+    part (check_parts; the ones moved aside are reported through ``on_notice(line)``). A directory
+    with parts but no manifest (one moved aside after damage) resumes the same way.
     """
     fp = fingerprint(spec, run_rows)
     manifest_path = out / MANIFEST
-    if manifest_path.exists():
+    notice = on_notice or (lambda line: None)
+    if out.exists() and not out.is_dir():
+        raise ResultsError(f"out: {out} exists and is not a directory")
+    has_parts = (out / PARTS).is_dir()
+    if manifest_path.exists() or (resume and has_parts):
         if not resume:
             raise ResultsError(f"out: {out} already holds results; pass --resume to continue them "
                                "or choose another directory")
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ResultsError(f"resume: cannot read {manifest_path}: {e}") from None
-        if old.get("fingerprint") != fp:
-            raise ResultsError(f"resume: {out} was written by a different sweep config; "
-                               "rerun with the same options or choose another directory")
+        extension_rows = []
+        if manifest_path.exists():
+            old = read_manifest(out)
+            if old.get("fingerprint") != fp:
+                raise ResultsError(f"resume: {out} was written by a different sweep config; "
+                                   "rerun with the same options or choose another directory")
+            extension_rows = [d for d in old.get("extension_runs") or [] if isinstance(d, dict) and "run_id" in d]
         _clear_stale_temp_files(out)
+        expected = {r["run_id"]: r for r in (_with_ids(run_rows) + extension_rows)}
+        expected = {k: {c: v for c, v in d.items() if c != "run_id"} for k, d in expected.items()}
+        for name, why in check_parts(out, expected):
+            notice(f"moved part {name} to {out / DAMAGED} ({why}); its runs will be recomputed")
+        if not manifest_path.exists():
+            write_manifest(out, spec, run_rows)
+            notice(f"wrote a new {manifest_path} for the parts kept")
         return committed_run_ids(out)
     if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise ResultsError(f"out: {out} exists and is not an empty results directory")
@@ -159,6 +300,13 @@ def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool) 
     check_writable(out)
     write_manifest(out, spec, run_rows)
     return set()
+
+
+def _with_ids(run_rows: list[dict]) -> list[dict]:
+    """Rows with their run_id (the manifest's run rows carry it; a plain config row gets it here)."""
+    from sim.config import RunConfig
+
+    return [r if "run_id" in r else {"run_id": RunConfig.from_flat_dict(r).run_id, **r} for r in run_rows]
 
 
 def write_manifest(out: Path, spec: dict, run_rows: list[dict], **extra) -> None:

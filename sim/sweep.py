@@ -22,8 +22,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
+import signal
+import threading
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +48,11 @@ MAX_BATCH = 64
 #: A sweep larger than this is refused before anything is built (a typo like --seeds 100000).
 MAX_RUNS = 1_000_000
 MAX_SEEDS = 100_000
+
+
+class SweepFailure(RuntimeError):
+    """A sweep that stopped at run time (a worker died, Ray unreachable); str(e) is one line. What
+    was committed stays, and --resume continues."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,19 @@ def parse_lr(text) -> tuple[float, ...] | str:
 CONFIG_ALIASES = {"estimators": "estimator", "noise": "reward_noise"}
 
 
+def _config_keys(table: dict, path: Path, where: str) -> dict:
+    """A config table with its keys as field names (dashes -> underscores, CONFIG_ALIASES);
+    two keys naming one field (group-size and group_size, estimator and estimators) are refused."""
+    out, spelled = {}, {}
+    for k, v in table.items():
+        name = CONFIG_ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
+        if name in spelled:
+            raise ConfigError(f"config: {path}: {spelled[name]!r} and {k!r} in {where} both set "
+                              f"{name.replace('_', '-')}; keep one")
+        spelled[name], out[name] = k, v
+    return out
+
+
 def load_config(path: Path, quick: bool = False) -> tuple[dict[str, tuple], Any, Any]:
     """Read a sweep config TOML: (axes, seeds, lr) from its [sweep] table (or the top level).
 
@@ -148,23 +170,36 @@ def load_config(path: Path, quick: bool = False) -> tuple[dict[str, tuple], Any,
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config: no such file {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config: {path} is a directory, not a TOML file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: cannot read {path}: {e}") from None
+        raise ConfigError(f"config: cannot read {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML ({str(e).splitlines()[0]})") from None
-    section = data.get("sweep", {k: v for k, v in data.items() if not isinstance(v, dict)})
-    if not isinstance(section, dict):
-        raise ConfigError(f"config: {path}: [sweep] must be a table")
-    raw = dict(section)
+    except RecursionError:
+        raise ConfigError(f"config: {path} nests arrays or tables too deeply") from None
+    if "sweep" in data:
+        if not isinstance(data["sweep"], dict):
+            raise ConfigError(f"config: {path}: [sweep] must be a table")
+        outside = [k for k, v in data.items() if k not in ("sweep", "quick")]
+        if outside:
+            raise ConfigError(f"config: {path}: {outside[0]!r} is outside the [sweep] and [quick] tables; "
+                              "move it into [sweep]")
+        section = data["sweep"]
+    else:
+        tables = [k for k, v in data.items() if isinstance(v, dict) and k != "quick"]
+        if tables:
+            raise ConfigError(f"config: {path}: unknown table [{tables[0]}]; settings go in [sweep] (or the top level)")
+        section = {k: v for k, v in data.items() if k != "quick"}
+    raw = _config_keys(section, path, "[sweep]" if "sweep" in data else "the top level")
     if quick:
         q = data.get("quick", {})
         if not isinstance(q, dict):
             raise ConfigError(f"config: {path}: [quick] must be a table")
-        raw.update(q)
-    raw = {CONFIG_ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+        raw.update(_config_keys(q, path, "[quick]"))
     seeds, lr = raw.pop("seeds", None), raw.pop("lr", None)
     axes = {}
     for k, v in raw.items():
@@ -282,17 +317,81 @@ def worker_context():
     return ctx
 
 
+def _die_with_parent() -> None:
+    """In a worker: end this process when its parent does, however the parent dies (kill -9
+    included). Linux: PR_SET_PDEATHSIG = SIGKILL (the parent is the fork server, which ends with the
+    sweep's process); everywhere: a thread that exits when the parent pid changes (reparenting)."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+    def watch():
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="grpo-sim-parent-watch").start()
+
+
+def _worker_init() -> None:
+    """Local worker start-up: Ctrl-C is the sweep process's to handle (it stops the workers and
+    says how to resume), not a traceback in every worker; and no worker outlives the sweep."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: cancel what is queued and kill the workers (ProcessPoolExecutor can only
+    wait for running tasks, and a batch can run for minutes; its private process table is the one
+    handle on them)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=5)
+
+
 @contextlib.contextmanager
 def _started_pool(workers: int):
     """A pool of ``workers`` local processes (None for one), started at once: the workers import
-    the engine while the driver prepares the sweep."""
+    the engine while the driver prepares the sweep. Left by an exception (Ctrl-C, SIGTERM, a
+    failure), the workers are killed at once."""
     if workers <= 1:
         yield None
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
+    try:
         for _ in range(workers):
             pool.submit(_warm_worker)
         yield pool
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _death_of(pool: ProcessPoolExecutor, seen: dict) -> str:
+    """How the pool's workers ended, for the one line a broken pool gives: 'killed by SIGKILL',
+    'exit code 1', or 'unknown cause'."""
+    seen.update(getattr(pool, "_processes", None) or {})
+    for proc in seen.values():
+        code = getattr(proc, "exitcode", None)
+        if code is not None and code < 0 and -code != signal.SIGTERM:
+            return f"killed by {signal.Signals(-code).name}"
+        if code not in (None, 0) and code > 0:
+            return f"exit code {code}"
+    return "unknown cause"
 
 
 def _run_batch_in_worker(rows: list[dict], device: str = "cpu", engine: str = "torch"):
@@ -383,11 +482,37 @@ def check_backend(backend: str) -> None:
             raise ConfigError("backend: ray is not installed; run: pip install -e '.[ray]'")
 
 
+#: Seconds to wait for a Ray cluster's port before giving up (ray.init itself waits minutes).
+RAY_CONNECT_TIMEOUT = 10.0
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """SweepFailure in one line when the Ray cluster at ``address`` (HOST:PORT or ray://HOST:PORT;
+    'auto' is left to Ray) does not accept a connection within ``timeout`` seconds."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ConfigError(f"address: expected HOST:PORT, got {address!r}") from None
+    try:
+        socket.create_connection((host or "127.0.0.1", port_n), timeout=timeout).close()
+    except OSError as e:
+        raise SweepFailure(f"address: no Ray cluster answers at {address} within {timeout:.0f} s "
+                           f"({e.strerror or type(e).__name__})") from None
+
+
 def _ray_batches(batches, workers: int, address: str | None, on_result, engine: str = "torch") -> None:
     """Train batches as Ray tasks; results come back to the driver, which alone writes them."""
     import ray
 
     if not ray.is_initialized():
+        if address:
+            check_ray_address(address)
         kwargs = {"address": address} if address else {"num_cpus": max(workers, 1)}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     task = ray.remote(num_cpus=1)(_run_batch_in_worker)
@@ -404,7 +529,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
               max_batch: int = MAX_BATCH, backend: str = "local",
               address: str | None = None, device: str = "cpu", engine: str = "auto",
               on_compile: Callable[[], None] | None = None,
-              threads: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+              threads: int | None = None, on_notice: Callable[[str], None] | None = None,
+              on_batch: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every pending run of ``spec`` into ``out``; return (runs, steps) with summary columns.
 
     backend "local": in this process (workers = 1) or a pool of ``workers`` processes; "ray":
@@ -415,11 +541,15 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     (prepare_engine): numba or torch, recorded per run (column ``engine``); the two agree to
     rounding, so a resumed sweep may mix them. ``threads``: the numba engine's threads in this
     process when it trains alone (default: every CPU it may use; workers use one each).
+    ``on_notice(line)``: what the caller should tell the user (parts moved aside on --resume);
+    ``on_batch(runs_committed, runs_total)``: after each committed batch.
     """
     check_backend(backend)
     check_device(device, backend, allow_auto=False)
     runs = expand(spec)  # validates the whole sweep before any process starts
     engine = prepare_engine(engine, device, on_compile)  # compiled (or loaded) before workers need it
+    # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
+    workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
     local_workers = workers if backend == "local" else 1
     # one process: numba's blocks of runs on every CPU, torch (diagnostics only) on one thread, as
     # its OpenMP threads oversubscribe a busy machine (one default sweep with the torch engine took
@@ -433,22 +563,31 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
         # fingerprint they always had
         recorded = spec.as_dict() if device == "cpu" else {**spec.as_dict(), "device": device}
-        done = results.open_results_dir(out, recorded, rows, resume)
+        done = results.open_results_dir(out, recorded, rows, resume, on_notice=on_notice)
         pending = [r for r in runs if r.run_id not in done]
         progress, total = [0], [0]
+        runs_done, runs_total = [len(runs) - len(pending)], [len(runs) - len(pending)]
+        seen_workers: dict = {}
 
         def advance(n):
             progress[0] += n
             if on_progress:
                 on_progress(progress[0], total[0])
 
+        def batch_committed(b) -> None:
+            runs_done[0] += len(b)
+            if on_batch:
+                on_batch(runs_done[0], runs_total[0])
+
         def commit(b, runs_df, steps_df):
             results.write_part(out, runs_df, steps_df)
             advance(b[0].train.steps * len(b))
+            batch_committed(b)
 
         def run_all(todo: list[RunConfig]) -> None:
             batches = sorted(make_batches(todo, max_batch), key=batch_cost, reverse=True)  # ties keep order
             total[0] += sum(b[0].train.steps * len(b) for b in batches)
+            runs_total[0] += len(todo)
             advance(0)
             if backend == "ray":
                 _ray_batches(batches, workers, address, commit, engine)
@@ -457,11 +596,26 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                     res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
                                       engine=engine)
                     results.write_part(out, res.runs, res.steps)
+                    batch_committed(b)
             else:
                 futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device, engine): b
                         for b in batches}
-                for fut in as_completed(futs):
-                    commit(futs[fut], *fut.result())
+                seen_workers.update(getattr(pool, "_processes", None) or {})
+                committed = set()
+                try:
+                    for fut in as_completed(futs):
+                        seen_workers.update(getattr(pool, "_processes", None) or {})
+                        commit(futs[fut], *fut.result())
+                        committed.add(fut)
+                except BrokenProcessPool:
+                    for f, b in futs.items():  # keep what finished before the pool broke
+                        if f not in committed and f.done() and not f.cancelled() and f.exception() is None:
+                            commit(b, *f.result())
+                            committed.add(f)
+                    lost = sum(len(b) for f, b in futs.items() if f not in committed)
+                    raise SweepFailure(f"a worker process died ({_death_of(pool, seen_workers)}); "
+                                       f"{lost} run(s) in its and the other workers' batches were not "
+                                       "committed") from None
 
         run_all(pending)
         if spec.lr == "tuned":  # extend the grid where the best rate is at its edge (module docstring)

@@ -244,6 +244,7 @@ def test_truncated_or_corrupt_results_files_are_detected_on_load(tmp_path):
                               "steps": [10]}, seeds=1)
     out = tmp_path / "r"
     S.run_sweep(spec, out)
+    first = sim.load_results(out)
     data = (out / "runs.parquet").read_bytes()
     (out / "runs.parquet").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=r"runs.parquet: unreadable or corrupt parquet file"):
@@ -255,11 +256,17 @@ def test_truncated_or_corrupt_results_files_are_detected_on_load(tmp_path):
     (out / "runs.parquet").write_bytes(data)
     with pytest.raises(ValueError, match="missing results file"):
         sim.load_results(out)
-    # a corrupt committed part is reported on resume, not silently dropped
+    # a corrupt committed part is found on resume before anything trains, moved aside (said where)
+    # and recomputed: the resumed results equal the first ones
     part = next((out / "parts").glob("*.runs.parquet"))
     part.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unreadable or corrupt"):
-        S.run_sweep(spec, out, resume=True)
+    notices = []
+    S.run_sweep(spec, out, resume=True, on_notice=notices.append)
+    assert len(notices) == 1 and "damaged" in notices[0] and "unreadable runs file" in notices[0]
+    assert (out / "damaged" / part.name).read_bytes() == b"garbage"
+    again = sim.load_results(out)
+    pd.testing.assert_frame_equal(first[0], again[0])
+    pd.testing.assert_frame_equal(first[1], again[1])
 
 
 def test_a_sweep_resumed_under_the_other_engine_agrees_with_either(tmp_path):

@@ -59,9 +59,34 @@ def arithmetic_examples(n: int, difficulty: int = 1, seed: int = 0) -> list[Exam
     return [arithmetic_example(rng, difficulty) for _ in range(n)]
 
 
+#: Longest JSONL line read (bytes): a data row is a problem and its solution, not megabytes.
+MAX_LINE_BYTES = 1 << 20
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached now (False under HF_HUB_OFFLINE=1): checked
+    before a hub download, so that an offline machine gets one line at once instead of minutes of
+    retries."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _rows(path: Path):
+    """(line or row number, row dict) of a JSONL or Parquet file; DataError naming the file and
+    the line for a missing file, a directory, bytes that are not UTF-8, a line longer than
+    MAX_LINE_BYTES, bad JSON or a row that is not an object."""
     if not path.exists():
         raise DataError(f"data: no such file {path}")
+    if not path.is_file():
+        raise DataError(f"data: {path} is not a file")
     if path.suffix == ".parquet":
         import pandas as pd
 
@@ -70,14 +95,29 @@ def _rows(path: Path):
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"data: {path}: unreadable parquet ({type(e).__name__})") from None
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"data: cannot read {path}: {e.strerror or e}") from None
+    with f:
+        i = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            i += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"data: {path} line {i}: longer than {MAX_LINE_BYTES:,} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data: {path} line {i}: not UTF-8 (byte {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"data: {path} line {i}: not valid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DataError(f"data: {path} line {i}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
             if not isinstance(row, dict):
                 raise DataError(f"data: {path} line {i}: expected a JSON object")
             yield i, row
@@ -122,6 +162,8 @@ def load_math(source: str) -> list[Example]:
 
 
 def _hub(name: str, config: str | None):
+    if not hub_reachable():
+        raise DataError(f"data: {name!r} is not a local file, and the Hugging Face hub cannot be reached")
     try:
         import datasets
 

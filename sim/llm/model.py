@@ -141,16 +141,48 @@ def make_tiny(out: Path, size: str = "tiny", difficulty: int = 1, seed: int = 0,
     return record
 
 
+def is_local_name(name: str) -> bool:
+    """Whether ``name`` names a local directory, not a hub model: it exists, starts with '.', '/'
+    or '~', or its first component is an existing directory or 'models' (the project's default
+    place: models/tiny)."""
+    first = Path(name).parts[0] if Path(name).parts else name
+    return Path(name).exists() or name.startswith((".", "/", "~")) or first == "models" or \
+        (len(Path(name).parts) > 1 and Path(first).is_dir())
+
+
+def check_model(name_or_path: str) -> None:
+    """ModelError in one line, before any download or output directory, for a local model that is
+    not there or not a model directory, and for a hub name that is neither cached nor reachable."""
+    import os
+
+    p = Path(os.path.expanduser(name_or_path))
+    if is_local_name(name_or_path):
+        if not p.exists():
+            hint = "; make one with: sim llm make-tiny" if Path(name_or_path).parts[:1] == ("models",) else ""
+            raise ModelError(f"model: no such model directory {name_or_path}{hint}")
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model: {name_or_path} is not a model directory (no config.json)")
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    from sim.llm.data import hub_reachable
+
+    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str) and not hub_reachable():
+        raise ModelError(f"model: {name_or_path!r} is not a local directory, not in the Hugging Face cache, "
+                         "and the hub cannot be reached")
+
+
 def load(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) via AutoModelForCausalLM / AutoTokenizer.from_pretrained; one-line ModelError
     for a missing or corrupt directory or an unreachable hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    p = Path(name_or_path)
-    if (p.exists() or name_or_path.startswith((".", "/"))) and not (p / "config.json").exists():
-        raise ModelError(f"model: {name_or_path} is not a model directory (no config.json)")
+    check_model(name_or_path)
     try:
+        import os
+
+        name_or_path = os.path.expanduser(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)

@@ -97,6 +97,17 @@ def validate(cfg: LLMConfig) -> None:
     check_device(cfg.device)
 
 
+def preflight(cfg: LLMConfig) -> None:
+    """The model and the data of ``cfg`` checked (one-line ModelError / DataError) before a run
+    creates its output directory: a local model must be a model directory, a hub one cached or
+    reachable; the data are read in full (a generated set is made)."""
+    from sim.llm import data as data_mod
+    from sim.llm import model as model_mod
+
+    model_mod.check_model(cfg.model)
+    data_mod.load_data(cfg.data, difficulty=cfg.difficulty, seed=cfg.seed)
+
+
 def run_id(cfg: LLMConfig) -> str:
     return stable_id(dataclasses.asdict(cfg), 16)
 
