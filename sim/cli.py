@@ -214,7 +214,25 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
                      f"the grid {sweep_mod.MAX_LR_EXTENSIONS} times (its speedup may be against a rate that is not the best)")
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
+    warning = divergence_warning(runs)
+    if warning:
+        console.print(f"[bold yellow]{warning}[/bold yellow]")
     console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")
+
+
+def divergence_warning(runs) -> str:
+    """One line counting the runs that diverged (final J below the initial J) and the runs whose
+    step size breaks the ascent-lemma safety condition (step_size_ok False), '' when there are none."""
+    fell = int((runs["final_J"] < runs["initial_J"]).sum()) if "initial_J" in runs else 0
+    unsafe = int((~runs["step_size_ok"].astype(bool)).sum()) if "step_size_ok" in runs else 0
+    if not fell and not unsafe:
+        return ""
+    parts = []
+    if fell:
+        parts.append(f"{fell} of {len(runs)} runs ended below their starting J")
+    if unsafe:
+        parts.append(f"{unsafe} of {len(runs)} ran above the safe step size (step_size_ok = False)")
+    return "warning: " + "; ".join(parts) + " - their numbers describe a step size the theory does not cover"
 
 
 ENGINE_HELP = ("numba: the compiled CPU loop; torch: the reference, and the GPU path; auto: numba on the CPU, "

@@ -94,12 +94,34 @@ def validate_problem(cfg: ProblemConfig) -> None:
         if cfg.shared_dim not in (0, cfg.num_responses):
             raise ConfigError(f"shared-dim: tabular features need shared_dim = K = {cfg.num_responses} (or 0)")
     # the curvature bound M = max_i diam_i^2 compares every pair of a prompt's feature vectors:
-    # P K^2 (k + s) numbers at once, refused before it exhausts memory
-    need = 8 * cfg.num_prompts * cfg.num_responses**2 * (cfg.k + cfg.s)
+    # the problem's features: P K (k + s) numbers, refused before they exhaust memory
+    need = 8 * cfg.num_prompts * cfg.num_responses * (cfg.k + cfg.s)
     if need > MAX_PROBLEM_BYTES:
         raise ConfigError(f"num-responses: K = {cfg.num_responses} with P = {cfg.num_prompts} and k + s = "
-                          f"{cfg.k + cfg.s} needs {need / 2**30:.1f} GiB for the curvature bound (at most "
+                          f"{cfg.k + cfg.s} needs {need / 2**30:.1f} GiB of features (at most "
                           f"{MAX_PROBLEM_BYTES / 2**30:.0f} GiB); lower --num-responses, --num-prompts or the dims")
+
+
+#: float64 arrays of P x K x r numbers one run holds while its diagnostics are taken (centered
+#: features, Hessians, their eigen-solver's work space; r = min(K, k + s)): measured 14-25 at
+#: K = 128-256, P = 16 (peak RSS of `sim run` over 5-run batches), rounded up.
+RUN_ARRAYS = 24
+
+
+def run_bytes(cfg: ProblemConfig) -> int:
+    """Memory one run of problem ``cfg`` needs while training (RUN_ARRAYS), in bytes."""
+    r = min(cfg.num_responses, cfg.k + cfg.s)
+    return 8 * RUN_ARRAYS * cfg.num_prompts * cfg.num_responses * r
+
+
+def machine_bytes() -> int | None:
+    """Physical memory of this machine in bytes (None where unknown)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)

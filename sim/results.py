@@ -61,7 +61,10 @@ class ResultsError(ValueError):
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temp file beside ``path``, fsync, then os.replace."""
+    """Write via ``write(tmp_path)`` to a temp file beside ``path``, fsync, then os.replace. Paths
+    are made absolute first: pandas expands a leading '~', so a relative directory named '~' would
+    otherwise be written in the home directory."""
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -205,13 +208,13 @@ def _part_defect(runs_path: Path, expected: dict[str, dict]) -> str:
     not match its run id), steps that do not cover its runs, or a NaN final J."""
     steps_path = runs_path.with_name(runs_path.name.replace(".runs.", ".steps."))
     try:
-        runs = pd.read_parquet(runs_path).rename(columns=LEGACY_COLUMNS)
+        runs = pd.read_parquet(runs_path.absolute()).rename(columns=LEGACY_COLUMNS)
     except Exception as e:  # pyarrow raises several types for truncated or corrupt files
         return f"unreadable runs file ({type(e).__name__})"
     if not steps_path.exists():
         return "its steps file is missing"
     try:
-        steps = pd.read_parquet(steps_path, columns=list(STEP_COLUMNS))
+        steps = pd.read_parquet(steps_path.absolute(), columns=list(STEP_COLUMNS))
     except Exception as e:
         return f"unreadable steps file or missing columns ({type(e).__name__})"
     if "run_id" not in runs.columns or runs["run_id"].duplicated().any() or len(runs) == 0:
@@ -272,6 +275,8 @@ def open_results_dir(out: Path, spec: dict, run_rows: list[dict], resume: bool,
     notice = on_notice or (lambda line: None)
     if out.exists() and not out.is_dir():
         raise ResultsError(f"out: {out} exists and is not a directory")
+    if (out / PARTS).exists() and not (out / PARTS).is_dir():
+        raise ResultsError(f"out: {out / PARTS} is not a directory; move it aside, then rerun")
     has_parts = (out / PARTS).is_dir()
     if manifest_path.exists() or (resume and has_parts):
         if not resume:
@@ -381,7 +386,7 @@ def finalize(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
 def _read_parquet(path: Path, columns=None) -> pd.DataFrame:
     """A results table, with the current names of renamed columns (LEGACY_COLUMNS)."""
     try:
-        return pd.read_parquet(path, columns=columns).rename(columns=LEGACY_COLUMNS)
+        return pd.read_parquet(Path(path).absolute(), columns=columns).rename(columns=LEGACY_COLUMNS)
     except FileNotFoundError:
         raise ResultsError(f"missing results file {path}") from None
     except Exception as e:  # pyarrow raises several types for truncated/corrupt files

@@ -37,7 +37,7 @@ import pandas as pd
 from sim import estimators, results
 from sim.analysis import add_comparisons
 from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemConfig, RunConfig, TrainConfig, check_value,
-                        check_device, parse_int, parse_value, validate_run)
+                        check_device, machine_bytes, parse_int, parse_value, run_bytes, validate_run)
 from sim.engine import ENGINE_CHOICES, batch_key, resolve_engine, train_batch
 
 TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
@@ -232,6 +232,8 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
         problem = resolve_problem(problem)
         base = {k: d[k] for k in TRAIN_AXES}
         validate_run(RunConfig(problem, TrainConfig(**base)))  # before anything builds the problem
+        # its batch (the seeds and rates of one setting) must fit: checked before the problem is built
+        check_memory([RunConfig(problem, TrainConfig(**base, seed=i)) for i in range(min(MAX_BATCH, spec.seeds * n_lr))])
         if problem not in built:
             built[problem] = built_problem(problem)
         if isinstance(spec.lr, str):
@@ -243,7 +245,24 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
         for lr in lrs:
             for seed in range(spec.seeds):
                 runs.append(RunConfig(problem, TrainConfig(**base, lr=lr, lr_rule=rule, seed=seed)))
+    check_memory(runs)
     return tuple(runs)
+
+
+def check_memory(runs: list[RunConfig], max_batch: int = MAX_BATCH) -> None:
+    """ConfigError, before anything runs, when a batch would need more than 80% of this machine's
+    memory (sim.config.run_bytes per run): the size the engine cannot hold is refused with the
+    memory it would need instead of dying in the allocator."""
+    avail = machine_bytes()
+    if not avail or not runs:
+        return
+    worst = max(make_batches(runs, max_batch), key=lambda b: len(b) * run_bytes(b[0].problem))
+    need = len(worst) * run_bytes(worst[0].problem)
+    if need > 0.8 * avail:
+        p = worst[0].problem
+        raise ConfigError(f"num-responses: a batch of {len(worst)} runs at K = {p.num_responses}, P = "
+                          f"{p.num_prompts} needs about {need / 2**30:.1f} GiB, more than 80% of this machine's "
+                          f"{avail / 2**30:.0f} GiB; lower --num-responses or --num-prompts")
 
 
 def lr_extensions(runs_df: pd.DataFrame) -> list[RunConfig]:
@@ -313,7 +332,7 @@ def worker_context():
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["sim.engine"])
+    ctx.set_forkserver_preload(["sim._forkserver_guard", "sim.engine"])  # the guard first: dies with us
     return ctx
 
 
@@ -325,7 +344,7 @@ def _die_with_parent() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # the parent died before the request took effect
@@ -357,9 +376,31 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.kill()
+    for _ in range(2):  # and any worker the fork server was still starting (it would print a traceback)
+        for pid in _forkserver_children():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.join(timeout=5)
+
+
+def _forkserver_children() -> list[int]:
+    """Pids of the fork server's children (Linux /proc; [] elsewhere or without a fork server)."""
+    try:
+        from multiprocessing import forkserver
+
+        server = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+        if not server:
+            return []
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == server:
+                    kids.append(int(stat.parent.name))
+        return kids
+    except Exception:  # a best effort: the workers die with their parent anyway
+        return []
 
 
 @contextlib.contextmanager
@@ -511,8 +552,6 @@ def _ray_batches(batches, workers: int, address: str | None, on_result, engine: 
     import ray
 
     if not ray.is_initialized():
-        if address:
-            check_ray_address(address)
         kwargs = {"address": address} if address else {"num_cpus": max(workers, 1)}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     task = ray.remote(num_cpus=1)(_run_batch_in_worker)
@@ -546,6 +585,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     """
     check_backend(backend)
     check_device(device, backend, allow_auto=False)
+    if backend == "ray" and address:
+        check_ray_address(address)  # before anything is written: an unreachable cluster is one line
     runs = expand(spec)  # validates the whole sweep before any process starts
     engine = prepare_engine(engine, device, on_compile)  # compiled (or loaded) before workers need it
     # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
@@ -614,8 +655,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                             committed.add(f)
                     lost = sum(len(b) for f, b in futs.items() if f not in committed)
                     raise SweepFailure(f"a worker process died ({_death_of(pool, seen_workers)}); "
-                                       f"{lost} run(s) in its and the other workers' batches were not "
-                                       "committed") from None
+                                       f"{lost} run(s) of the running batches were "
+                                       "lost") from None
 
         run_all(pending)
         if spec.lr == "tuned":  # extend the grid where the best rate is at its edge (module docstring)

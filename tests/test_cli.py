@@ -39,7 +39,7 @@ def run_cli(args, capsys):
     (["--base-success", "1"], "base-success"),
     (["--kind", "tabular", "--private-dim", "2"], "private-dim"),
     (["--no-such-option", "1"], "no-such-option"),
-    (["--num-responses", "1_000"], "num-responses"),  # 238 GiB for the curvature bound: refused up front
+    (["--num-prompts", "64", "--num-responses", "4096"], "num-responses"),  # 17 GiB of features: refused up front
     (["--resume"], "resume"),
     (["--config", "/nonexistent/x.toml"], "config"),
     (["--device", "tpu"], "device"),

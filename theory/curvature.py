@@ -126,7 +126,7 @@ def m_fourth_moment(pi: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def _directional_sd(pi: torch.Tensor, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """SD_pi[(u.d)^2] for unit u [..., P, D] -> [..., P]."""
-    a = ((d * u.unsqueeze(-2)).sum(-1)) ** 2  # [..., P, K]
+    a = (d @ u.unsqueeze(-1)).squeeze(-1) ** 2  # [..., P, K]
     m = (pi * a).sum(-1, keepdim=True)
     return (pi * (a - m) ** 2).sum(-1).clamp_min(0).sqrt()
 
@@ -146,26 +146,37 @@ def m_directional(pi: torch.Tensor, d: torch.Tensor, H: torch.Tensor | None = No
     if H is not None:
         starts.append(torch.linalg.eigh(H).eigenvectors)
     U = torch.cat(starts, dim=-1).transpose(-1, -2)  # [..., P, S, D]: S unit start directions
-    dd = d.unsqueeze(-3)  # [..., P, 1, K, D]
     pp = pi.unsqueeze(-2)  # [..., P, 1, K]
-    best = _directional_sd(pp, dd, U).amax(-1)  # [..., P]
+    dt = d.transpose(-1, -2)  # [..., P, D, K]; products by matmul: no [..., P, S, K, D] array (P K^3)
+
+    def sd(u):  # SD_pi[(u.d)^2] per start: [..., P, S]
+        a = (u @ dt) ** 2  # [..., P, S, K]
+        m = (pp * a).sum(-1, keepdim=True)
+        return (pp * (a - m) ** 2).sum(-1).clamp_min(0).sqrt()
+
+    best = sd(U).amax(-1)  # [..., P]
     u = U
     for _ in range(iters):
-        s = (dd * u.unsqueeze(-2)).sum(-1)  # [..., P, S, K]  u.d
+        s = u @ dt  # [..., P, S, K]  u.d
         a = s * s
         m = (pp * a).sum(-1, keepdim=True)
         # grad_u Var[(u.d)^2] = E[2 (a - m) * 2 s d]   (the mean term's gradient cancels)
-        grad = ((pp * 4 * (a - m) * s).unsqueeze(-1) * dd).sum(-2)  # [..., P, S, D]
+        grad = (pp * 4 * (a - m) * s) @ d  # [..., P, S, D]
         u = u + 0.5 * grad / (grad.norm(dim=-1, keepdim=True).clamp_min(1e-300) + 1.0)
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        best = torch.maximum(best, _directional_sd(pp, dd, u).amax(-1))
+        best = torch.maximum(best, sd(u).amax(-1))
     return best
 
 
 def m_diameter(phi_loc: torch.Tensor) -> torch.Tensor:
     """Global (all-theta) bound M_i <= diam_i^2 = max_{y,y'} ||phi_loc(y) - phi_loc(y')||^2: [..., P]."""
-    diff = phi_loc.unsqueeze(-2) - phi_loc.unsqueeze(-3)  # [..., P, K, K, D]
-    return (diff * diff).sum(-1).amax((-2, -1))
+    # ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b from the Gram matrix [..., P, K, K]: no
+    # [..., P, K, K, D] array (P K^3 numbers for tabular features) and BLAS speed; the rounding of
+    # the expansion is ~1e-16 of ||phi||^2 (exact for one-hot features)
+    gram = phi_loc @ phi_loc.transpose(-1, -2)
+    sq = torch.diagonal(gram, dim1=-2, dim2=-1)  # [..., P, K]
+    dist2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * gram).clamp_min(0)
+    return dist2.amax((-2, -1))
 
 
 def two_valued(rbar: torch.Tensor, tol: float = 1e-12) -> torch.Tensor:

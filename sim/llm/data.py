@@ -91,7 +91,7 @@ def _rows(path: Path):
         import pandas as pd
 
         try:
-            yield from enumerate(pd.read_parquet(path).to_dict("records"), 1)
+            yield from enumerate(pd.read_parquet(path.absolute()).to_dict("records"), 1)
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"data: {path}: unreadable parquet ({type(e).__name__})") from None
         return

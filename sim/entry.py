@@ -1,0 +1,17 @@
+"""The `sim` console script: imports the command line inside a guard, so that Ctrl-C while torch
+and pandas load (a second or more) prints one line and exits 130 instead of a traceback."""
+
+import sys
+
+
+def main() -> None:
+    try:
+        from sim.cli import main as cli_main
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
