@@ -652,10 +652,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"error: {_one_line(e)}", 1)
     except Interrupted as e:
         _fail(str(e), e.code)
-    except ABORTS:
-        _fail("interrupted", 130)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except (KeyboardInterrupt, *ABORTS):  # Ctrl-C before a sweep started: nothing to clean up
+        print("interrupted", file=sys.stderr, flush=True)
+        if argv is None:  # the console script: os._exit as sim.entry (else the exit can be SIGINT, -2)
+            sys.stdout.flush()
+            os._exit(130)
+        sys.exit(130)
     except Exception as e:  # a bug or an unforeseen input: one line, the traceback on request
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise

@@ -465,3 +465,18 @@ def test_a_killed_worker_is_one_line_with_the_resume_command(tmp_path):
     assert p.returncode == 1 and len(lines) == 1, err
     assert "a worker process died (killed by SIGKILL)" in lines[0] and "resume with: sim sweep" in lines[0], err
     assert _session_left(p.pid) == []
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay, tmp_path):
+    """SIGINT while the console script imports torch and pandas, parses or builds: exit 130 and one
+    line, never a traceback (sim.entry guards the imports, sim.cli.main the rest)."""
+    p = subprocess.Popen([sys.executable, "-m", "sim.entry", *LONG, "--out", str(tmp_path / "r")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(delay)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted"), err
+    assert _session_left(p.pid) == []
