@@ -232,7 +232,7 @@ def divergence_warning(runs) -> str:
         parts.append(f"{fell} of {len(runs)} runs ended below their starting J")
     if unsafe:
         parts.append(f"{unsafe} of {len(runs)} ran above the safe step size (step_size_ok = False)")
-    return "warning: " + "; ".join(parts) + " - their numbers describe a step size the theory does not cover"
+    return "warning: " + "; ".join(parts) + " (columns final_J, initial_J, step_size_ok of runs.parquet)"
 
 
 ENGINE_HELP = ("numba: the compiled CPU loop; torch: the reference, and the GPU path; auto: numba on the CPU, "
