@@ -6,15 +6,6 @@ Without this the fork server outlives a killed sweep: every worker it forks hold
 "alive" pipe, by which the fork server would notice that the sweep is gone, so it never sees the
 pipe close while a worker runs, and a worker never sees its parent go."""
 
-import os
-import signal
+from sim._parent_death import die_with_parent
 
-_parent = os.getppid()
-try:
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG (Linux)
-except (OSError, AttributeError):
-    pass
-if os.getppid() != _parent or _parent == 1:  # the sweep died before the request took effect
-    os._exit(1)
+die_with_parent()

@@ -570,12 +570,12 @@ def _llm_command(name: str, doc: str):
         cfg = LLMConfig(**{k: v[0] for k, v in values.items()})
         trainer_mod.validate(cfg)
         if name == "train":
-            trainer_mod.preflight(cfg)  # model and data checked: nothing is written before this passes
             if cfg.backend == "trl":
                 try:
                     from sim.llm.trl import run_trl
                 except ImportError:
                     raise ConfigError("backend: trl is not installed; run: pip install -e '.[trl]'") from None
+                trainer_mod.preflight(cfg)  # run_trl loads model and data after --out exists: check first
                 results.check_writable(out)
                 runs, _ = run_trl(cfg, out, log=console.print)
                 console.print(runs.drop(columns=[c for c in runs.columns if c.startswith("_")]).T.to_string())
@@ -591,7 +591,6 @@ def _llm_command(name: str, doc: str):
                 raise ConfigError(f"estimators: unknown estimator {e!r}; choose from "
                                   f"{', '.join(estimators.LLM_NAMES)}")
             trainer_mod.validate(dataclasses.replace(cfg, estimator=e))
-        trainer_mod.preflight(cfg)
         rows = []
         for i, e in enumerate(names):
             trainer = trainer_mod.Trainer(dataclasses.replace(cfg, estimator=e), out / e, log=console.print)

@@ -340,15 +340,9 @@ def _die_with_parent() -> None:
     """In a worker: end this process when its parent does, however the parent dies (kill -9
     included). Linux: PR_SET_PDEATHSIG = SIGKILL (the parent is the fork server, which ends with the
     sweep's process); everywhere: a thread that exits when the parent pid changes (reparenting)."""
-    parent = os.getppid()
-    try:
-        import ctypes
+    from sim._parent_death import die_with_parent
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    parent = die_with_parent()
 
     def watch():
         import time
