@@ -9,6 +9,7 @@ and RunConfig (their pair, with its stable ``run_id``) live here; sim.problems b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
@@ -195,16 +196,22 @@ def parse_int(name: str, text, lo: int | None = None, hi: int | None = None) -> 
     return value
 
 
-def _type_of(cls, name: str):
-    return get_type_hints(cls)[name]
+@functools.cache
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Field and resolved type annotation by name (typing.get_type_hints is slow; the classes are fixed)."""
+    hints = get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def field_type(cls, name: str):
+    """The resolved type annotation of field ``name`` of config class ``cls``."""
+    return _fields(cls)[name][1]
 
 
 def parse_value(cls, name: str, text: str) -> Any:
     """Parse one CLI/TOML value of field ``name`` of ``cls`` and check its range."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    typ = _type_of(cls, name)
+    f, typ = _fields(cls)[name]
     opt = option_name(name)
-    meta = f.metadata
     if isinstance(text, str):
         text = text.strip()
     if typ is int:
@@ -227,10 +234,10 @@ def parse_value(cls, name: str, text: str) -> Any:
 
 def check_value(cls, name: str, value: Any) -> None:
     """Range/choice check of one field value from its metadata. Raises ConfigError."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    f, typ = _fields(cls)[name]
     meta = f.metadata
     opt = option_name(name)
-    choices = meta.get("choices") or get_args(_type_of(cls, name)) or None
+    choices = meta.get("choices") or get_args(typ) or None
     if choices and isinstance(value, str):
         if value not in choices:
             raise ConfigError(f"{opt}: unknown value {value!r}; choose from {', '.join(choices)}")

@@ -16,6 +16,7 @@ parsed from file names.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -100,6 +101,12 @@ def _git_commit() -> str | None:
 
 
 def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on (looked up once per process: importlib.metadata is slow)."""
     out = {"python": platform.python_version()}
     for name in ("grpo-sim", "torch", "numpy", "pandas", "pyarrow", "scipy", "typer", "rich", "transformers",
                  "accelerate", "datasets", "trl"):

@@ -23,7 +23,10 @@ values = st.one_of(st.sampled_from(SPECIAL), st.integers(-3, 12).map(str),
                    st.lists(st.floats(-0.5, 1.5, allow_nan=False).map(lambda x: f"{x:.2f}"), min_size=1,
                             max_size=3).map(",".join),
                    st.text(max_size=12))
-BASE = ["--num-prompts", "2", "--num-responses", "2", "--steps", "3", "--seeds", "1", "--log-points", "2"]
+# the smallest sweep (a fuzzed option given again overrides it): valid examples are real sweeps,
+# two estimators keep each to two batches
+BASE = ["--num-prompts", "2", "--num-responses", "2", "--steps", "3", "--seeds", "1", "--log-points", "2",
+        "--estimators", "grpo,reinforce"]
 _counter = itertools.count()
 
 
