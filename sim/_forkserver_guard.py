@@ -4,8 +4,16 @@ server ends when the sweep process does, however it ends (kill -9 included), and
 
 Without this the fork server outlives a killed sweep: every worker it forks holds the sweep's
 "alive" pipe, by which the fork server would notice that the sweep is gone, so it never sees the
-pipe close while a worker runs, and a worker never sees its parent go."""
+pipe close while a worker runs, and a worker never sees its parent go.
+
+It also ignores SIGINT from here on, as multiprocessing's fork server does only once its preloads
+are imported: a Ctrl-C to the terminal's process group reaches the fork server too, and while it
+imported the engine it printed a KeyboardInterrupt traceback beside the sweep's one line. The
+sweep process alone acts on Ctrl-C; the workers it forks start with SIGINT ignored."""
+
+import signal
 
 from sim._parent_death import die_with_parent
 
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 die_with_parent()

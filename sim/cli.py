@@ -11,11 +11,12 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import errno
+import functools
 import inspect
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional, get_args, get_type_hints
+from typing import Any, Optional, get_args
 
 import typer
 from rich.console import Console
@@ -23,22 +24,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
-from sim import analysis, estimators, results
+from sim import _interrupts, analysis, estimators, results
 from sim import sweep as sweep_mod
-from sim.config import (ConfigError, ProblemConfig, TrainConfig, check_device, option_name, parse_int, parse_value,
+from sim.config import (ConfigError, ProblemConfig, TrainConfig, check_device, field_type, option_name, parse_int, parse_value,
                         range_text, resolve_device)
 from sim.results import ResultsError
 
 def _click_classes(name: str) -> tuple[type, ...]:
-    """Exception class ``name`` from click and from typer's vendored copy (typer >= 0.29)."""
+    """Exception class ``name`` from click and from typer's vendored copy (typer >= 0.29, whose
+    Abort lives in typer.exceptions)."""
     import importlib
 
     found = []
-    for mod in ("click.exceptions", "typer._click.exceptions"):
+    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
         try:
-            found.append(getattr(importlib.import_module(mod), name))
+            cls = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError):
-            pass
+            continue
+        if cls not in found:
+            found.append(cls)
     return tuple(found)
 
 
@@ -88,7 +92,7 @@ MAX_INLINE_CHOICES = 4
 def _type_text(cls, f: dataclasses.Field, list_valued: bool) -> tuple[str, str]:
     """(metavar, extra help) of a field's option from its type and metadata: INTEGER / FLOAT /
     [a|b] / NAME (long choice lists, listed in the help), ',...' for lists; ranges in the help."""
-    typ = get_type_hints(cls)[f.name]
+    typ = field_type(cls, f.name)
     choices = f.metadata.get("choices") or get_args(typ)
     extra = ""
     if choices:
@@ -630,6 +634,12 @@ llm_app.command("compare")(_llm_command("compare", "Train GRPO and REINFORCE fro
 TRACEBACK_ENV = "GRPO_SIM_TRACEBACK"
 
 
+@functools.cache
+def _click_command():
+    """The click command typer builds from ``app`` (built once per process: it costs ~30 ms)."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Exit codes: 0 done; 2 a usage, config or input problem (one line
     ``error: <option or file>: <what is wrong>``, nothing written); 1 a failure at run time (one
@@ -639,30 +649,47 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(argv if argv is not None else sys.argv[1:])
     _ARGV[:] = args
-    cmd = typer.main.get_command(app)
-    try:
-        rv = cmd.main(args=args, prog_name="sim", standalone_mode=False)
-    except USAGE_ERRORS as e:
-        msg = " ".join(e.format_message().split())
-        _fail(f"error: {msg}", 2)
-    except (ConfigError, ResultsError) as e:
-        _fail(f"error: {_one_line(e)}", 2)
-    except RuntimeFailure as e:
-        _fail(f"error: {_one_line(e)}", 1)
-    except Interrupted as e:
-        _fail(str(e), e.code)
-    except (KeyboardInterrupt, *ABORTS):  # Ctrl-C before a sweep started: nothing to clean up
-        print("interrupted", file=sys.stderr, flush=True)
-        if argv is None:  # the console script: os._exit as sim.entry (else the exit can be SIGINT, -2)
-            sys.stdout.flush()
-            os._exit(130)
-        sys.exit(130)
-    except Exception as e:  # a bug or an unforeseen input: one line, the traceback on request
-        if os.environ.get(TRACEBACK_ENV) == "1":
-            raise
-        _fail(f"error: internal error {type(e).__name__}: {_one_line(e)} (set {TRACEBACK_ENV}=1 for the "
-              "traceback, and please report it)", 1)
+    with _sigterm_as_interrupt() as got:  # SIGTERM stops any command as Ctrl-C does (exit 143)
+        try:
+            _interrupts.release()  # sim.entry's hold over the imports: a signal meanwhile takes effect here
+            rv = _click_command().main(args=args, prog_name="sim", standalone_mode=False)
+        except USAGE_ERRORS as e:
+            msg = " ".join(e.format_message().split())
+            _fail(f"error: {msg}", 2)
+        except (ConfigError, ResultsError) as e:
+            _fail(f"error: {_one_line(e)}", 2)
+        except RuntimeFailure as e:
+            _fail(f"error: {_one_line(e)}", 1)
+        except Interrupted as e:
+            _fail(str(e), e.code)
+        except (KeyboardInterrupt, *ABORTS):  # before a sweep started: nothing to clean up
+            _interrupted(got["signal"], console_script=argv is None)
+        except Exception as e:  # a bug or an unforeseen input: one line, the traceback on request
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            _fail(f"error: internal error {type(e).__name__}: {_one_line(e)} (set {TRACEBACK_ENV}=1 for the "
+                  "traceback, and please report it)", 1)
+    if rv == TYPER_INTERRUPTED:  # typer turned a KeyboardInterrupt outside a sweep into this, silently
+        _interrupted(got["signal"], console_script=argv is None)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+#: What typer's main returns (standalone_mode=False) for a KeyboardInterrupt it caught; no command
+#: of sim returns it.
+TYPER_INTERRUPTED = 130
+
+
+def _interrupted(signum: int, console_script: bool) -> None:
+    """Exit 128 + ``signum`` with the one line "interrupted (SIGNAME)": a signal before a sweep started
+    (nothing to clean up). The console script leaves by os._exit, as sim.entry does: a KeyboardInterrupt
+    that passed through an extension's PyRun_* call would end the interpreter by SIGINT (exit -2)."""
+    import os
+
+    print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    if console_script:
+        sys.stdout.flush()
+        os._exit(128 + signum)
+    sys.exit(128 + signum)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,11 +1,15 @@
-"""The `sim` console script: imports the command line inside a guard, so that Ctrl-C while torch
-and pandas load (a second or more) prints one line and exits 130 instead of a traceback."""
+"""The `sim` console script. Ctrl-C and SIGTERM are held while the command line imports (sim._interrupts:
+raised inside an import's callbacks they are lost, or end the interpreter by SIGINT with nothing
+said) and take effect when sim.cli.main starts: one line, exit 130 / 143, never a traceback."""
 
 import os
 import sys
 
 
 def main() -> None:
+    from sim import _interrupts
+
+    _interrupts.hold()  # Ctrl-C from here on is acted on where it can be cleaned up (sim._interrupts)
     try:
         from sim.cli import main as cli_main
     except KeyboardInterrupt:

@@ -377,7 +377,15 @@ def run(*args) -> None:
 
 
 def warm_up() -> None:
-    """Compile (or load from the cache) both kernel variants on a tiny batch."""
+    """Compile (or load from the cache) both kernel variants on a tiny batch; Ctrl-C meanwhile
+    takes effect when it is done (sim._interrupts: inside LLVM's callbacks it would be lost)."""
+    from sim import _interrupts
+
+    with _interrupts.held():
+        _warm_up()
+
+
+def _warm_up() -> None:
     R, P, K, k, s, G = 1, 2, 2, 1, 1, 2
     f = np.zeros
     for exact in (True, False):

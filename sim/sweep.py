@@ -20,6 +20,7 @@ A cell is one setting of every config field except estimator, lr, lr_rule and se
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from sim import estimators, results
+from sim import _interrupts, estimators, results
 from sim.analysis import add_comparisons
 from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemConfig, RunConfig, TrainConfig, check_value,
                         check_device, machine_bytes, parse_int, parse_value, run_bytes, validate_run)
@@ -557,6 +558,18 @@ def _ray_batches(batches, workers: int, address: str | None, on_result, engine: 
             on_result(futures[f], *ray.get(f))
 
 
+def _start_up_held(fn):
+    """Run ``fn`` with SIGINT/SIGTERM held (sim._interrupts) until it calls ``_interrupts.release()``
+    once the lazy imports and the kernels' loading are done (where a KeyboardInterrupt can be
+    lost); from there on a Ctrl-C stops it as one during training does."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _interrupts.held():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_start_up_held
 def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1,
               on_progress: Callable[[int, int], None] | None = None,
               max_batch: int = MAX_BATCH, backend: str = "local",
@@ -583,6 +596,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         check_ray_address(address)  # before anything is written: an unreachable cluster is one line
     runs = expand(spec)  # validates the whole sweep before any process starts
     engine = prepare_engine(engine, device, on_compile)  # compiled (or loaded) before workers need it
+    _interrupts.release()  # a Ctrl-C held over the imports and the kernels' loading takes effect here
     # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
     workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
     local_workers = workers if backend == "local" else 1

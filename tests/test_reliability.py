@@ -467,16 +467,56 @@ def test_a_killed_worker_is_one_line_with_the_resume_command(tmp_path):
     assert _session_left(p.pid) == []
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
-def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay, tmp_path):
-    """SIGINT while the console script imports torch and pandas, parses or builds: exit 130 and one
-    line, never a traceback (sim.entry guards the imports, sim.cli.main the rest)."""
+@pytest.mark.parametrize("delay,sig", [(0.3, signal.SIGINT), (1.0, signal.SIGINT), (1.8, signal.SIGINT),
+                                       (2.5, signal.SIGINT), (3.5, signal.SIGINT), (1.0, signal.SIGTERM),
+                                       (2.5, signal.SIGTERM)])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay, sig, tmp_path):
+    """SIGINT/SIGTERM to the process group while the console script imports torch and pandas,
+    parses, loads the kernels or starts the workers: exit 128 + signal and one line, never a
+    traceback, from the sweep or its fork server (sim.entry holds the signals until the sweep's
+    workers are up, sim._interrupts; they were lost in LLVM's callbacks or ended the process by
+    SIGINT with nothing said, and the fork server printed its own traceback)."""
     p = subprocess.Popen([sys.executable, "-m", "sim.entry", *LONG, "--out", str(tmp_path / "r")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     time.sleep(delay)
-    os.killpg(p.pid, signal.SIGINT)
+    os.killpg(p.pid, sig)
     _, err = p.communicate(timeout=60)
     lines = err.strip().splitlines()
-    assert p.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted"), err
+    assert p.returncode == 128 + sig and len(lines) == 1 and lines[0].startswith("interrupted"), err
     assert _session_left(p.pid) == []
+
+
+def test_held_interrupts_take_effect_at_release_for_the_handler_then_in_place():
+    """sim._interrupts: a SIGINT during a hold raises KeyboardInterrupt only at release; a SIGTERM
+    recorded by an outer hold reaches the handler installed after it (the CLI's SIGTERM-as-
+    interrupt), and that handler is not replaced by the outer hold's release."""
+    from sim import _interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with _interrupts.held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # delivered and recorded, not raised
+        with pytest.raises(KeyboardInterrupt):
+            _interrupts.release()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+    seen = []
+    _interrupts.hold()  # as sim.entry
+    outer_recorder = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))  # as cli._sigterm_as_interrupt
+    try:
+        with _interrupts.held():  # as sim.sweep.run_sweep
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []
+            _interrupts.release()  # every hold
+            time.sleep(0.05)
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, outer_recorder)  # the later handler stays
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # the outer recorder, put back by the later handler's clean-up, acts as what it replaced
+    assert signal.getsignal(signal.SIGTERM) == outer_recorder
+    signal.signal(signal.SIGTERM, before[1])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
