@@ -565,6 +565,17 @@ def _llm_command(name: str, doc: str):
     from sim.llm.trainer import LLMConfig
 
     def command(**kwargs):
+        out = results.out_path(kwargs["out"])
+        with _sigterm_as_interrupt() as got:
+            try:
+                train_or_compare(**kwargs)
+            except KeyboardInterrupt:
+                sig = got["signal"]
+                what = (f"the run in {out} did not finish (its files there are partial); rerun the command to "
+                        "train it again" if out.exists() else "nothing was written")
+                raise Interrupted(f"interrupted ({signal.Signals(sig).name}); {what}", 128 + sig) from None
+
+    def train_or_compare(**kwargs):
         _require_llm_extra()
         from sim.llm import trainer as trainer_mod
 

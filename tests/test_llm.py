@@ -296,3 +296,20 @@ def test_make_tiny_reaches_the_accuracy_band_and_reloads(tmp_path):
     held_out = data_mod.arithmetic_examples(200, 1, 10_000)
     acc = model_mod.sampled_accuracy(model, tok, held_out, seed=rec["steps"])
     assert acc == pytest.approx(rec["sampled_accuracy"])
+
+
+def test_an_interrupted_llm_run_says_what_it_left(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (here raised by the training loop) during an LLM run: exit 130 and one line naming the
+    directory with the partial run and how to redo it, no traceback."""
+    from sim.llm import trainer as trainer_mod
+
+    def interrupted_run(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod.Trainer, "run", interrupted_run)
+    out = tmp_path / "o"
+    code, err = _cli(["llm", "train", "--model", str(tiny_dir), "--steps", "2", "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 130 and len(lines) == 1, err
+    assert lines[0] == (f"interrupted (SIGINT); the run in {out} did not finish (its files there are partial); "
+                        "rerun the command to train it again")
