@@ -19,6 +19,10 @@ same shape. Semantics follow the LLM-RL libraries (see ../shared/DESIGN.md §4):
     grpo_batch   A_ig = (R_ig - mean_g R_ig) / (std_batch R + eps)  (TRL scale_rewards="batch")
     grpo_oracle  A_ig = (R_ig - mean_g R_ig) / (sigma_i + eps)      (true sigma_i; simulator only)
 
+Adaptive normalization (not registry entries yet): ``grpo_interpolated`` divides by
+std_i^alpha std_B^(1 - alpha) (alpha = 1: grpo, 0: grpo_batch), and ``phase_aware_alpha`` sets
+alpha_t from the measured gradient orthogonality rho_t, its state passed in and returned.
+
 A constant group (all G rewards equal) gets advantage exactly 0 under every
 baselined estimator (everything but ``reinforce``, which has no baseline). The mean is
 taken relative to the group's first reward, R_ig - mean_g R_ig = d_ig - mean_g d_ig with
@@ -146,6 +150,77 @@ def whiten(adv: torch.Tensor, *, ddof: int, var_floor: float = 0.0, eps: float =
         else torch.zeros_like(mean)
     out = (adv - mean) if shift_mean else adv
     return out * torch.rsqrt(torch.clamp(var, min=var_floor) + eps)
+
+
+# -- adaptive normalization (issue 16): pure functions, any state passed in and returned ---------------
+# Not registry entries yet: the engines (torch and the numba kernel) and the LLM backends take them
+# once they thread the state through their loops.
+
+def grpo_interpolated(rewards: torch.Tensor, *, alpha: float | torch.Tensor, ddof: int = 1, eps: float = 1e-4,
+                      sigma=None) -> torch.Tensor:
+    """A_ig = (R_ig - mean_g R_ig) / (std_i^alpha * std_B^(1 - alpha) + eps), alpha in [0, 1].
+
+    std_i: the group std (ddof) as in ``grpo``; std_B: the std of all P*G rewards (ddof) as in
+    ``grpo_batch``. alpha = 1 is ``grpo`` and alpha = 0 is ``grpo_batch``, bit for bit (the two
+    ends are taken as they are, not through pow). In between, the ratio of two prompts' weights is
+    (std_j / std_i)^alpha: the per-prompt equalisation is applied to the power alpha, and the advantage
+    keeps the units 1 / reward, so the step size keeps its meaning along the path. A constant group
+    gives 0, and eps = 0 with a zero denominator gives 0, not NaN. rewards [..., P, G];
+    alpha a float or [...] (one per leading batch element, e.g. per run) -> [..., P, G].
+    """
+    centered = _mean_centered(rewards)
+    std_i = group_std(rewards, ddof, centered)  # [..., P, 1]
+    flat = rewards.flatten(-2)
+    std_b = (flat.std(-1, correction=ddof, keepdim=True) if flat.shape[-1] - ddof > 0
+             else torch.zeros_like(flat[..., :1])).unsqueeze(-1)  # [..., 1, 1]
+    a = torch.as_tensor(alpha, dtype=rewards.dtype, device=rewards.device)
+    if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    a = a.reshape(a.shape + (1, 1))  # [..., 1, 1]
+    mixed = torch.where(a == 1, std_i, torch.where(a == 0, std_b.expand_as(std_i),
+                                                   std_i.pow(a) * std_b.pow(1 - a)))
+    return _safe_ratio(centered, mixed + eps, eps)
+
+
+@dataclass(frozen=True)
+class PhaseState:
+    """State of ``phase_aware_alpha`` between steps: rho_ema [...], the running mean of rho_t."""
+
+    rho_ema: torch.Tensor
+
+
+def phase_aware_alpha(rho: torch.Tensor, state: PhaseState | None = None, *,
+                      decay: float = 0.9) -> tuple[torch.Tensor, PhaseState]:
+    """(alpha_t, state_t) for ``grpo_interpolated``, from rho_t measured on the current batch.
+
+    Rule: rho_ema_t = decay * rho_ema_(t-1) + (1 - decay) * rho_t (rho_ema_1 = rho_1), and
+    alpha_t = clip(rho_ema_t, 0, 1). rho_t = 1 - mean_(i != j) |cos(g_i, g_j)| of the per-prompt
+    gradients (theory.gradient_orthogonality; 1 = orthogonal).
+
+    Why (DESIGN.md §3, our reconstruction): with orthogonal per-prompt gradients (rho = 1) the
+    objective decomposes per prompt, each prompt moves at its own rate, and dividing prompt i by
+    sigma_i gives the rate gain sigma_bound / sigma_bar, with a safe step set by each prompt's
+    own curvature: per-prompt std (GRPO, alpha = 1). As the gradients align (rho -> 0) they share
+    one direction: the weights 1 / sigma_i then only re-weight that one direction, and the safe step
+    of the sum is bounded by the largest weight max_i 1 / sigma_i, which is where the gain is lost
+    (phase III); one scale for the batch (batch std, alpha = 0) weights the shared direction the way
+    REINFORCE does, with GRPO's scale invariance. alpha = rho_ema moves between the two. The running
+    mean damps sampling noise in rho_t; it is rho_t exactly while rho_t is constant.
+    Orthogonal case: rho_t = 1 at every step (exactly: the per-prompt updates lie in orthogonal
+    subspaces, so their Gram matrix is diagonal), hence alpha_t = 1 and the rule is GRPO, step for
+    step, with GRPO's rate (tests/test_adaptive.py).
+    Cost per step: the rewards' stds, O(P G), plus rho_t, O(P^2 d) for P per-prompt gradients or
+    gradient sketches of dimension d (the caller measures it: the engine logs it).
+    rho [...] -> alpha [...].
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must lie in [0, 1), got {decay}")
+    rho = torch.as_tensor(rho, dtype=torch.float64) if not torch.is_tensor(rho) else rho
+    if bool(torch.isnan(rho).any()):
+        raise ValueError("rho is NaN: measure it on a batch with at least one non-zero prompt gradient")
+    # as prev + (1 - decay) (rho - prev): equal to rho_t exactly where rho_t does not change
+    ema = rho if state is None else state.rho_ema + (1 - decay) * (rho - state.rho_ema)
+    return ema.clamp(0.0, 1.0), PhaseState(ema)
 
 
 # -- exact-mode limits: per-prompt weight s_i of grad J_i, sigma and mu [..., P] -> [..., P] ----------
