@@ -119,12 +119,17 @@ def grpo_batch(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma
 
     TRL's scale_rewards="batch": the std includes between-prompt spread. [..., P, G].
     """
+    return _safe_ratio(_mean_centered(rewards), batch_std(rewards, ddof) + eps, eps)
+
+
+def batch_std(rewards: torch.Tensor, ddof: int) -> torch.Tensor:
+    """The std (ddof) of all P*G rewards of the batch, [..., P, G] -> [..., 1, 1]; 0 where P*G - ddof <= 0."""
     flat = rewards.flatten(-2)  # [..., P*G]
     if flat.shape[-1] - ddof <= 0:
         std = torch.zeros_like(flat[..., :1])
     else:
         std = flat.std(-1, correction=ddof, keepdim=True)  # [..., 1]
-    return _safe_ratio(_mean_centered(rewards), std.unsqueeze(-1) + eps, eps)
+    return std.unsqueeze(-1)
 
 
 def grpo_oracle(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None) -> torch.Tensor:
@@ -170,9 +175,7 @@ def grpo_interpolated(rewards: torch.Tensor, *, alpha: float | torch.Tensor, ddo
     """
     centered = _mean_centered(rewards)
     std_i = group_std(rewards, ddof, centered)  # [..., P, 1]
-    flat = rewards.flatten(-2)
-    std_b = (flat.std(-1, correction=ddof, keepdim=True) if flat.shape[-1] - ddof > 0
-             else torch.zeros_like(flat[..., :1])).unsqueeze(-1)  # [..., 1, 1]
+    std_b = batch_std(rewards, ddof)  # [..., 1, 1]
     a = torch.as_tensor(alpha, dtype=rewards.dtype, device=rewards.device)
     if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
