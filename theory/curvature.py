@@ -124,11 +124,12 @@ def m_fourth_moment(pi: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (pi * sq * sq).sum(-1).sqrt()
 
 
-def _directional_sd(pi: torch.Tensor, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """SD_pi[(u.d)^2] for unit u [..., P, D] -> [..., P]."""
-    a = (d @ u.unsqueeze(-1)).squeeze(-1) ** 2  # [..., P, K]
-    m = (pi * a).sum(-1, keepdim=True)
-    return (pi * (a - m) ** 2).sum(-1).clamp_min(0).sqrt()
+def _directional_sd(pp: torch.Tensor, dt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SD_pi[(u.d)^2] for S unit directions u [..., P, S, D], with pp = pi [..., P, 1, K] and
+    dt = d^T [..., P, D, K] -> [..., P, S]. The products are one matmul: no [..., P, S, K, D] array."""
+    a = (u @ dt) ** 2  # [..., P, S, K]
+    m = (pp * a).sum(-1, keepdim=True)
+    return (pp * (a - m) ** 2).sum(-1).clamp_min(0).sqrt()
 
 
 def m_directional(pi: torch.Tensor, d: torch.Tensor, H: torch.Tensor | None = None,
@@ -148,13 +149,7 @@ def m_directional(pi: torch.Tensor, d: torch.Tensor, H: torch.Tensor | None = No
     U = torch.cat(starts, dim=-1).transpose(-1, -2)  # [..., P, S, D]: S unit start directions
     pp = pi.unsqueeze(-2)  # [..., P, 1, K]
     dt = d.transpose(-1, -2)  # [..., P, D, K]; products by matmul: no [..., P, S, K, D] array (P K^3)
-
-    def sd(u):  # SD_pi[(u.d)^2] per start: [..., P, S]
-        a = (u @ dt) ** 2  # [..., P, S, K]
-        m = (pp * a).sum(-1, keepdim=True)
-        return (pp * (a - m) ** 2).sum(-1).clamp_min(0).sqrt()
-
-    best = sd(U).amax(-1)  # [..., P]
+    best = _directional_sd(pp, dt, U).amax(-1)  # [..., P]
     u = U
     for _ in range(iters):
         s = u @ dt  # [..., P, S, K]  u.d
@@ -164,7 +159,7 @@ def m_directional(pi: torch.Tensor, d: torch.Tensor, H: torch.Tensor | None = No
         grad = (pp * 4 * (a - m) * s) @ d  # [..., P, S, D]
         u = u + 0.5 * grad / (grad.norm(dim=-1, keepdim=True).clamp_min(1e-300) + 1.0)
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        best = torch.maximum(best, sd(u).amax(-1))
+        best = torch.maximum(best, _directional_sd(pp, dt, u).amax(-1))
     return best
 
 
