@@ -13,6 +13,7 @@ import datetime as _dt
 import errno
 import functools
 import inspect
+import os
 import signal
 import sys
 from pathlib import Path
@@ -565,21 +566,20 @@ def _llm_command(name: str, doc: str):
     from sim.llm.trainer import LLMConfig
 
     def command(**kwargs):
-        out = results.out_path(kwargs["out"])
+        out = results.out_path(kwargs.pop("out"))
         with _sigterm_as_interrupt() as got:
             try:
-                train_or_compare(**kwargs)
+                train_or_compare(out, **kwargs)
             except KeyboardInterrupt:
                 sig = got["signal"]
                 what = (f"the run in {out} did not finish (its files there are partial); rerun the command to "
                         "train it again" if out.exists() else "nothing was written")
                 raise Interrupted(f"interrupted ({signal.Signals(sig).name}); {what}", 128 + sig) from None
 
-    def train_or_compare(**kwargs):
+    def train_or_compare(out: Path, **kwargs):
         _require_llm_extra()
         from sim.llm import trainer as trainer_mod
 
-        out = results.out_path(kwargs.pop("out"))
         ests = kwargs.pop("estimators", None)
         values = _parse_axes(kwargs, False, (LLMConfig,))
         cfg = LLMConfig(**{k: v[0] for k, v in values.items()})
@@ -656,8 +656,6 @@ def main(argv: list[str] | None = None) -> None:
     ``error: <option or file>: <what is wrong>``, nothing written); 1 a failure at run time (one
     line; what was committed stays and the line says how to resume); 128 + signal when interrupted
     (SIGINT 130, SIGTERM 143), with the resume command."""
-    import os
-
     args = list(argv if argv is not None else sys.argv[1:])
     _ARGV[:] = args
     with _sigterm_as_interrupt() as got:  # SIGTERM stops any command as Ctrl-C does (exit 143)
@@ -694,8 +692,6 @@ def _interrupted(signum: int, console_script: bool) -> None:
     """Exit 128 + ``signum`` with the one line "interrupted (SIGNAME)": a signal before a sweep started
     (nothing to clean up). The console script leaves by os._exit, as sim.entry does: a KeyboardInterrupt
     that passed through an extension's PyRun_* call would end the interpreter by SIGINT (exit -2)."""
-    import os
-
     print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
     if console_script:
         sys.stdout.flush()
