@@ -79,28 +79,54 @@ class BatchResult:
 RHO_MAX_PROMPTS = 64
 
 
-def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
-                             keys: np.ndarray, step: int, train: TrainConfig,
-                             binary_q: bool = False) -> torch.Tensor:
-    """w [R, P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from G sampled responses per prompt.
-
-    pi [R, P, K]; sigma [R, P] (read by grpo_oracle only); keys [R] uint64 (sim.rng.run_keys).
+def sample_rewards(pi: torch.Tensor, problem: Problem, keys: np.ndarray, step: int, group_size: int,
+                   binary_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rewards) [R, P, G]: G responses per prompt y_ig ~ pi_i and their observed rewards
+    R_ig = c_i Bernoulli(q(y_ig)). pi [R, P, K]; keys [R] uint64 (sim.rng.run_keys).
     The step's draws are u [R, 2, P, G]: response picks, then reward flips. ``binary_q`` (every
     q in {0, 1}: no reward noise) skips the flips: for u in (0, 1), [u < q] = q, so the rewards
-    are the same numbers without drawing them.
-    """
-    R, P, K = pi.shape
-    G = train.group_size
-    u = uniforms(keys, step, (2, P, G), pi.dtype, leading=1 if binary_q else None).to(pi.device)  # [R, 1|2, P, G]
+    are the same numbers without drawing them."""
+    G = group_size
+    u = uniforms(keys, step, (2, pi.shape[1], G), pi.dtype, leading=1 if binary_q else None).to(pi.device)
     cdf = pi.cumsum(-1)  # [R, P, K]
     cdf[..., -1] = 2.0  # above every u: y = #{y' < K-1: cdf_y' <= u} <= K-1 even if rounding left cdf_K < u
     y = torch.searchsorted(cdf, u[:, 0].contiguous(), right=True)  # [R, P, G]
     q = problem.q.gather(-1, y)  # [R, P, G]
     hit = q if binary_q else (u[:, 1] < q).to(pi.dtype)
-    rewards = problem.scale.unsqueeze(-1) * hit  # [R, P, G]: c_i Bernoulli(q(y_ig))
-    adv = estimators.advantages(train.estimator, rewards, ddof=train.ddof, eps=train.eps, sigma=sigma)
+    return y, problem.scale.unsqueeze(-1) * hit
+
+
+def response_weights(pi: torch.Tensor, y: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """w [R, P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i): pi [R, P, K], y and adv [R, P, G]."""
     per_response = torch.zeros_like(pi).scatter_add_(-1, y, adv)  # [R, P, K]: sum_g A_ig e_(y_ig)
-    return (per_response - pi * adv.sum(-1, keepdim=True)) / G
+    return (per_response - pi * adv.sum(-1, keepdim=True)) / y.shape[-1]
+
+
+def sampled_response_weights(pi: torch.Tensor, sigma: torch.Tensor, problem: Problem,
+                             keys: np.ndarray, step: int, train: TrainConfig,
+                             binary_q: bool = False) -> torch.Tensor:
+    """w [R, P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from G sampled responses per prompt
+    (``sample_rewards``), A = the estimator's advantages (a stateless one's, or an adaptive one's
+    first step). pi [R, P, K]; sigma [R, P] (read by grpo_oracle only)."""
+    y, rewards = sample_rewards(pi, problem, keys, step, train.group_size, binary_q)
+    adv = estimators.advantages(train.estimator, rewards, ddof=train.ddof, eps=train.eps, sigma=sigma)
+    return response_weights(pi, y, adv)
+
+
+#: A sampled per-prompt gradient at most this times its advantages' mean |A| is rounding noise (batch_rho).
+SAMPLED_GRADIENT_FLOOR = 1e-12
+
+
+def batch_rho(w: torch.Tensor, problem: Problem, index: torch.Tensor,
+              adv: torch.Tensor | None = None) -> torch.Tensor:
+    """rho_t [R] = theory.gradient_orthogonality of the per-prompt gradients g_i = sum_y w_iy phi(x_i, y)
+    of the prompts ``index`` (at most RHO_MAX_PROMPTS of them: the Gram matrix costs O(P'^2 s)).
+    w [R, P, K]: exact (grad J_i) or sampled weights; for sampled ones pass their advantages adv
+    [R, P, G]: a gradient of norm <= SAMPLED_GRADIENT_FLOOR mean_g |A_ig| (||phi|| = 1) is 0 but
+    for rounding (all G responses the same, say) and has no direction."""
+    g_p, g_s = theory.per_prompt_gradients(w[:, index], problem.phi_private[:, index], problem.phi_shared[:, index])
+    floor = None if adv is None else SAMPLED_GRADIENT_FLOOR * adv[:, index].abs().mean(-1)
+    return theory.gradient_orthogonality(theory.block_gram(g_p, g_s), floor)
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,7 @@ class Batch:
     lr_over_p    [R] learning rate / P (the engine convention, DESIGN.md §3)
     keys         [R] uint64 counter-RNG keys (sim.rng.run_keys of the seeds)
     binary_q     no reward noise anywhere (every q in {0, 1}): reward flips need no draws
+    rho_index    [P'] the prompts rho_t is measured on (P' = min(P, RHO_MAX_PROMPTS), evenly spaced)
     """
 
     runs: tuple[RunConfig, ...]
@@ -123,6 +150,7 @@ class Batch:
     lr_over_p: torch.Tensor
     keys: np.ndarray
     binary_q: bool
+    rho_index: torch.Tensor
 
 
 @dataclass
@@ -130,7 +158,9 @@ class TrainState:
     """The batch at step t: parameters theta_t and the policy statistics at theta_t.
 
     theta_private [R, P, k], theta_shared [R, s]; pi [R, P, K]; mu, sigma [R, P] (J_i and the std
-    of the mean reward); w [R, P, K] = pi (rbar - mu), so grad J_i = sum_y w_iy phi(x_i, y)."""
+    of the mean reward); w [R, P, K] = pi (rbar - mu), so grad J_i = sum_y w_iy phi(x_i, y).
+    estimator_state: an adaptive estimator's state after step t (EstimatorSpec.adaptive; None
+    before the first step and for stateless estimators)."""
 
     batch: Batch
     t: int
@@ -141,6 +171,7 @@ class TrainState:
     sigma: torch.Tensor
     w: torch.Tensor
     cache: dict = field(default_factory=dict)  # engine-specific arrays derived from the batch
+    estimator_state: object = None
 
 
 def _with_stats(state: TrainState) -> TrainState:
@@ -170,7 +201,8 @@ def init_state(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
         runs=tuple(runs), train=train, spec=estimators.get(train.estimator), problem=prob, problem_cpu=prob_cpu,
         unique=unique, lr_over_p=torch.tensor([r.train.lr for r in runs], **on) / P,
         keys=run_keys(torch.tensor([r.train.seed for r in runs], dtype=torch.int64)),
-        binary_q=bool(((prob.q == 0) | (prob.q == 1)).all()))
+        binary_q=bool(((prob.q == 0) | (prob.q == 1)).all()),
+        rho_index=torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long().to(device))
     state = TrainState(batch, 0, torch.zeros(R, P, prob.phi_private.shape[-1], **on),
                        torch.zeros(R, prob.phi_shared.shape[-1], **on), *(None,) * 4)
     return _with_stats(state)
@@ -183,13 +215,31 @@ def step(state: TrainState) -> TrainState:
         theta <- theta + (lr / P) sum_i g_i,   g_i = sum_y w_iy phi(x_i, y)
 
     with w the exact-mode weights s_i pi (rbar - mu) (s_i the estimator's population scale) or
-    the sampled ones (1/G) sum_g A_ig (e_(y_ig) - pi_i) (``sampled_response_weights``)."""
+    the sampled ones (1/G) sum_g A_ig (e_(y_ig) - pi_i) (``sampled_response_weights``).
+    An adaptive estimator (EstimatorSpec.adaptive) takes its state and, where its rule reads it,
+    rho_t measured on this step's per-prompt gradients (``batch_rho``: the exact ones in exact
+    mode, the sampled ones in sampled mode, whose directions do not depend on the positive
+    per-prompt scale the rule picks, so the centred advantages give them), and returns the new
+    state with the step."""
     b, train = state.batch, state.batch.train
-    prob = b.problem
+    prob, rule = b.problem, b.spec.adaptive
     if train.mode == "exact":
-        w = state.w * b.spec.scale(state.sigma, state.mu, train.eps).unsqueeze(-1)  # [R, P, K]
-    else:
+        if rule is None:
+            s = b.spec.scale(state.sigma, state.mu, train.eps)
+        else:
+            rho = batch_rho(state.w, prob, b.rho_index) if rule.needs_rho else None
+            s, state.estimator_state = rule.scale_step(state.sigma, state.mu, state.estimator_state, rho, train.eps)
+        w = state.w * s.unsqueeze(-1)  # [R, P, K]
+    elif rule is None:
         w = sampled_response_weights(state.pi, state.sigma, prob, b.keys, state.t, train, b.binary_q)
+    else:
+        y, rewards = sample_rewards(state.pi, prob, b.keys, state.t, train.group_size, b.binary_q)
+        rho = None
+        if rule.needs_rho:
+            centred = estimators.dr_grpo(rewards)
+            rho = batch_rho(response_weights(state.pi, y, centred), prob, b.rho_index, centred)
+        adv, state.estimator_state = rule.step(rewards, state.estimator_state, rho, ddof=train.ddof, eps=train.eps)
+        w = response_weights(state.pi, y, adv)
     g_p, g_s = theory.summed_gradient(w, prob.phi_private, prob.phi_shared)  # [R, P, k], [R, s]
     state.theta_private += b.lr_over_p[:, None, None] * g_p
     state.theta_shared += b.lr_over_p[:, None] * g_s
@@ -302,13 +352,19 @@ ENGINES = {"torch": advance_torch, "numba": advance_numba}
 ENGINE_CHOICES = ("auto",) + tuple(ENGINES)
 
 
-def resolve_engine(engine: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> str:
+def resolve_engine(engine: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+                   estimator: str | None = None) -> str:
     """'auto' is numba on the CPU in float64 (when numba imports) and torch otherwise (a GPU, or
-    float32, which the kernels do not implement). An explicit choice is checked: ValueError when
-    numba is asked for on a GPU or in float32."""
+    float32, which the kernels do not implement, or an adaptive ``estimator``, whose state the
+    kernels do not carry yet). An explicit choice is checked: ValueError when numba is asked for
+    on a GPU, in float32 or for an adaptive estimator."""
     on_cpu = torch.device(device).type == "cpu"
+    adaptive = estimator is not None and estimators.get(estimator).adaptive is not None
+    if engine == "numba" and adaptive:
+        raise ValueError(f"engine: numba does not run the adaptive estimator {estimator} yet; use --engine torch "
+                         "or auto")
     if engine == "auto":
-        if on_cpu and dtype == torch.float64:
+        if on_cpu and dtype == torch.float64 and not adaptive:
             try:
                 import numba  # noqa: F401
             except ImportError:
@@ -349,7 +405,7 @@ class Recorder:
         multiple = batch.lr_over_p * P / own_theory  # [R]
         self.gain_lrs = {"grpo": multiple * self.lr_grpo, "reinforce": multiple * self.lr_reinforce,
                          train.estimator: batch.lr_over_p * P}
-        self.rho_index = torch.linspace(0, P - 1, min(P, RHO_MAX_PROMPTS)).round().long().to(on["device"])
+        self.rho_index = batch.rho_index
         sigma_floor = 1e-9 * prob.sigma_bound.unsqueeze(-1)  # [R, 1]: below it a ratio of sigmas is noise
         self.history = StepHistory(R, P, train.steps, on["dtype"], sigma_floor)
         self.log_steps = log_spaced_steps(train.steps, train.log_points)
@@ -380,7 +436,7 @@ class Recorder:
         g_p, g_s = theory.per_prompt_gradients(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
         sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
         sub_p, sub_s = g_p[:, self.rho_index], g_s[:, self.rho_index]
-        gram = sub_s @ sub_s.transpose(-1, -2) + torch.diag_embed((sub_p * sub_p).sum(-1))  # [R, P', P']
+        gram = theory.block_gram(sub_p, sub_s)  # [R, P', P']
         d, H = theory.prompt_curvature(pi, prob.rbar, mu, self.phi_red)  # [R, P, K, r], [R, P, r, r]
         # eigenvalues on the CPU: cuSOLVER's batched syevd failed (internal error) for 65k 8 x 8 matrices
         floor = 1e-12 * prob.sigma_bound.unsqueeze(-1).cpu()
@@ -392,13 +448,14 @@ class Recorder:
         emp = torch.where(flat, torch.zeros_like(emp), emp)
         P = pi.shape[-2]
         b, train = self.batch, self.batch.train
+        states = {train.estimator: state.estimator_state}  # an adaptive run's dJ_run at its current state
         if train.mode == "exact":
             dj = step_gain.exact_changes(mu, sigma, w, prob, state.theta_private, state.theta_shared, self.gain_lrs,
-                                         train.eps)
+                                         train.eps, states)
         else:
             dj = step_gain.sampled_changes(pi, sigma, mu, w, prob, state.theta_private, state.theta_shared,
                                            b.keys, state.t, train.group_size, self.gain_lrs, train.ddof, train.eps,
-                                           train.gain_draws)
+                                           train.gain_draws, states=states)
         gain, gain_se, reason = step_gain.gain_from_changes(dj["grpo"], dj["reinforce"])
         step_change = {
             normalized: theory.one_step_change(
@@ -562,7 +619,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     rounding (tested to 1e-12) and each run's row records which ran. Bit-identity across batch
     compositions holds for each engine on the CPU (tested); on a GPU runs agree to rounding.
     """
-    name = resolve_engine(engine, device, dtype)
+    name = resolve_engine(engine, device, dtype, runs[0].train.estimator if runs else None)
     advance = ENGINES[name]
     with torch.no_grad():
         state = init_state(runs, dtype, device)

@@ -128,7 +128,8 @@ def batch_std(rewards: torch.Tensor, ddof: int) -> torch.Tensor:
     if flat.shape[-1] - ddof <= 0:
         std = torch.zeros_like(flat[..., :1])
     else:
-        std = flat.std(-1, correction=ddof, keepdim=True)  # [..., 1]
+        dev = flat - flat.mean(-1, keepdim=True)  # written out: torch's std rounds differently with the batch size
+        std = ((dev * dev).sum(-1, keepdim=True) / (flat.shape[-1] - ddof)).sqrt()  # [..., 1]
     return std.unsqueeze(-1)
 
 
@@ -213,7 +214,7 @@ def phase_aware_alpha(rho: torch.Tensor, state: PhaseState | None = None, *,
     subspaces, so their Gram matrix is diagonal), hence alpha_t = 1 and the rule is GRPO, step for
     step, with GRPO's rate (tests/test_adaptive.py).
     Cost per step: the rewards' stds, O(P G), plus rho_t, O(P^2 d) for P per-prompt gradients or
-    gradient sketches of dimension d (the caller measures it: the engine logs it).
+    gradient sketches of dimension d (the caller measures it: the engines do, sim.engine).
     rho [...] -> alpha [...].
     """
     if not 0.0 <= decay < 1.0:
@@ -224,6 +225,131 @@ def phase_aware_alpha(rho: torch.Tensor, state: PhaseState | None = None, *,
     # as prev + (1 - decay) (rho - prev): equal to rho_t exactly where rho_t does not change
     ema = rho if state is None else state.rho_ema + (1 - decay) * (rho - state.rho_ema)
     return ema.clamp(0.0, 1.0), PhaseState(ema)
+
+
+def interpolated_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float, alpha) -> torch.Tensor:
+    """Exact-mode limit of ``grpo_interpolated``: s_i = 1 / (sigma_i^alpha sigma_B^(1 - alpha) + eps)
+    (sigma_B as in ``_batch_std_limit``); alpha = 1 and 0 are the grpo and grpo_batch limits bit for
+    bit. sigma, mu [..., P], alpha a float or [...] -> [..., P]."""
+    a = torch.as_tensor(alpha, dtype=sigma.dtype, device=sigma.device)
+    a = a.reshape(a.shape + (1,))  # [..., 1]
+    sigma_b = _batch_sigma(sigma, mu).expand_as(sigma)
+    mixed = torch.where(a == 1, sigma, torch.where(a == 0, sigma_b, sigma.pow(a) * sigma_b.pow(1 - a)))
+    return _safe_ratio(torch.ones_like(sigma), mixed + eps)
+
+
+class PhaseAware:
+    """``grpo_phase``: ``grpo_interpolated`` at alpha_t = ``phase_aware_alpha``(rho_t), the state a
+    PhaseState (None before the first step, read as alpha = 1).
+
+    Each step the engine measures rho_t on the step's batch (sampled mode: the per-prompt sampled
+    gradients; exact mode: the exact ones) and calls ``step``; ``at`` gives the advantages at a
+    state without moving it (the diagnostics' dJ_run)."""
+
+    needs_rho = True
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+
+    @staticmethod
+    def alpha(state: PhaseState | None):
+        return 1.0 if state is None else state.rho_ema.clamp(0.0, 1.0)
+
+    def at(self, rewards, state, *, ddof, eps):
+        return grpo_interpolated(rewards, alpha=self.alpha(state), ddof=ddof, eps=eps)
+
+    def step(self, rewards, state, rho, *, ddof, eps):
+        alpha, state = phase_aware_alpha(rho, state, decay=self.decay)
+        return grpo_interpolated(rewards, alpha=alpha, ddof=ddof, eps=eps), state
+
+    def scale_at(self, sigma, mu, state, eps):
+        return interpolated_limit(sigma, mu, eps, self.alpha(state))
+
+    def scale_step(self, sigma, mu, state, rho, eps):
+        alpha, state = phase_aware_alpha(rho, state, decay=self.decay)
+        return interpolated_limit(sigma, mu, eps, alpha), state
+
+
+@dataclass(frozen=True)
+class FiniteGState:
+    """State of ``FiniteGCorrected`` [..., P]: p_bar, the running success rate of each prompt
+    (rewards in units of c), and c, the largest reward seen."""
+
+    p_bar: torch.Tensor
+    c: torch.Tensor
+
+
+def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
+                state: FiniteGState | None = None, prior: float = 8.0) -> torch.Tensor:
+    """Finite-G-corrected GRPO: a leave-one-out baseline and a leave-one-out, prior-smoothed std,
+
+        A_ig = (R_ig - mean_(h != g) R_ih) / (c_i sqrt(pt_ig (1 - pt_ig)) + eps),
+        pt_ig = (k_i,-g + n0 p_bar_i + 1/2) / (G + n0),
+
+    k_i,-g = sum_(h != g) R_ih / c_i the successes among the other G - 1 samples, n0 = ``prior``
+    pseudo-samples at the running success rate p_bar_i of earlier steps (``state``; none on the
+    first step: n0 = 0), + 1/2 a Jeffreys pseudo-count, c_i = the largest reward seen (the state's,
+    or this group's). For rewards in {0, c_i} (verifiable rewards: the simulator's family and the
+    LLM runner's); other rewards count as fractional successes. ``ddof`` is not used.
+
+    Why: GRPO's expected step is h_G(p) grad J_i (theory.finite_group), not the population
+    grad J_i / sigma_i, because sample g's std reads its own reward: that biases it and caps the
+    scale at (G - 1) / (sqrt(G) c) on near-solved and near-hopeless prompts (README 'Where it
+    shrinks: group size'). Here sample g's baseline and scale read only the other samples and
+    earlier steps, which are independent of R_ig, so the expected step is exactly
+    h~_G(p) grad J_i with h~_G(p) = E_(j ~ Binom(G-1, p))[1 / (c sqrt(pt_j (1 - pt_j)) + eps)]
+    (theory.finite_group.loo_expected_scale), and as G -> infinity pt -> p and the step tends to
+    the population GRPO step grad J_i / (sigma_i + eps) (noise-free rewards). No function of the
+    group alone can be unbiased for it at finite G: its expected scale is a polynomial of degree
+    <= G - 1 in p, and 1 / sqrt(p (1 - p)) is none. The prior carries the information of earlier
+    steps, so a near-solved prompt's rare failure is weighted by about 1 / sigma_i rather than
+    GRPO's cap, while pt stays in (0, 1): the scale is finite. A constant group gives 0. Cost:
+    O(P G) per step, two numbers per prompt of state.
+    rewards [..., P, G] -> [..., P, G]; state fields [..., P] (broadcast against rewards[..., 0]).
+    """
+    g = rewards.shape[-1]
+    if g < 2:
+        raise ValueError("grpo_finite needs group size G >= 2")
+    top = rewards.amax(-1)  # [..., P]
+    c = top if state is None else torch.maximum(state.c, top)
+    total = rewards.sum(-1, keepdim=True)
+    others = _safe_ratio(total - rewards, c.unsqueeze(-1))  # [..., P, G]: k_-g in units of c
+    n0, pb = (0.0, 0.0) if state is None else (prior, state.p_bar.unsqueeze(-1))
+    pt = (others + n0 * pb + 0.5) / (g + n0)
+    d = rewards - rewards[..., :1]  # relative to the first reward: exactly 0 for a constant group
+    loo = d - (d.sum(-1, keepdim=True) - d) / (g - 1)  # R_g - mean of the others
+    return _safe_ratio(loo, c.unsqueeze(-1) * (pt * (1 - pt)).sqrt() + eps, eps)
+
+
+class FiniteGCorrected:
+    """``grpo_finite`` (its docstring) with its state: p_bar_i <- decay p_bar_i + (1 - decay) k_i / G
+    after each step (the first step sets it), c_i the largest reward seen.
+
+    Exact mode is the G -> infinity limit, exact grpo's s_i = 1 / (sigma_i + eps), and needs no state."""
+
+    needs_rho = False
+
+    def __init__(self, decay: float = 0.9, prior: float = 8.0):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        self.decay, self.prior = decay, prior
+
+    def at(self, rewards, state, *, ddof, eps):
+        return grpo_finite(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior)
+
+    def step(self, rewards, state, rho, *, ddof, eps):
+        adv = self.at(rewards, state, ddof=ddof, eps=eps)
+        top = rewards.amax(-1)
+        c = top if state is None else torch.maximum(state.c, top)
+        rate = _safe_ratio(rewards.mean(-1), c)  # [..., P]: this group's success rate (0 while c = 0)
+        p_bar = rate if state is None else state.p_bar + (1 - self.decay) * (rate - state.p_bar)
+        return adv, FiniteGState(p_bar, c)
+
+    def scale_at(self, sigma, mu, state, eps):
+        return _group_std_limit(sigma, mu, eps)
+
+    def scale_step(self, sigma, mu, state, rho, eps):
+        return _group_std_limit(sigma, mu, eps), None
 
 
 # -- exact-mode limits: per-prompt weight s_i of grad J_i, sigma and mu [..., P] -> [..., P] ----------
@@ -238,11 +364,16 @@ def _group_std_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch
     return _safe_ratio(torch.ones_like(sigma), sigma + eps)
 
 
+def _batch_sigma(sigma: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """sigma_B [..., 1], sigma_B^2 = mean_i sigma_i^2 + var_i mu_i: the population variance of the
+    reward mixture over the batch (the std of all P*G raw rewards as G -> infinity)."""
+    dev = mu - mu.mean(-1, keepdim=True)  # var_i mu_i written out: torch's var rounds differently with the batch size
+    return ((sigma**2).mean(-1, keepdim=True) + (dev * dev).mean(-1, keepdim=True)).sqrt()
+
+
 def _batch_std_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
-    """s_i = 1 / (sigma_B + eps), sigma_B^2 = mean_i sigma_i^2 + var_i mu_i: the population variance
-    of the reward mixture over the batch (the std of all P*G raw rewards as G -> infinity)."""
-    var_b = (sigma**2).mean(-1, keepdim=True) + mu.var(-1, correction=0, keepdim=True)  # [..., 1]
-    return _safe_ratio(torch.ones_like(sigma), var_b.sqrt() + eps).expand_as(sigma)
+    """s_i = 1 / (sigma_B + eps) (``_batch_sigma``)."""
+    return _safe_ratio(torch.ones_like(sigma), _batch_sigma(sigma, mu) + eps).expand_as(sigma)
 
 
 @dataclass(frozen=True)
@@ -275,6 +406,9 @@ class EstimatorSpec:
     finite_scale     (p, c, G, ddof, eps) -> h_G with E[sampled update_i] = h_G grad J_i exactly,
                      for rewards in {0, c} with success probability p (theory.finite_group), where
                      the scale is not exact_factor(G) * s_i; None: not known in closed form
+    adaptive         the rule of a stateful estimator (PhaseAware, FiniteGCorrected: state passed in and
+                     returned; the engine threads it, sim.engine.step); None for the stateless
+                     ones. ``advantage`` and ``population_scale`` are then its first step's (no state)
     """
 
     name: str
@@ -291,6 +425,7 @@ class EstimatorSpec:
     eps: float | None = None
     whitening: Whitening | None = None
     finite_scale: Callable | None = None
+    adaptive: PhaseAware | FiniteGCorrected | None = None
 
     def __post_init__(self):
         if not callable(self.advantage) or not callable(self.population_scale):
@@ -301,25 +436,37 @@ class EstimatorSpec:
             object.__setattr__(self, "base", self.name)
 
     def advantages(self, rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4,
-                   sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """A [..., P, G] for rewards [..., P, G]; a preset's own ddof/eps override the arguments."""
+                   sigma: torch.Tensor | None = None, state=None) -> torch.Tensor:
+        """A [..., P, G] for rewards [..., P, G]; a preset's own ddof/eps override the arguments.
+        An adaptive estimator's advantages at ``state`` (its leading dims broadcast against the
+        rewards'), without moving it (``adaptive.step`` moves it); None: its first step's."""
         check_shapes(self.name, rewards=(rewards, "... P G"), sigma=(sigma, "... P"))
-        return self.advantage(rewards, ddof=self.ddof if self.ddof is not None else ddof,
-                              eps=self.eps if self.eps is not None else eps, sigma=sigma)
+        ddof = self.ddof if self.ddof is not None else ddof
+        eps = self.eps if self.eps is not None else eps
+        if self.adaptive is not None and state is not None:
+            return self.adaptive.at(rewards, state, ddof=ddof, eps=eps)
+        return self.advantage(rewards, ddof=ddof, eps=eps, sigma=sigma)
 
-    def scale(self, sigma: torch.Tensor, mu: torch.Tensor, eps: float) -> torch.Tensor:
-        """s_i [..., P] of the exact-mode update s_i grad J_i (a preset's own eps overrides ``eps``)."""
+    def scale(self, sigma: torch.Tensor, mu: torch.Tensor, eps: float, state=None) -> torch.Tensor:
+        """s_i [..., P] of the exact-mode update s_i grad J_i (a preset's own eps overrides ``eps``);
+        an adaptive estimator's at its exact-mode ``state`` (None: its first step's)."""
         check_shapes(self.name, sigma=(sigma, "... P"), mu=(mu, "... P"))
-        return self.population_scale(sigma, mu, self.eps if self.eps is not None else eps)
+        eps = self.eps if self.eps is not None else eps
+        if self.adaptive is not None and state is not None:
+            return self.adaptive.scale_at(sigma, mu, state, eps)
+        return self.population_scale(sigma, mu, eps)
 
     def expected_scale(self, sigma: torch.Tensor, mu: torch.Tensor, reward_scale: torch.Tensor, *, exact: bool,
                        group_size: int, ddof: int, eps: float) -> tuple[torch.Tensor, bool]:
         """(h_i [..., P], exact_at_G) with E[update of prompt i] = h_i grad J_i: the population
         scale s_i in exact mode; in sampled mode exact_factor(G) s_i or finite_scale at
         p_i = mu_i / c_i (rewards in {0, c_i}), exactly, else the G -> infinity limit s_i
-        (exact_at_G False). reward_scale c [..., P]."""
+        (exact_at_G False). reward_scale c [..., P]. An adaptive estimator's scale depends on its
+        state, which this does not see: its first step's s_i, flagged not exact (False)."""
         eps_used = self.eps if self.eps is not None else eps
         s = self.scale(sigma, mu, eps)
+        if self.adaptive is not None:
+            return s, False
         if exact or self.exact_factor is not None:
             return (s if exact else self.exact_factor(group_size) * s), True
         if self.finite_scale is not None:
@@ -348,6 +495,11 @@ _BASE = (
                   "TRL scale_rewards='batch'"),
     EstimatorSpec("grpo_oracle", "GRPO (true sigma)", grpo_oracle, _group_std_limit, _mean_baseline_factor,
                   True, 2, False, "none (the simulator knows sigma_i)"),
+    # adaptive (issue 16): their stateless fields are their first step's (no state)
+    EstimatorSpec("grpo_phase", "GRPO (phase-aware)", grpo, _group_std_limit, None, True, 2, False,
+                  "none (std_i^alpha std_B^(1-alpha), alpha from the measured rho_t)", adaptive=PhaseAware()),
+    EstimatorSpec("grpo_finite", "GRPO (finite-G corrected)", grpo_finite, _group_std_limit, None, True, 2, False,
+                  "none (leave-one-out std with a running prior)", adaptive=FiniteGCorrected()),
 )
 _BY_BASE = {s.name: s for s in _BASE}
 
@@ -400,6 +552,7 @@ ALL_NAMES: tuple[str, ...] = tuple(REGISTRY)
 BASE_NAMES: tuple[str, ...] = tuple(s.name for s in _BASE)
 PRESET_NAMES: tuple[str, ...] = tuple(s.name for s in _PRESETS)
 LLM_NAMES: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.llm)
+ADAPTIVE_NAMES: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.adaptive is not None)
 
 
 def get(name: str) -> EstimatorSpec:

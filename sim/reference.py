@@ -38,6 +38,8 @@ def train_one(run: RunConfig) -> dict[str, np.ndarray]:
     th_s = np.zeros(V.shape[-1])
     J_hist, sig_hist = [], []
     rows = np.arange(P)[:, None]
+    spec = estimators.get(t.estimator)
+    rule, state = spec.adaptive, None  # an adaptive estimator's rule and its state (None: before step 0)
     for step in range(t.steps + 1):
         z = b + np.einsum("pKk,pk->pK", U, th_p) + V @ th_s  # [P, K]
         z = z - z.max(-1, keepdims=True)
@@ -50,18 +52,52 @@ def train_one(run: RunConfig) -> dict[str, np.ndarray]:
         if step == t.steps:
             break
         if t.mode == "exact":
-            scale = estimators.population_scale(t.estimator, torch.from_numpy(sigma), torch.from_numpy(mu),
-                                                t.eps).numpy()
-            w = scale[:, None] * pi * (rbar - mu[:, None])  # [P, K]
+            w_exact = pi * (rbar - mu[:, None])  # [P, K]: grad J_i = sum_y w_iy phi(x_i, y)
+            if rule is None:
+                scale = estimators.population_scale(t.estimator, torch.from_numpy(sigma), torch.from_numpy(mu),
+                                                    t.eps).numpy()
+            else:
+                rho = _rho(w_exact, U, V) if rule.needs_rho else None
+                scale, state = rule.scale_step(torch.from_numpy(sigma), torch.from_numpy(mu), state, rho, t.eps)
+                scale = scale.numpy()
+            w = scale[:, None] * w_exact  # [P, K]
         else:
             u_pick, u_rew = uniforms(t.seed, step, (2, P, G))
             cdf = np.cumsum(pi, -1)  # [P, K]
             y = np.minimum((u_pick[:, :, None] >= cdf[:, None, :]).sum(-1), K - 1)  # [P, G]
             rewards = c[:, None] * (u_rew < q[rows, y])  # [P, G]
-            A = estimators.advantages(t.estimator, torch.from_numpy(rewards), ddof=t.ddof, eps=t.eps,
-                                      sigma=torch.from_numpy(sigma)).numpy()
             onehot = np.eye(K)[y]  # [P, G, K]
+            if rule is None:
+                A = estimators.advantages(t.estimator, torch.from_numpy(rewards), ddof=t.ddof, eps=t.eps,
+                                          sigma=torch.from_numpy(sigma)).numpy()
+            else:  # rho from the centred advantages' per-prompt gradients (their directions are the run's)
+                d = rewards - rewards[:, :1]  # relative to the first reward: exactly 0 for a constant group
+                centred = d - d.mean(-1, keepdims=True)
+                rho = _rho((centred[:, :, None] * (onehot - pi[:, None, :])).mean(1), U, V,
+                           1e-12 * np.abs(centred).mean(-1)) if rule.needs_rho else None
+                A, state = rule.step(torch.from_numpy(rewards), state, rho, ddof=t.ddof, eps=t.eps)
+                A = A.numpy()
             w = (A[:, :, None] * (onehot - pi[:, None, :])).mean(1)  # [P, K]
         th_p += t.lr / P * np.einsum("pKk,pK->pk", U, w)
         th_s += t.lr / P * np.einsum("pKs,pK->s", V, w)
     return {"J": np.array(J_hist), "sigma": np.stack(sig_hist), "theta_private": th_p, "theta_shared": th_s}
+
+
+def _rho(w: np.ndarray, U: np.ndarray, V: np.ndarray, floor=None) -> torch.Tensor:
+    """rho = 1 - mean_(i != j) |cos(g_i, g_j)| of the per-prompt gradients g_i = sum_y w_iy phi(x_i, y),
+    written out on the full parameter vector [P*k + s] (prompt i's private block at i). w [P, K];
+    a gradient of norm <= floor[i] has no direction (rounding noise), as a zero one."""
+    P, _, k = U.shape
+    g = np.zeros((P, P * k + V.shape[-1]))
+    for i in range(P):
+        g[i, i * k:(i + 1) * k] = w[i] @ U[i]
+        g[i, P * k:] = w[i] @ V[i]
+    norms = np.linalg.norm(g, axis=1)
+    if floor is not None:
+        norms = np.where(norms > floor, norms, 0.0)
+    total = 0.0
+    for i in range(P):
+        for j in range(P):
+            if i != j and norms[i] > 0 and norms[j] > 0:
+                total += abs(g[i] @ g[j]) / (norms[i] * norms[j])
+    return torch.tensor(1.0 - total / (P * (P - 1)) if P > 1 else 1.0, dtype=torch.float64)

@@ -23,6 +23,8 @@ Dimension legend: R runs, N draws, P prompts, K responses, G group size, k / s p
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -53,10 +55,20 @@ def _mean_J(bias, rbar, phi_p, phi_s, theta_p, theta_s) -> torch.Tensor:
     return mu.mean(-1)
 
 
+def _with_draw_dim(state):
+    """An adaptive estimator's state with a draws dim after the runs' ([R, ...] -> [R, 1, ...]), so it
+    broadcasts against rewards [R, N, P, G]; None stays None."""
+    if state is None:
+        return None
+    return dataclasses.replace(state, **{f.name: getattr(state, f.name).unsqueeze(1)
+                                         for f in dataclasses.fields(state)})
+
+
 def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, step: int, group_size: int,
                     lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int,
-                    control_variate: bool = True) -> dict[str, torch.Tensor]:
-    """dJ per draw for every estimator in ``lrs`` (name -> lr [R]): {name: [R, N]}.
+                    control_variate: bool = True, states: dict | None = None) -> dict[str, torch.Tensor]:
+    """dJ per draw for every estimator in ``lrs`` (name -> lr [R]): {name: [R, N]}; an adaptive
+    estimator's at its state in ``states`` (name -> state, EstimatorSpec.advantages).
 
     pi, w_exact [R, P, K] (w_exact = pi (rbar - mu)), sigma, mu [R, P]; theta_p [R, P, k],
     theta_s [R, s]. Where the estimator's expected update is known exactly
@@ -81,7 +93,8 @@ def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, ste
     out = {}
     for name, lr in lrs.items():
         spec = estimators.get(name)
-        adv = spec.advantages(rewards, ddof=ddof, eps=eps, sigma=sigma.unsqueeze(1).expand(R, draws, P))
+        adv = spec.advantages(rewards, ddof=ddof, eps=eps, sigma=sigma.unsqueeze(1).expand(R, draws, P),
+                              state=_with_draw_dim((states or {}).get(name)))
         per_response = onehot_sum.zero_().scatter_add_(-1, y, adv)
         w = (per_response - pi.unsqueeze(1) * adv.sum(-1, keepdim=True)) / G  # [R, N, P, K]
         w = w.permute(0, 2, 3, 1)  # [R, P, K, N]
@@ -102,12 +115,14 @@ def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, ste
 
 
 def exact_changes(mu, sigma, w, problem, theta_p, theta_s, lrs: dict[str, torch.Tensor],
-                  eps: float) -> dict[str, torch.Tensor]:
-    """dJ of the exact-mode step of every estimator in ``lrs``: {name: [R, 1]}."""
+                  eps: float, states: dict | None = None) -> dict[str, torch.Tensor]:
+    """dJ of the exact-mode step of every estimator in ``lrs``: {name: [R, 1]}; an adaptive
+    estimator's at its state in ``states`` (EstimatorSpec.scale)."""
     P = mu.shape[-1]
     out = {}
     for name, lr in lrs.items():
-        a = (lr / P).to(mu.dtype).unsqueeze(-1) * estimators.population_scale(name, sigma, mu, eps)  # [R, P]
+        s = estimators.get(name).scale(sigma, mu, eps, state=(states or {}).get(name))  # [R, P]
+        a = (lr / P).to(mu.dtype).unsqueeze(-1) * s
         out[name] = theory.one_step_change(problem.bias, problem.rbar, problem.phi_private, problem.phi_shared,
                                            theta_p, theta_s, a, stats=(mu, w)).unsqueeze(-1)
     return out

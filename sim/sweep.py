@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
@@ -486,12 +486,17 @@ def check_engine(engine: str) -> None:
         raise ConfigError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINES)}")
 
 
-def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], None] | None = None) -> str:
-    """Resolve ``engine`` (sim.engine.resolve_engine) with a one-line ConfigError for a bad choice;
+def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], None] | None = None,
+                   estimator_names: Sequence[str] = ()) -> str:
+    """Resolve ``engine`` (sim.engine.resolve_engine) with a one-line ConfigError for a bad choice
+    (numba asked for with an adaptive estimator among ``estimator_names`` is one);
     for numba, load the compiled kernels, compiling them first when they are not cached yet
-    (``on_compile()`` is called before that, e.g. to say so). Returns "numba" or "torch"."""
+    (``on_compile()`` is called before that, e.g. to say so). Returns "numba" or "torch"; the
+    batches of adaptive estimators then train with torch (``batch_engine``)."""
     check_engine(engine)
     try:
+        for name in estimator_names:
+            resolve_engine(engine, device, estimator=name)
         name = resolve_engine(engine, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -502,6 +507,12 @@ def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], No
             on_compile()
         kernels.warm_up()
     return name
+
+
+def batch_engine(engine: str, batch: Sequence[RunConfig]) -> str:
+    """The engine a batch trains with: ``engine`` (prepare_engine's), torch for an adaptive estimator
+    (the compiled kernels do not carry its state)."""
+    return "torch" if estimators.get(batch[0].train.estimator).adaptive is not None else engine
 
 
 BACKENDS = ("local", "ray")
@@ -550,7 +561,7 @@ def _ray_batches(batches, workers: int, address: str | None, on_result, engine: 
         kwargs = {"address": address} if address else {"num_cpus": max(workers, 1)}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     task = ray.remote(num_cpus=1)(_run_batch_in_worker)
-    futures = {task.remote([r.as_flat_dict() for r in b], "cpu", engine): b for b in batches}
+    futures = {task.remote([r.as_flat_dict() for r in b], "cpu", batch_engine(engine, b)): b for b in batches}
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -595,7 +606,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     if backend == "ray" and address:
         check_ray_address(address)  # before anything is written: an unreachable cluster is one line
     runs = expand(spec)  # validates the whole sweep before any process starts
-    engine = prepare_engine(engine, device, on_compile)  # compiled (or loaded) before workers need it
+    engine = prepare_engine(engine, device, on_compile,  # compiled (or loaded) before workers need it
+                            dict(spec.axes).get("estimator", ()))
     _interrupts.release()  # a Ctrl-C held over the imports and the kernels' loading takes effect here
     # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
     workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
@@ -643,11 +655,12 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             elif workers <= 1:
                 for b in batches:
                     res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
-                                      engine=engine)
+                                      engine=batch_engine(engine, b))
                     results.write_part(out, res.runs, res.steps)
                     batch_committed(b)
             else:
-                futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device, engine): b
+                futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device,
+                                    batch_engine(engine, b)): b
                         for b in batches}
                 seen_workers.update(getattr(pool, "_processes", None) or {})
                 committed = set()

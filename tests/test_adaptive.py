@@ -82,3 +82,95 @@ def test_in_the_orthogonal_case_the_rule_is_grpo_at_every_step(seed, steps, deca
         alpha, state = E.phase_aware_alpha(rho, state, decay=decay)
         r = _rewards(gen, shape=(P, 6))
         assert torch.equal(E.grpo_interpolated(r, alpha=alpha), E.grpo(r))
+
+
+# -- the finite-G-corrected GRPO (grpo_finite) -----------------------------------------------------
+
+from theory.finite_group import expected_scale, grpo_expected_scale, loo_expected_scale  # noqa: E402
+
+
+def _finite_g_advantage(p_bar: float, c: float, prior: float):
+    """grpo_finite at a fixed state, as a function of one group's rewards [n, G] (the enumerator's form)."""
+    def adv(rows):
+        n = rows.shape[0]
+        state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64))
+        return E.grpo_finite(rows.unsqueeze(-2), state=state, prior=prior).squeeze(-2)
+    return adv
+
+
+@settings(max_examples=40, deadline=None)
+@given(G=st.integers(2, 10), p=st.floats(0.01, 0.99), p_bar=st.floats(0.0, 1.0), c=st.floats(0.5, 5.0),
+       prior=st.sampled_from([0.0, 2.0, 8.0]))
+def test_finite_g_expected_step_is_its_closed_form_at_every_group_size(G, p, p_bar, c, prior):
+    """E[update_i] = h~_G(p) grad J_i exactly: the closed form (theory.finite_group.loo_expected_scale)
+    against exact enumeration over the group's success counts (theory.finite_group.expected_scale,
+    the same enumerator that checks GRPO's h_G)."""
+    want = expected_scale(_finite_g_advantage(p_bar, c, prior), p, c, G)
+    got = float(loo_expected_scale(torch.tensor(p, dtype=torch.float64), G, c, 1e-4, p_bar, prior))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_finite_g_lifts_grpos_cap_on_near_solved_prompts_and_tends_to_the_population_scale():
+    c, eps = 1.0, 1e-4
+    for G in (4, 8):
+        # p = 0.95 with the state at p (p_bar = p, 8 pseudo-samples): GRPO's h_G is capped near
+        # (G - 1) / sqrt(G) (1.5 and 2.47); the population scale is 1 / sqrt(0.95 * 0.05) = 4.59
+        p = torch.tensor(0.95, dtype=torch.float64)
+        grpo = float(grpo_expected_scale(p, G, 1, eps, c))
+        fixed = float(loo_expected_scale(p, G, c, eps, 0.95, 8.0))
+        population = 1 / (math.sqrt(0.95 * 0.05) + eps)
+        assert grpo < (G - 1) / math.sqrt(G) + 1e-9 < fixed < population, (G, grpo, fixed)
+    # G -> infinity: pt -> p, so h~ -> 1 / (c sqrt(p (1 - p)) + eps), whatever the state (here a
+    # stale p_bar = 0.9 against p = 0.3); the prior's and the sampling's errors are O(1/G): at
+    # least 2.5x smaller per 4x in G once G >> n0
+    p = torch.tensor(0.3, dtype=torch.float64)
+    err = {G: abs(float(loo_expected_scale(p, G, c, eps, 0.9, 8.0)) * (math.sqrt(0.21) + eps) - 1)
+           for G in (64, 256, 1024)}
+    assert err[1024] < 0.005 and err[1024] < err[256] / 2.5 < err[64] / 2.5**2, err
+
+
+def test_finite_g_constant_groups_are_zero_and_nothing_is_nan():
+    zeros = torch.zeros(3, 4, dtype=torch.float64)
+    ones = torch.full((3, 4), 2.5, dtype=torch.float64)
+    state = E.FiniteGState(torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    for r in (zeros, ones):
+        for st_ in (None, state):
+            for eps in (0.0, 1e-4):
+                A = E.grpo_finite(r, eps=eps, state=st_)
+                assert torch.equal(A, torch.zeros_like(r))
+    # a first success on a prompt whose state has only seen 0 (p_bar = 0, c = 0): finite, c from the group
+    r = torch.tensor([[0.0, 0.0, 0.0, 3.0]], dtype=torch.float64)
+    A = E.grpo_finite(r, eps=0.0, state=E.FiniteGState(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)))
+    assert torch.isfinite(A).all() and float(A[0, 3]) > 0 > float(A[0, 0])
+    with pytest.raises(ValueError, match="G >= 2"):
+        E.grpo_finite(torch.ones(2, 1, dtype=torch.float64))
+
+
+def test_finite_g_state_follows_the_groups_success_rate():
+    rule = E.get("grpo_finite").adaptive
+    r = torch.tensor([[0.0, 2.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    A0, s0 = rule.step(r, None, None, ddof=1, eps=1e-4)
+    assert torch.equal(A0, E.grpo_finite(r))  # first step: no prior
+    assert s0.p_bar.tolist() == [0.5, 0.0] and s0.c.tolist() == [2.0, 0.0]
+    r1 = torch.tensor([[2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 5.0, 0.0]], dtype=torch.float64)
+    A1, s1 = rule.step(r1, s0, None, ddof=1, eps=1e-4)
+    assert torch.equal(A1, E.grpo_finite(r1, state=s0))  # the step reads the state before this group
+    # p_bar <- p_bar + (1 - 0.9) (rate - p_bar): 0.5 + 0.1 * 0.5 = 0.55 and 0 + 0.1 * 0.25 = 0.025
+    assert s1.p_bar.tolist() == pytest.approx([0.55, 0.025], abs=1e-15) and s1.c.tolist() == [2.0, 5.0]
+
+
+def test_phase_aware_rule_in_the_engine_is_grpo_on_orthogonal_prompts():
+    """The convergence statement in the engine: on orthogonal prompts (o = 1: gradients in disjoint
+    private blocks, rho_t = 1 exactly) the phase-aware run is the GRPO run, bit for bit, in both modes."""
+    from sim.config import RunConfig, TrainConfig
+    from sim.engine import train_batch
+    from sim.problems import ProblemConfig
+
+    p = ProblemConfig(num_prompts=5, num_responses=4, orthogonality=1.0, private_dim=3, shared_dim=3,
+                      reward_scale_spread=3.0, difficulty_spread=1.0)
+    for mode in ("exact", "sampled"):
+        runs = {e: [RunConfig(p, TrainConfig(estimator=e, mode=mode, group_size=4, steps=40, lr=3.0, seed=s,
+                                             log_points=6)) for s in (0, 1)] for e in ("grpo", "grpo_phase")}
+        a, b = train_batch(runs["grpo"], engine="torch"), train_batch(runs["grpo_phase"])
+        assert torch.equal(a.theta_private, b.theta_private) and torch.equal(a.theta_shared, b.theta_shared)
+        assert (b.steps.rho == 1.0).all()

@@ -44,6 +44,7 @@ def run_cli(args, capsys):
     (["--config", "/nonexistent/x.toml"], "config"),
     (["--device", "tpu"], "device"),
     (["--device", "cuda", "--backend", "ray"], "device"),  # no GPU here, and cuda is local-only anyway
+    (["--engine", "numba", "--estimators", "grpo,grpo_phase"], "engine"),  # the kernels carry no estimator state
 ])
 def test_bad_sweep_option_one_line_exit_2_nothing_written(args, needle, capsys, tmp_path):
     out_dir = tmp_path / "res"

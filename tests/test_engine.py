@@ -155,3 +155,34 @@ def test_exact_mode_preset_is_its_base_estimator_at_the_presets_eps(preset, base
     same = [RunConfig(r.problem, TrainConfig(**{**r.train.__dict__, "estimator": base, "eps": eps})) for r in runs]
     for engine in ("torch", "numba"):
         assert torch.equal(train_batch(runs, engine=engine).theta_private, train_batch(same, engine=engine).theta_private)
+
+
+@pytest.mark.parametrize("mode,estimator", [("exact", "grpo_phase"), ("sampled", "grpo_phase"),
+                                            ("sampled", "grpo_finite"), ("exact", "grpo_finite")])
+def test_adaptive_estimators_thread_their_state_as_the_per_run_loop(mode, estimator):
+    """The engine carries each run's state (and measures rho_t) as the plain loop does, one run at a
+    time with the full Gram matrix written out (sim.reference); the numba engine does not run them
+    (test_kernels), so 'auto' trains them with torch."""
+    runs = mixed_runs(mode, estimator)
+    res = train_batch(runs)
+    assert set(res.runs.engine) == {"torch"}
+    for r, run in enumerate(runs):
+        ref = train_one(run)
+        got = res.steps[res.steps.run_id == run.run_id].sort_values("step")
+        np.testing.assert_allclose(got["J"].to_numpy(), ref["J"][got["step"].to_numpy()], rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(res.theta_private[r].numpy(), ref["theta_private"], rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(res.theta_shared[r].numpy(), ref["theta_shared"], rtol=1e-9, atol=1e-11)
+    # the state matters: the adaptive runs are not GRPO's (mixed_runs' problems are not orthogonal)
+    grpo = train_batch(mixed_runs(mode, "grpo"))
+    differs = not torch.allclose(grpo.theta_shared, res.theta_shared, rtol=1e-6, atol=0)
+    assert differs or estimator == "grpo_finite" and mode == "exact"  # exact grpo_finite is exact grpo
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_adaptive_runs_alone_equal_runs_in_a_batch_bit_for_bit(mode):
+    runs = mixed_runs(mode, "grpo_phase", steps=25) + mixed_runs(mode, "grpo_phase", steps=25)[:1]
+    together = train_batch(runs)
+    for r, run in enumerate(runs[:3]):
+        alone = train_batch([run])
+        assert torch.equal(alone.theta_private[0], together.theta_private[r])
+        assert torch.equal(alone.theta_shared[0], together.theta_shared[r])

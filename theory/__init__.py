@@ -13,7 +13,7 @@ finite_group (the exact expected sampled update at group size G).
 from theory.softmax import (logits, per_prompt_gradients, prompt_stats, safe_reciprocal,  # noqa: F401
                             summed_gradient)
 from theory.bounds import global_curvature_bound, reward_std_bound, step_scale, theory_step_size  # noqa: F401
-from theory.orthogonality import feature_overlap, gradient_orthogonality  # noqa: F401
+from theory.orthogonality import block_gram, feature_overlap, gradient_orthogonality  # noqa: F401
 from theory.curvature import (centered_features, curvature_constant, gradient_bound, hessian_over_sigma,  # noqa: F401
                               local_features, m_diameter,
                               m_directional, m_fourth_moment, prompt_curvature, prompt_gradient, prompt_hessian,

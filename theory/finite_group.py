@@ -85,3 +85,25 @@ def effective_sigma(scale: torch.Tensor) -> torch.Tensor:
     check_shapes("effective_sigma", scale=(scale, "..."))
     return torch.where(scale > 0, 1 / torch.where(scale > 0, scale, torch.ones_like(scale)),
                        torch.full_like(scale, math.inf))
+
+
+def loo_expected_scale(p: torch.Tensor, G: int, c: torch.Tensor | float = 1.0, eps: float = 1e-4,
+                       p_bar: torch.Tensor | float = 0.0, prior: float = 0.0) -> torch.Tensor:
+    """h~_G(p) with E[sampled update of prompt i] = h~_G(p) grad J_i exactly for the finite-G-corrected
+    GRPO (sim.estimators.grpo_finite) with its state (p_bar, c) and ``prior`` pseudo-samples n0
+    (0: the first step), rewards in {0, c}:
+
+        h~_G(p) = sum_{j=0}^{G-1} Binom(j; G-1, p) / (c sqrt(pt_j (1 - pt_j)) + eps),
+        pt_j = (j + n0 p_bar + 1/2) / (G + n0).
+
+    Sample g's baseline and scale read only the other G - 1 samples (j successes) and the state,
+    which are independent of its own reward, so E[A_g (e_(y_g) - pi)] = E[scale] grad_z J_i (the
+    module docstring's argument with a_c - a_0 = c E[scale]). p, c, p_bar [...] -> [...]."""
+    if G < 2:
+        raise ValueError("G must be >= 2")
+    p = torch.as_tensor(p, dtype=torch.float64) if not torch.is_tensor(p) else p
+    c = torch.as_tensor(c, dtype=p.dtype, device=p.device).unsqueeze(-1)
+    pb = torch.as_tensor(p_bar, dtype=p.dtype, device=p.device).unsqueeze(-1)
+    j = torch.arange(G, dtype=p.dtype, device=p.device)  # [G]
+    pt = (j + prior * pb + 0.5) / (G + prior)  # [..., G]
+    return (binomial_weights(p, G - 1) / (c * (pt * (1 - pt)).sqrt() + eps)).sum(-1)

@@ -7,21 +7,32 @@ import torch
 from theory.shapes import check_shapes
 
 
-def gradient_orthogonality(gram: torch.Tensor) -> torch.Tensor:
+def gradient_orthogonality(gram: torch.Tensor, norm_floor: torch.Tensor | None = None) -> torch.Tensor:
     """rho = 1 - mean_{i != j} |cos(g_i, g_j)| from the Gram matrix of per-prompt gradients.
 
     gram [..., P, P] with gram_ij = <g_i, g_j>. A zero gradient (a converged prompt) has no
-    direction; its cosines count as 0 (orthogonal). P = 1 gives rho = 1. -> [...].
+    direction; its cosines count as 0 (orthogonal), and so do a gradient's whose norm is at most
+    ``norm_floor`` [..., P] (a sampled gradient that is 0 but for rounding, e.g. a group whose
+    responses are all the same: its direction is noise). P = 1 gives rho = 1. -> [...].
     """
-    P = check_shapes("gradient_orthogonality", gram=(gram, "... P P"))["P"]
+    P = check_shapes("gradient_orthogonality", gram=(gram, "... P P"), norm_floor=(norm_floor, "... P"))["P"]
     if P < 2:
         return torch.ones(gram.shape[:-2], dtype=gram.dtype)
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [..., P]
+    if norm_floor is not None:
+        norms = torch.where(norms > norm_floor, norms, torch.zeros_like(norms))
     denom = norms[..., :, None] * norms[..., None, :]
     ok = denom > 0
     cos = torch.where(ok, gram / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(gram))
     off = cos.abs().sum((-2, -1)) - torch.diagonal(cos, dim1=-2, dim2=-1).abs().sum(-1)
     return 1.0 - off / (P * (P - 1))
+
+
+def block_gram(g_private: torch.Tensor, g_shared: torch.Tensor) -> torch.Tensor:
+    """Gram matrix gram_ij = <g_i, g_j> [..., P, P] of per-prompt gradients given in blocks
+    (theory.per_prompt_gradients: g_private [..., P, k], g_shared [..., P, s]). Prompts' private
+    blocks are disjoint, so they add to the diagonal only."""
+    return g_shared @ g_shared.transpose(-1, -2) + torch.diag_embed((g_private * g_private).sum(-1))
 
 
 def feature_overlap(phi_private: torch.Tensor, phi_shared: torch.Tensor, rank_tol: float = 1e-9) -> torch.Tensor:
