@@ -43,6 +43,9 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("group_size_eps", "fig7_group_size_eps.toml", figures.group_size_eps,
                "How do the group size G and GRPO's eps change its advantage over REINFORCE?",
                'GRPO needs groups, as the finite-G scale h_G predicts (time change: 0.35, 0.73, 1.19, 1.71, 2.26 for G = 2 to 32): measured 0.36x and 0.76x at G = 2 and 4, 1.19-1.25x at G = 8, 1.67-1.79x at 16 and 2.5x at 32; eps up to 1e-2 changes little, while eps = 0.1, comparable to the smaller per-prompt stds, removes a quarter to a third of the gain.'),
+    FigureSpec("adaptive", "fig8_adaptive.toml", figures.adaptive,
+               "Can a normalization that adapts to the phase beat the best fixed choice, each at its tuned lr?",
+               "(reading pending: written after the full-size run)"),
 )
 
 BY_NAME = {f.name: f for f in FIGURES}

@@ -17,8 +17,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from sim.results import ResultsError
-from sim.analysis import cell_speedups, censor_mark, mean_t_interval
-from sim.estimators import ALL_NAMES
+from sim.analysis import adaptive_scorecard, cell_speedups, censor_mark, mean_t_interval
+from sim.estimators import ADAPTIVE_NAMES, ALL_NAMES
 from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
 
 
@@ -320,5 +320,50 @@ def group_size_eps(runs: pd.DataFrame, steps: pd.DataFrame | None = None) -> Fig
         ax.set_xlabel("group size G (responses per prompt)")
         ax.set_ylabel("GRPO speedup over REINFORCE")
         ax.legend(loc="best")
+        fig.tight_layout()
+    return fig
+
+
+def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
+    """Fig. 8: each adaptive estimator's steps to the target against the best of GRPO, Dr. GRPO and
+    REINFORCE (each at its tuned lr; sim.analysis.adaptive_scorecard), one point per cell, log-log:
+    on or below y = x it is as fast as the best fixed choice, the band is the 10% target; filled
+    points are cells where phase III appears, circles exact mode, triangles sampled."""
+    name = "adaptive"
+    require(runs, ["run_id", "estimator", "selected", "steps_to_target", "reached_target", "mode"], name, "runs")
+    require(steps, ["run_id", "phase"], name, "steps")
+    chosen = [e for e in ADAPTIVE_NAMES if e in set(runs["estimator"])]
+    if not chosen:
+        raise FigureInputError(f"figure {name}: the results hold no adaptive estimator ({', '.join(ADAPTIVE_NAMES)})")
+    with apply_style():
+        fig, axes = plt.subplots(1, len(chosen), figsize=(DOUBLE_COLUMN, 2.9), squeeze=False)
+        for ax, est in zip(axes[0], chosen):
+            try:
+                card = adaptive_scorecard(runs, steps, est)
+            except ValueError as e:
+                raise FigureInputError(f"figure {name}: {e}") from None
+            sty = estimator_style(est)
+            for mode, marker in (("exact", "o"), ("sampled", "^")):
+                for iii in (False, True):
+                    c = card[(card["mode"] == mode) & (card["phase_iii"] == iii)] if "mode" in card else card.iloc[:0]
+                    ax.scatter(c["best_steps"], c["adaptive_steps"], marker=marker, s=14,
+                               facecolors=sty["color"] if iii else "none", edgecolors=sty["color"], linewidths=0.8,
+                               label=f"{mode}{', phase III' if iii else ''}")
+            lo = max(1.0, float(min(card["best_steps"].min(), card["adaptive_steps"].min())) / 1.5)
+            hi = float(max(card["best_steps"].max(), card["adaptive_steps"].max())) * 1.5
+            xs = np.array([lo, hi])
+            ax.plot(xs, xs, color="0.3", linewidth=0.8)
+            ax.fill_between(xs, xs, 1.1 * xs, color="0.8", alpha=0.6, linewidth=0)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            n_iii = int(card["phase_iii"].sum())
+            ax.set_title(f"{sty['label']}\nwithin 10% of the best: {int(card['within'].sum())}/{len(card)} cells; "
+                         f"faster than each: {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii} "
+                         "phase-III cells", fontsize=7)
+            ax.set_xlabel("best of GRPO, Dr. GRPO, REINFORCE: steps to target")
+            ax.set_ylabel(f"{sty['label']}: steps to target")
+        axes[0][0].legend(loc="upper left")
         fig.tight_layout()
     return fig

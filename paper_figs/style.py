@@ -23,6 +23,8 @@ ESTIMATOR_STYLE = {
     "rloo": {"color": OKABE_ITO["green"], "linestyle": "-.", "marker": "v", "label": "RLOO"},
     "grpo_batch": {"color": OKABE_ITO["purple"], "linestyle": ":", "marker": "D", "label": "GRPO (batch std)"},
     "grpo_oracle": {"color": OKABE_ITO["orange"], "linestyle": "--", "marker": "P", "label": "GRPO (true sigma)"},
+    "grpo_phase": {"color": OKABE_ITO["green"], "linestyle": "-", "marker": "h", "label": "GRPO (phase-aware)"},
+    "grpo_finite": {"color": OKABE_ITO["blue"], "linestyle": "-", "marker": "*", "label": "GRPO (finite-G corrected)"},
 }
 SEQUENCE = [OKABE_ITO[c] for c in ("blue", "vermillion", "green", "orange", "purple", "sky", "black")]
 

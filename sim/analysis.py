@@ -229,3 +229,44 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
         row.update({c: sp[c] for c in ("speedup", "speedup_lo", "speedup_hi", "speedup_censored")})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: The fixed estimators an adaptive one is scored against (issue 16; README 'Adaptive normalization').
+ADAPTIVE_BASELINES = ("grpo", "dr_grpo", "reinforce")
+
+
+def adaptive_scorecard(runs: pd.DataFrame, steps: pd.DataFrame, adaptive: str,
+                       baselines: tuple[str, ...] = ADAPTIVE_BASELINES, tolerance: float = 0.10) -> pd.DataFrame:
+    """Per cell: ``adaptive``'s steps to the target against the best of ``baselines``', each at its
+    selected (tuned) lr, from add_comparisons' runs table and the steps table.
+
+    steps per (cell, estimator): the median over seeds of steps_to_target with a never-reached run
+    counted as steps + 1 (the selection's ranking). Columns: the varying cell columns, adaptive_steps,
+    best_steps, best (the baseline that is fastest; ties to the first of ``baselines``), ratio =
+    adaptive_steps / best_steps, within (ratio <= 1 + tolerance), phase_iii (a logged step of a
+    selected GRPO run of the cell is labelled III: normalization's measured per-step gain is lost,
+    theory.phases) and faster_than_each (adaptive strictly fewer steps than every baseline).
+    Exact-mode cells that differ only in group_size are one cell (exact mode has no groups).
+    """
+    sel = runs[runs["selected"] & runs["estimator"].isin((adaptive,) + tuple(baselines))]
+    missing = set((adaptive,) + tuple(baselines)) - set(sel["estimator"])
+    if missing:
+        raise ValueError(f"adaptive_scorecard: no selected runs of {', '.join(sorted(missing))}")
+    sel = sel.assign(_eff=_effective_steps(sel))
+    if "group_size" in sel and "mode" in sel:  # exact mode has no groups: one cell per other setting
+        sel = sel.assign(group_size=sel["group_size"].where(sel["mode"] != "exact", 0))
+    cells = _varying(sel, cell_columns(sel))
+    if not cells:  # one cell
+        sel, cells = sel.assign(_cell=0), ["_cell"]
+    med = sel.groupby(cells + ["estimator"], dropna=False)["_eff"].median().unstack("estimator")
+    base = med[list(baselines)]
+    out = pd.DataFrame({"adaptive_steps": med[adaptive], "best_steps": base.min(axis=1),
+                        "best": base.idxmin(axis=1)})
+    out["ratio"] = out["adaptive_steps"] / out["best_steps"].clip(lower=1)
+    out["within"] = out["ratio"] <= 1 + tolerance
+    out["faster_than_each"] = (base.to_numpy() > med[[adaptive]].to_numpy()).all(axis=1)
+    grpo = sel[sel["estimator"] == "grpo"]
+    in_iii = steps.loc[steps["phase"] == "III", "run_id"].unique()
+    grpo = grpo.assign(_iii=grpo["run_id"].isin(in_iii))
+    out["phase_iii"] = grpo.groupby(cells, dropna=False)["_iii"].any().reindex(out.index).fillna(False).astype(bool)
+    return out.reset_index().drop(columns=["_cell"], errors="ignore")

@@ -247,6 +247,7 @@ class PhaseAware:
     state without moving it (the diagnostics' dJ_run)."""
 
     needs_rho = True
+    per_prompt = False  # one state per run (rho_ema), not per prompt
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
@@ -273,10 +274,18 @@ class PhaseAware:
 @dataclass(frozen=True)
 class FiniteGState:
     """State of ``FiniteGCorrected`` [..., P]: p_bar, the running success rate of each prompt
-    (rewards in units of c), and c, the largest reward seen."""
+    (rewards in units of c), c, the largest reward seen, and seen, whether the prompt has been
+    (False: no prior yet, as on the first step; the LLM runners draw prompts from a data set)."""
 
     p_bar: torch.Tensor
     c: torch.Tensor
+    seen: torch.Tensor
+
+    @staticmethod
+    def unseen(shape, dtype=torch.float64, device=None) -> "FiniteGState":
+        """The state of prompts never trained on, [*shape]."""
+        z = torch.zeros(shape, dtype=dtype, device=device)
+        return FiniteGState(z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=device))
 
 
 def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
@@ -287,9 +296,9 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
         pt_ig = (k_i,-g + n0 p_bar_i + 1/2) / (G + n0),
 
     k_i,-g = sum_(h != g) R_ih / c_i the successes among the other G - 1 samples, n0 = ``prior``
-    pseudo-samples at the running success rate p_bar_i of earlier steps (``state``; none on the
-    first step: n0 = 0), + 1/2 a Jeffreys pseudo-count, c_i = the largest reward seen (the state's,
-    or this group's). For rewards in {0, c_i} (verifiable rewards: the simulator's family and the
+    pseudo-samples at the running success rate p_bar_i of earlier steps (``state``; none on a
+    prompt's first step: n0 = 0), + 1/2 a Jeffreys pseudo-count, c_i = the largest reward seen (the
+    state's, or this group's). For rewards in {0, c_i} (verifiable rewards: the simulator's family and the
     LLM runner's); other rewards count as fractional successes. ``ddof`` is not used.
 
     Why: GRPO's expected step is h_G(p) grad J_i (theory.finite_group), not the population
@@ -305,6 +314,11 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     steps, so a near-solved prompt's rare failure is weighted by about 1 / sigma_i rather than
     GRPO's cap, while pt stays in (0, 1): the scale is finite. A constant group gives 0. Cost:
     O(P G) per step, two numbers per prompt of state.
+    Rate (orthogonal case): each prompt then moves on its own, at the expected rate h grad J_i
+    (the time change, theory.reinforce_steps_by_time_change), and at the state's fixed point
+    p_bar_i = p_i the scale is at least GRPO's, h~_G(p) >= h_G(p), for every p, G, prior and eps
+    (checked, not proved: tests/test_adaptive.py, the smallest ratio 1.0014 at G = 1024): not
+    slower than GRPO's rate at the same lr; a stale p_bar can be below it for a while.
     rewards [..., P, G] -> [..., P, G]; state fields [..., P] (broadcast against rewards[..., 0]).
     """
     g = rewards.shape[-1]
@@ -314,7 +328,11 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     c = top if state is None else torch.maximum(state.c, top)
     total = rewards.sum(-1, keepdim=True)
     others = _safe_ratio(total - rewards, c.unsqueeze(-1))  # [..., P, G]: k_-g in units of c
-    n0, pb = (0.0, 0.0) if state is None else (prior, state.p_bar.unsqueeze(-1))
+    if state is None:
+        n0, pb = 0.0, 0.0
+    else:
+        n0 = torch.where(state.seen, prior, 0.0).to(rewards.dtype).unsqueeze(-1)  # [..., P, 1]
+        pb = state.p_bar.unsqueeze(-1)
     pt = (others + n0 * pb + 0.5) / (g + n0)
     d = rewards - rewards[..., :1]  # relative to the first reward: exactly 0 for a constant group
     loo = d - (d.sum(-1, keepdim=True) - d) / (g - 1)  # R_g - mean of the others
@@ -328,6 +346,7 @@ class FiniteGCorrected:
     Exact mode is the G -> infinity limit, exact grpo's s_i = 1 / (sigma_i + eps), and needs no state."""
 
     needs_rho = False
+    per_prompt = True  # a state per prompt: the LLM runners key it by the prompt (PromptStates)
 
     def __init__(self, decay: float = 0.9, prior: float = 8.0):
         if not 0.0 <= decay < 1.0:
@@ -342,14 +361,58 @@ class FiniteGCorrected:
         top = rewards.amax(-1)
         c = top if state is None else torch.maximum(state.c, top)
         rate = _safe_ratio(rewards.mean(-1), c)  # [..., P]: this group's success rate (0 while c = 0)
-        p_bar = rate if state is None else state.p_bar + (1 - self.decay) * (rate - state.p_bar)
-        return adv, FiniteGState(p_bar, c)
+        if state is None:
+            return adv, FiniteGState(rate, c, torch.ones_like(rate, dtype=torch.bool))
+        p_bar = torch.where(state.seen, state.p_bar + (1 - self.decay) * (rate - state.p_bar), rate)
+        return adv, FiniteGState(p_bar, c, torch.ones_like(state.seen))
 
     def scale_at(self, sigma, mu, state, eps):
         return _group_std_limit(sigma, mu, eps)
 
     def scale_step(self, sigma, mu, state, rho, eps):
         return _group_std_limit(sigma, mu, eps), None
+
+
+class PromptStates:
+    """An adaptive estimator's advantages across the steps of an LLM run (sim.llm: the native runner
+    and the TRL backend, the same object): a per-prompt state (grpo_finite) is kept per prompt key
+    (the prompt text: prompts are drawn from a data set, so a batch's rows change from step to step)
+    and gathered into the batch's rows before the step, scattered back after it; a per-run state
+    (grpo_phase) is kept as is. Every process computes it from the gathered rewards and keys, so
+    all hold the same state."""
+
+    def __init__(self, name: str, ddof: int, eps: float):
+        self.spec = get(name)
+        if self.spec.adaptive is None:
+            raise ValueError(f"{name} is not an adaptive estimator")
+        self.ddof, self.eps = ddof, eps
+        self.table: dict = {}  # prompt key -> (p_bar, c) (per-prompt rules)
+        self.state = None  # per-run rules
+
+    def __call__(self, rewards: torch.Tensor, keys: list, rho: torch.Tensor | None = None) -> torch.Tensor:
+        """Advantages [P, G] of rewards [P, G] for the prompts ``keys`` [P]; rho: the step's measured
+        rho_t (rules with needs_rho). A group with a NaN reward (TRL: a completion no reward function
+        scored) gets advantage 0 and leaves its prompt's state as it was."""
+        rule = self.spec.adaptive
+        if rule.needs_rho and rho is None:
+            raise ValueError(f"{self.spec.name} needs the step's rho_t")
+        if len(keys) != rewards.shape[0]:
+            raise ValueError(f"{len(keys)} prompt keys for {rewards.shape[0]} groups of rewards")
+        bad = torch.isnan(rewards).any(-1)  # [P]
+        clean = torch.where(bad.unsqueeze(-1), torch.zeros_like(rewards), rewards)
+        if not rule.per_prompt:
+            adv, self.state = rule.step(clean, self.state, rho, ddof=self.ddof, eps=self.eps)
+            return torch.where(bad.unsqueeze(-1), torch.zeros_like(adv), adv)
+        rows = [self.table.get(k) for k in keys]
+        seen = torch.tensor([r is not None for r in rows])
+        known = [r if r is not None else (0.0, 0.0) for r in rows]
+        state = FiniteGState(torch.tensor([r[0] for r in known], dtype=rewards.dtype),
+                             torch.tensor([r[1] for r in known], dtype=rewards.dtype), seen)
+        adv, new = rule.step(clean, state, rho, ddof=self.ddof, eps=self.eps)
+        for k, p_bar, c, skip in zip(keys, new.p_bar.tolist(), new.c.tolist(), bad.tolist()):
+            if not skip:
+                self.table[k] = (p_bar, c)  # a prompt drawn twice in one batch: its last row's
+        return torch.where(bad.unsqueeze(-1), torch.zeros_like(adv), adv)
 
 
 # -- exact-mode limits: per-prompt weight s_i of grad J_i, sigma and mu [..., P] -> [..., P] ----------
@@ -496,9 +559,9 @@ _BASE = (
     EstimatorSpec("grpo_oracle", "GRPO (true sigma)", grpo_oracle, _group_std_limit, _mean_baseline_factor,
                   True, 2, False, "none (the simulator knows sigma_i)"),
     # adaptive (issue 16): their stateless fields are their first step's (no state)
-    EstimatorSpec("grpo_phase", "GRPO (phase-aware)", grpo, _group_std_limit, None, True, 2, False,
+    EstimatorSpec("grpo_phase", "GRPO (phase-aware)", grpo, _group_std_limit, None, True, 2, True,
                   "none (std_i^alpha std_B^(1-alpha), alpha from the measured rho_t)", adaptive=PhaseAware()),
-    EstimatorSpec("grpo_finite", "GRPO (finite-G corrected)", grpo_finite, _group_std_limit, None, True, 2, False,
+    EstimatorSpec("grpo_finite", "GRPO (finite-G corrected)", grpo_finite, _group_std_limit, None, True, 2, True,
                   "none (leave-one-out std with a running prior)", adaptive=FiniteGCorrected()),
 )
 _BY_BASE = {s.name: s for s in _BASE}

@@ -93,7 +93,8 @@ def _finite_g_advantage(p_bar: float, c: float, prior: float):
     """grpo_finite at a fixed state, as a function of one group's rewards [n, G] (the enumerator's form)."""
     def adv(rows):
         n = rows.shape[0]
-        state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64))
+        state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64),
+                               torch.ones(n, 1, dtype=torch.bool))
         return E.grpo_finite(rows.unsqueeze(-2), state=state, prior=prior).squeeze(-2)
     return adv
 
@@ -132,7 +133,8 @@ def test_finite_g_lifts_grpos_cap_on_near_solved_prompts_and_tends_to_the_popula
 def test_finite_g_constant_groups_are_zero_and_nothing_is_nan():
     zeros = torch.zeros(3, 4, dtype=torch.float64)
     ones = torch.full((3, 4), 2.5, dtype=torch.float64)
-    state = E.FiniteGState(torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    state = E.FiniteGState(torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                           torch.tensor([True, True, False]))
     for r in (zeros, ones):
         for st_ in (None, state):
             for eps in (0.0, 1e-4):
@@ -140,7 +142,8 @@ def test_finite_g_constant_groups_are_zero_and_nothing_is_nan():
                 assert torch.equal(A, torch.zeros_like(r))
     # a first success on a prompt whose state has only seen 0 (p_bar = 0, c = 0): finite, c from the group
     r = torch.tensor([[0.0, 0.0, 0.0, 3.0]], dtype=torch.float64)
-    A = E.grpo_finite(r, eps=0.0, state=E.FiniteGState(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)))
+    A = E.grpo_finite(r, eps=0.0, state=E.FiniteGState(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                                                       torch.ones(1, dtype=torch.bool)))
     assert torch.isfinite(A).all() and float(A[0, 3]) > 0 > float(A[0, 0])
     with pytest.raises(ValueError, match="G >= 2"):
         E.grpo_finite(torch.ones(2, 1, dtype=torch.float64))
@@ -157,6 +160,13 @@ def test_finite_g_state_follows_the_groups_success_rate():
     assert torch.equal(A1, E.grpo_finite(r1, state=s0))  # the step reads the state before this group
     # p_bar <- p_bar + (1 - 0.9) (rate - p_bar): 0.5 + 0.1 * 0.5 = 0.55 and 0 + 0.1 * 0.25 = 0.025
     assert s1.p_bar.tolist() == pytest.approx([0.55, 0.025], abs=1e-15) and s1.c.tolist() == [2.0, 5.0]
+    # a prompt not seen before (the LLM runners' data sets) takes no prior and starts its rate anew
+    fresh = E.FiniteGState(s0.p_bar, s0.c, torch.tensor([True, False]))
+    A2, s2 = rule.step(r1, fresh, None, ddof=1, eps=1e-4)
+    assert torch.equal(A2[1], E.grpo_finite(r1[1:])[0]) and s2.p_bar.tolist() == pytest.approx([0.55, 0.25])
+    assert s2.seen.all()
+    unseen = E.FiniteGState.unseen((2,))
+    assert torch.equal(rule.step(r1, unseen, None, ddof=1, eps=1e-4)[0], E.grpo_finite(r1))
 
 
 def test_phase_aware_rule_in_the_engine_is_grpo_on_orthogonal_prompts():
@@ -174,3 +184,89 @@ def test_phase_aware_rule_in_the_engine_is_grpo_on_orthogonal_prompts():
         a, b = train_batch(runs["grpo"], engine="torch"), train_batch(runs["grpo_phase"])
         assert torch.equal(a.theta_private, b.theta_private) and torch.equal(a.theta_shared, b.theta_shared)
         assert (b.steps.rho == 1.0).all()
+
+
+def test_scorecard_compares_each_cell_with_the_best_fixed_choice():
+    """sim.analysis.adaptive_scorecard on hand-made runs whose answers are known: per cell the median
+    over seeds of steps to target (never reached = steps + 1), the best of GRPO / Dr. GRPO /
+    REINFORCE, the ratio, and phase III from the selected GRPO runs' logged phases; exact cells that
+    differ only in G are one."""
+    import pandas as pd
+
+    from sim.analysis import adaptive_scorecard
+
+    # (mode, G) -> estimator -> steps of seeds 0 and 1; None = never reached (counts as 1000 + 1)
+    table = {("sampled", 4): {"grpo": (100, 110), "dr_grpo": (120, 130), "reinforce": (150, 150),
+                              "grpo_phase": (108, 118), "grpo_finite": (90, 96)},
+             ("sampled", 16): {"grpo": (50, 50), "dr_grpo": (40, 44), "reinforce": (None, None),
+                               "grpo_phase": (60, 60), "grpo_finite": (40, 45)},
+             ("exact", 4): {"grpo": (30, 30), "dr_grpo": (60, 60), "reinforce": (60, 60),
+                            "grpo_phase": (30, 30), "grpo_finite": (30, 30)}}
+    table[("exact", 16)] = table[("exact", 4)]  # the same runs: exact mode has no groups
+    rows, steps = [], []
+    for (mode, G), by_est in table.items():
+        for est, per_seed in by_est.items():
+            for seed, n in enumerate(per_seed):
+                rid = f"{mode}{G}{est}{seed}"
+                rows.append({"run_id": rid, "mode": mode, "group_size": G, "orthogonality": 0.5, "estimator": est,
+                             "lr": 1.0, "seed": seed, "selected": True, "steps": 1000,
+                             "steps_to_target": 1000 if n is None else n, "reached_target": n is not None})
+                phase = "III" if (mode, G) == ("sampled", 4) and est == "grpo" and seed == 1 else "I"
+                steps.append({"run_id": rid, "step": 0, "phase": phase})
+    card = adaptive_scorecard(pd.DataFrame(rows), pd.DataFrame(steps), "grpo_finite").set_index(["mode", "group_size"])
+    assert len(card) == 3  # the two exact cells are one
+    s4, s16, ex = card.loc[("sampled", 4)], card.loc[("sampled", 16)], card.loc[("exact", 0)]
+    assert (s4.best, s4.best_steps, s4.adaptive_steps) == ("grpo", 105, 93)  # medians of (100, 110), (90, 96)
+    assert s4.faster_than_each and s4.within and s4.phase_iii
+    assert (s16.best, s16.best_steps, s16.adaptive_steps) == ("dr_grpo", 42, 42.5)  # 42.5 / 42 = 1.012
+    assert s16.within and not s16.faster_than_each and not s16.phase_iii
+    assert ex.ratio == 1.0 and not ex.faster_than_each  # a tie is not strictly faster
+    phase = adaptive_scorecard(pd.DataFrame(rows), pd.DataFrame(steps), "grpo_phase").set_index(["mode", "group_size"])
+    assert phase.loc[("sampled", 16)].ratio == pytest.approx(60 / 42) and not phase.loc[("sampled", 16)].within
+    assert phase.loc[("sampled", 4)].ratio == pytest.approx(113 / 105) and phase.loc[("sampled", 4)].within
+    with pytest.raises(ValueError, match="no selected runs of grpo_oracle"):
+        adaptive_scorecard(pd.DataFrame(rows), pd.DataFrame(steps), "grpo_oracle")
+
+
+@settings(max_examples=60, deadline=None)
+@given(G=st.integers(2, 1024), p=st.floats(0.0005, 0.9995), prior=st.floats(0.0, 64.0),
+       eps=st.sampled_from([0.0, 1e-4, 1e-2]), ddof=st.sampled_from([0, 1]), c=st.floats(0.1, 10.0))
+def test_finite_g_is_not_slower_than_grpo_in_the_orthogonal_case(G, p, prior, eps, ddof, c):
+    """The convergence statement of grpo_finite (its docstring): with orthogonal prompts each moves at
+    its own expected rate h grad J_i, and at the state's fixed point p_bar = p the finite-G-corrected
+    scale h~_G(p) is at least GRPO's h_G(p) (either ddof), so no prompt, and no run, is slower than
+    GRPO's at the same lr. Both scales are exact (each checked against enumeration above)."""
+    pt = torch.tensor(p, dtype=torch.float64)
+    grpo = float(grpo_expected_scale(pt, G, ddof, eps, c))
+    fixed = float(loo_expected_scale(pt, G, c, eps, p, prior))
+    assert fixed >= grpo, (fixed, grpo)
+
+
+def test_prompt_states_keep_a_state_per_prompt_across_batches():
+    """The LLM runners' PromptStates: the same advantages as the rule on a fixed set of prompts, with
+    the rows of each batch gathered from (and scattered to) the prompt's own state."""
+    rule = E.get("grpo_finite").adaptive
+    gen = torch.Generator().manual_seed(3)
+    keys = ["a", "b", "c"]
+    tracker = E.PromptStates("grpo_finite", ddof=1, eps=1e-4)
+    state = None
+    for _ in range(4):  # all prompts every step: the engine's case
+        r = (torch.rand(3, 6, generator=gen, dtype=torch.float64) < 0.4).double() * 2
+        want, state = rule.step(r, state, None, ddof=1, eps=1e-4)
+        assert torch.equal(tracker(r, keys), want)
+    # a batch that re-orders two prompts and brings a new one: each row reads its own prompt's state
+    r = (torch.rand(3, 6, generator=gen, dtype=torch.float64) < 0.4).double() * 2
+    mixed = tracker(r, ["c", "new", "a"])
+    own = E.FiniteGState(state.p_bar[[2, 0, 0]], state.c[[2, 0, 0]], torch.tensor([True, False, True]))
+    assert torch.equal(mixed, E.grpo_finite(r, state=own))
+    # a group TRL could not score: advantage 0, and its prompt's state stays
+    before = tracker.table["b"]
+    r2 = r.clone()
+    r2[0, 1] = float("nan")
+    out = tracker(r2, ["b", "a", "c"])
+    assert torch.equal(out[0], torch.zeros(6, dtype=torch.float64)) and tracker.table["b"] == before
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="not an adaptive estimator"):
+        E.PromptStates("grpo", 1, 1e-4)
+    with pytest.raises(ValueError, match="needs the step's rho_t"):
+        E.PromptStates("grpo_phase", 1, 1e-4)(r, keys)

@@ -16,7 +16,8 @@ def synthetic_results(seed=0):
     rng = np.random.default_rng(seed)
     runs, steps = [], []
     grid = itertools.product(["tabular", "linear"], [0.2, 1.0], [0.0, 1.0], [2, 8], [1e-4, 1e-1],
-                             ["reinforce", "grpo", "dr_grpo", "rloo", "grpo_batch"], [0, 1])
+                             ["reinforce", "grpo", "dr_grpo", "rloo", "grpo_batch", "grpo_phase", "grpo_finite"],
+                             [0, 1])
     for i, (kind, o, spread, G, eps, est, seed_) in enumerate(grid):
         rid = f"r{i:04d}"
         speed = 1.0 if est == "reinforce" else float(np.exp(rng.normal(0.3, 0.2)))
@@ -25,7 +26,8 @@ def synthetic_results(seed=0):
                      "estimator": est, "seed": seed_, "mode": "exact" if G == 2 else "sampled", "selected": True,
                      "speedup": speed, "speedup_censored": "lower" if (o == 0.2 and spread == 1.0) else "",
                      "predicted_gain": 1 + abs(rng.normal(0.5, 0.3)), "predicted_speedup": speed * 1.05,
-                     "stuck_prompts": int(o == 0.2 and spread == 1.0), "j_star": 1.0, "target_fraction": 0.9})
+                     "stuck_prompts": int(o == 0.2 and spread == 1.0), "j_star": 1.0, "target_fraction": 0.9,
+                     "steps": 200, "steps_to_target": int(100 / speed), "reached_target": True})
         t = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128])
         J = 1 - 0.6 * (1 + t) ** -0.8
         phase = ["I"] * 3 + ["II"] * 3 + ["III"] * 3

@@ -223,6 +223,38 @@ def test_trainer_uses_sim_estimators(tiny_dir, tmp_path, monkeypatch):
     assert all(torch.equal(b, p) for b, p in zip(before, tr.model.parameters()))
 
 
+def test_an_adaptive_estimator_keeps_its_state_per_prompt_across_steps(tiny_dir, tmp_path):
+    """grpo_finite in the native runner: each step's advantages come from the PromptStates of the
+    step's prompts (the examples drawn), which then hold every prompt trained on."""
+    cfg = T.LLMConfig(model=str(tiny_dir), estimator="grpo_finite", steps=3, prompts_per_step=3, group_size=4,
+                      diag_every=0, max_new_tokens=4)
+    tr = T.Trainer(cfg, tmp_path / "run", log=lambda *a: None)
+    drawn = set()
+    for step in range(3):
+        drawn |= {e.prompt for e in tr._prompts(step)[0]}
+        tr.step(step)
+    assert set(tr.adaptive.table) == drawn
+    assert all(0.0 <= p_bar <= 1.0 and c >= 0.0 for p_bar, c in tr.adaptive.table.values())
+    # grpo_phase reads rho_t at every step (the per-prompt gradients of the diagnostic subset) into
+    # its running mean, also on steps without diagnostics (diag_every = 0 here)
+    seen = []
+    real = estimators.phase_aware_alpha
+
+    def spy(rho, state=None, **kw):
+        seen.append(float(rho))
+        return real(rho, state, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(estimators, "phase_aware_alpha", spy):
+        tr = T.Trainer(dataclasses.replace(cfg, estimator="grpo_phase"), tmp_path / "phase", log=lambda *a: None)
+        for step in range(3):
+            tr.step(step)
+    assert len(seen) == 3 and all(0.0 <= r <= 1.0 for r in seen)
+    assert float(tr.adaptive.state.rho_ema) == pytest.approx(seen[0] + 0.1 * (seen[1] - seen[0]) + 0.1 * (
+        seen[2] - (seen[0] + 0.1 * (seen[1] - seen[0]))), abs=1e-12)
+
+
 def _cli(args, capsys):
     from sim.cli import main
 

@@ -128,13 +128,35 @@ def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_pat
     tok = model_mod.char_tokenizer()
     model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
-    for name in ("rloo", "grpo", "reinforce"):
-        trainer, diag = _sim_trainer(tmp_path, name, _varying)
+    for name in ("rloo", "grpo", "reinforce", "grpo_finite"):
+        steps = 2 if name == "grpo_finite" else 1  # an adaptive estimator: its per-prompt state after a step
+        trainer, diag = _sim_trainer(tmp_path, name, _varying, steps=steps)
         rewards = torch.as_tensor(diag.last_rewards).view(-1, 4)
         native = T.Trainer(T.LLMConfig(model=str(tmp_path / "tiny"), estimator=name, group_size=4,
                                        prompts_per_step=rewards.shape[0]), tmp_path / f"n-{name}", log=lambda *a: None)
-        _, adv = native._advantages(rewards)
+        batch = None
+        if name == "grpo_finite":  # the same state as TRL's before its last step, and the same prompts
+            keys = diag.last_prompts[::4]
+            assert len(trainer.sim_adaptive.table) >= len(set(keys))
+            native.adaptive.table = dict(trainer.sim_adaptive_before_last)
+            batch = [type("Example", (), {"prompt": k})() for k in keys]
+        _, adv = native._advantages(rewards, batch)
         torch.testing.assert_close(adv.reshape(-1), trainer._sim_last_advantages.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_adaptive_estimators_run_inside_trl_with_their_state():
+    """grpo_finite keeps a state per prompt (keyed by TRL's prompt text) and grpo_phase reads rho_t,
+    which the diagnostics' reward wrapper measures at every step for it (every = 0 here)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        trainer, diag = _sim_trainer(Path(d), "grpo_finite", _varying, steps=2)
+        prompts = {f"{i}*{i}=" for i in range(32)}
+        assert trainer.sim_adaptive.table and set(trainer.sim_adaptive.table) <= prompts
+        trainer, diag = _sim_trainer(Path(d), "grpo_phase", _varying, steps=2)
+        assert diag.rho_every_step and diag.last_rho is not None and 0.0 <= diag.last_rho <= 1.0
+        assert 0.0 <= float(trainer.sim_adaptive.state.rho_ema) <= 1.0
 
 
 def test_cli_trl_backend_writes_results(tmp_path):

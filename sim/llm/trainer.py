@@ -277,6 +277,9 @@ class Trainer:
             raise ConfigError(f"prompts-per-step: {cfg.prompts_per_step} is not divisible by {self.world} processes")
         self.diag = diag_parameters(self.acc.unwrap_model(self.model), cfg.diag_params)
         self.proj = None
+        # an adaptive estimator's state across steps (sim.estimators.PromptStates; None: stateless)
+        spec = estimators.get(cfg.estimator)
+        self.adaptive = estimators.PromptStates(cfg.estimator, cfg.ddof, cfg.eps) if spec.adaptive else None
 
     # -- one step -------------------------------------------------------------------------
     def _prompts(self, step: int):
@@ -302,12 +305,20 @@ class Trainer:
         texts = tok.batch_decode(seqs[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         return seqs, attn, enc.input_ids.shape[1], texts
 
-    def _advantages(self, rewards_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advantages(self, rewards_local: torch.Tensor, batch: list | None = None,
+                    rho: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather [P, G] rewards from all ranks, compute advantages of the whole batch with
-        sim.estimators.advantages, return (all rewards [P, G], local advantages [P_local, G])."""
+        sim.estimators.advantages (an adaptive estimator: its PromptStates, keyed by the prompts of
+        ``batch``, the step's examples), return (all rewards [P, G], local advantages [P_local, G])."""
         gathered = self.acc.gather(rewards_local.to(self.acc.device)).cpu()  # [P, G] in rank-major order
         P_loc = rewards_local.shape[0]
-        adv = estimators.advantages(self.cfg.estimator, gathered.double(), ddof=self.cfg.ddof, eps=self.cfg.eps)
+        if self.adaptive is None:
+            adv = estimators.advantages(self.cfg.estimator, gathered.double(), ddof=self.cfg.ddof, eps=self.cfg.eps)
+        else:  # rank r holds batch[r::world] (_prompts): the gathered rows' prompts in rank-major order
+            if batch is None:
+                raise ValueError(f"{self.cfg.estimator} keeps a state per prompt: pass the step's examples")
+            keys = [e.prompt for r in range(self.world) for e in batch[r::self.world]]
+            adv = self.adaptive(gathered.double(), keys, rho)
         return gathered, adv[self.rank * P_loc:(self.rank + 1) * P_loc].float()
 
     def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None):
@@ -342,13 +353,22 @@ class Trainer:
         rewards_local = torch.tensor([reward(t, e.answer, e.kind) for t, e in
                                       zip(texts, [e for e in local for _ in range(cfg.group_size)])],
                                      dtype=torch.float64).reshape(len(local), cfg.group_size)
-        rewards, adv = self._advantages(rewards_local)
         mask = completion_mask(seqs, plen, self.tok.eos_token_id, self.tok.pad_token_id)
         diagnose = cfg.diag_every and step % cfg.diag_every == 0
         t_diag = 0.0
+        centred = rewards_local - rewards_local.mean(-1, keepdim=True)  # [P_loc, G]
+        rho_now = None
+        if self.adaptive is not None and self.adaptive.spec.adaptive.needs_rho:
+            # an estimator that reads rho_t (grpo_phase): measured at every step on the diagnostic
+            # subset's per-prompt gradients, averaged over the processes so that all take one alpha
+            td = time.perf_counter()
+            g_now, _ = self._per_prompt_grads(seqs, attn, mask, centred)
+            mine = theory.gradient_orthogonality(g_now.double() @ g_now.double().T).reshape(1)
+            rho_now = self.acc.gather(mine.to(self.acc.device)).double().mean().cpu()
+            t_diag += time.perf_counter() - td
+        rewards, adv = self._advantages(rewards_local, batch, rho_now)
         if diagnose:
             td = time.perf_counter()
-            centred = rewards_local - rewards_local.mean(-1, keepdim=True)  # [P_loc, G]
             g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
             theta_before = self._param_vector()
             gain = half_group_gain(self.acc.unwrap_model(self.model), [p for _, p in self.diag], seqs, attn, mask,

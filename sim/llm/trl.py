@@ -69,6 +69,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         self.temperature = 1.0
         self.rows: list[dict] = []
         self.refused = ""
+        self.rho_every_step = False  # set by SimGRPOTrainer for an estimator that reads rho_t (grpo_phase)
+        self.last_rho: float | None = None
 
     # -- TrainerCallback ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -126,6 +128,7 @@ class GrpoSimDiagnostics(TrainerCallback):
         local = [math.nan if r is None else float(r) for r in rewards]
         every = np.asarray(gather_object(local), dtype=np.float64)
         self.last_rewards = every  # all processes' rewards in TRL's order (SimGRPOTrainer reads them)
+        self.last_prompts = gather_object([str(p) for p in prompts])  # their prompts (adaptive estimators' keys)
         if len(every) % self.G:
             return
         groups = every.reshape(-1, self.G)  # TRL's layout: each prompt's G completions consecutive
@@ -138,13 +141,17 @@ class GrpoSimDiagnostics(TrainerCallback):
                                                             self.sigma_bound))
         if self.every and step % self.every == 0 and not self.refused and completion_ids is not None:
             row.update(self._gradient_diagnostics(prompts, completion_ids, local))
+        if self.rho_every_step:  # an adaptive estimator reads rho_t at every step: the processes' mean
+            mine = row["rho"] if "rho" in row else self._gradient_diagnostics(prompts, completion_ids, local,
+                                                                              gain=False).get("rho", 1.0)
+            self.last_rho = float(np.mean(gather_object([mine])))
         for name in ("sigma_bar", "sigma_max", "zero_std_frac", "predicted_gain", "rho", "gain"):
             if name in row and row[name] == row[name]:
                 log_metric(f"grpo_sim/{name if name != 'sigma_bar' else 'sigma_mean'}", row[name])
         self.rows.append(row)
 
-    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float]) -> dict:
-        """rho and the measured gain on this process's whole groups (module docstring)."""
+    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True) -> dict:
+        """rho and the measured gain (``gain``) on this process's whole groups (module docstring)."""
         from sim.llm.trainer import completion_mask, diag_parameters, half_group_gain, per_prompt_gradients
 
         n = (len(local) // self.G) * self.G
@@ -178,12 +185,13 @@ class GrpoSimDiagnostics(TrainerCallback):
             with torch.enable_grad():
                 g, _ = per_prompt_gradients(model, params, ids, attn, mask, r - r.mean(-1, keepdim=True),
                                             self.temperature)
-                gain, reason = half_group_gain(model, params, ids, attn, mask, r, self.ddof, self.eps,
-                                               self.temperature)
+                measured = (dict(zip(("gain", "gain_undefined"),
+                                     half_group_gain(model, params, ids, attn, mask, r, self.ddof, self.eps,
+                                                     self.temperature))) if gain else {})
         finally:
             model.train(was_training)
         gram = g.double() @ g.double().T
-        return {"rho": float(theory.gradient_orthogonality(gram)), "gain": gain, "gain_undefined": reason}
+        return {"rho": float(theory.gradient_orthogonality(gram)), **measured}
 
 
 #: LLMConfig.loss_agg -> TRL's loss_type (DESIGN.md §4).
@@ -206,17 +214,31 @@ def sim_grpo_trainer():
     class SimGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, sim_estimator: str, sim_diagnostics: GrpoSimDiagnostics, sim_ddof: int = 1,
                      sim_eps: float = 1e-4, **kwargs):
-            estimators.get(sim_estimator)  # a one-line error for an unknown name, before TRL starts
+            spec = estimators.get(sim_estimator)  # a one-line error for an unknown name, before TRL starts
             self.sim_estimator, self.sim_diag, self.sim_ddof, self.sim_eps = sim_estimator, sim_diagnostics, \
                 sim_ddof, sim_eps
+            # an adaptive estimator's state across steps, keyed by the prompt (sim.estimators.PromptStates)
+            self.sim_adaptive = estimators.PromptStates(sim_estimator, sim_ddof, sim_eps) if spec.adaptive else None
+            sim_diagnostics.rho_every_step = bool(spec.adaptive and spec.adaptive.needs_rho)
             self.trl_advantages = None
             super().__init__(*args, **kwargs)
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
-            rewards = torch.as_tensor(self.sim_diag.last_rewards, dtype=torch.float64)
-            adv = estimators.advantages(self.sim_estimator, rewards.view(-1, self.num_generations),
-                                        ddof=self.sim_ddof, eps=self.sim_eps).reshape(-1)
+            rewards = torch.as_tensor(self.sim_diag.last_rewards, dtype=torch.float64).view(-1, self.num_generations)
+            if self.sim_adaptive is None:
+                adv = estimators.advantages(self.sim_estimator, rewards, ddof=self.sim_ddof, eps=self.sim_eps)
+            else:  # TRL's layout: each prompt's G completions consecutive, so every G-th prompt is a row's
+                keys = self.sim_diag.last_prompts[::self.num_generations]
+                self.sim_adaptive_before_last = dict(self.sim_adaptive.table)  # tests compare the backends' steps
+                rho = None
+                if self.sim_diag.rho_every_step:
+                    if self.sim_diag.last_rho is None:
+                        raise ValueError(f"estimator {self.sim_estimator} reads rho_t at every step, which the "
+                                         f"diagnostics could not measure ({self.sim_diag.refused or 'no gradients'})")
+                    rho = torch.tensor(self.sim_diag.last_rho, dtype=torch.float64)
+                adv = self.sim_adaptive(rewards, keys, rho)
+            adv = adv.reshape(-1)
             adv = torch.nan_to_num(adv, nan=0.0)  # unscorable completions carry no signal (as TRL)
             n = out["advantages"].shape[0]
             local = adv[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
