@@ -359,8 +359,8 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             n_iii = int(card["phase_iii"].sum())
-            ax.set_title(f"{sty['label']}\nwithin 10% of the best: {int(card['within'].sum())}/{len(card)} cells; "
-                         f"faster than each: {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii} "
+            ax.set_title(f"{sty['label']}\nwithin 10% of the best in {int(card['within'].sum())}/{len(card)} cells\n"
+                         f"faster than each in {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii} "
                          "phase-III cells", fontsize=7)
             ax.set_xlabel("best of GRPO, Dr. GRPO, REINFORCE: steps to target")
             ax.set_ylabel(f"{sty['label']}: steps to target")

@@ -584,12 +584,14 @@ def _llm_command(name: str, doc: str):
         values = _parse_axes(kwargs, False, (LLMConfig,))
         cfg = LLMConfig(**{k: v[0] for k, v in values.items()})
         trainer_mod.validate(cfg)
+        run_trl = None
+        if cfg.backend == "trl":
+            try:
+                from sim.llm.trl import run_trl
+            except ImportError:
+                raise ConfigError("backend: trl is not installed; run: pip install -e '.[trl]'") from None
         if name == "train":
-            if cfg.backend == "trl":
-                try:
-                    from sim.llm.trl import run_trl
-                except ImportError:
-                    raise ConfigError("backend: trl is not installed; run: pip install -e '.[trl]'") from None
+            if run_trl is not None:
                 trainer_mod.preflight(cfg)  # run_trl loads model and data after --out exists: check first
                 results.check_writable(out)
                 runs, _ = run_trl(cfg, out, log=console.print)
@@ -606,14 +608,24 @@ def _llm_command(name: str, doc: str):
                 raise ConfigError(f"estimators: unknown estimator {e!r}; choose from "
                                   f"{', '.join(estimators.LLM_NAMES)}")
             trainer_mod.validate(dataclasses.replace(cfg, estimator=e))
+        if run_trl is not None:
+            trainer_mod.preflight(cfg)
         rows = []
         for i, e in enumerate(names):
-            trainer = trainer_mod.Trainer(dataclasses.replace(cfg, estimator=e), out / e, log=console.print)
-            if i == 0:
-                results.check_writable(out)
-            runs, _ = trainer.run()
+            cfg_e = dataclasses.replace(cfg, estimator=e)
+            if run_trl is not None:  # each estimator inside TRL's GRPOTrainer, with the diagnostics callback
+                if i == 0:
+                    results.check_writable(out)
+                runs, steps = run_trl(cfg_e, out / e, log=console.print)
+                runs = runs.assign(step_seconds=float("nan"), diag_overhead=float("nan"))  # TRL times its own steps
+            else:
+                trainer = trainer_mod.Trainer(cfg_e, out / e, log=console.print)
+                if i == 0:
+                    results.check_writable(out)
+                runs, _ = trainer.run()
             rows.append(runs.iloc[0])
-        _print_llm_table(rows, f"GRPO vs REINFORCE from {cfg.model} (same checkpoint, prompts and seed) → {out}")
+        _print_llm_table(rows, f"{' vs '.join(names)} from {cfg.model} ({cfg.backend} backend; same checkpoint, "
+                               f"prompts and seed) → {out}")
 
     params = _option_params(False, (LLMConfig,))
     params.append(_param("out", typer.Option(f"results/llm-{name}", "--out", metavar="DIR", help="results directory"), str))
@@ -637,8 +649,9 @@ def _print_llm_table(rows, title: str) -> None:
 
 
 llm_app.command("train")(_llm_command("train", "Train one causal LM with one estimator; results in the simulator's format."))
-llm_app.command("compare")(_llm_command("compare", "Train GRPO and REINFORCE from the same checkpoint and seeds; "
-                                                   "print the side-by-side table."))
+llm_app.command("compare")(_llm_command("compare", "Train each estimator (default GRPO and REINFORCE) from the same "
+                                                   "checkpoint and seeds, natively or in TRL; print the side-by-side "
+                                                   "table."))
 
 
 #: Set to 1 to see the traceback of an unexpected error instead of its one line.

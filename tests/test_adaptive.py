@@ -53,11 +53,22 @@ def test_constant_groups_and_zero_eps_give_zeros_not_nan():
         E.grpo_interpolated(r, alpha=float("nan"))
 
 
-def test_phase_aware_alpha_follows_rho_with_its_running_mean():
-    alpha, state = E.phase_aware_alpha(torch.tensor(0.2, dtype=torch.float64))
-    assert float(alpha) == 0.2  # the first step takes rho_1
-    alpha, state = E.phase_aware_alpha(torch.tensor(1.0, dtype=torch.float64), state, decay=0.75)
-    assert math.isclose(float(alpha), 0.2 + 0.25 * 0.8, rel_tol=1e-15)  # 0.4
+def test_phase_aware_alpha_is_the_orthogonality_left_of_the_runs_peak():
+    f = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    alpha, state = E.phase_aware_alpha(f(0.8))
+    assert float(alpha) == 1.0  # the first step: rho_ema = rho_peak = rho_1
+    alpha, state = E.phase_aware_alpha(f(0.4), state, decay=0.75)
+    # rho_ema = 0.8 + 0.25 (0.4 - 0.8) = 0.7 against the peak 0.8: alpha = 0.875
+    assert math.isclose(float(alpha), 0.875, rel_tol=1e-15) and float(state.rho_peak) == 0.8
+    alpha, state = E.phase_aware_alpha(f(1.0), state, decay=0.75)
+    # rho_ema = 0.7 + 0.25 * 0.3 = 0.775, still under the peak
+    assert math.isclose(float(alpha), 0.775 / 0.8, rel_tol=1e-15)
+    # a static rho, however low, is not a loss: alpha stays 1 (GRPO), and rho = 0 throughout gives 1
+    state = None
+    for _ in range(5):
+        alpha, state = E.phase_aware_alpha(f(0.3), state)
+        assert float(alpha) == 1.0
+    assert float(E.phase_aware_alpha(f(0.0), E.phase_aware_alpha(f(0.0))[1])[0]) == 1.0
     with pytest.raises(ValueError, match="decay"):
         E.phase_aware_alpha(torch.tensor(0.5), decay=1.0)
     with pytest.raises(ValueError, match="NaN"):

@@ -71,7 +71,12 @@ def mixed_runs(mode, estimator, steps=30, G=4):
 @pytest.mark.parametrize("engine", ["torch", "numba"])
 def test_vectorized_engine_equals_per_run_loop(mode, estimator, engine):
     runs = mixed_runs(mode, estimator)
-    res = train_batch(runs, engine=engine)
+    _assert_equals_per_run_loop(runs, train_batch(runs, engine=engine))
+
+
+def _assert_equals_per_run_loop(runs, res):
+    """Each run of the batch result ``res`` against sim.reference.train_one: J at the logged steps
+    and the final parameters."""
     for r, run in enumerate(runs):
         ref = train_one(run)
         got = res.steps[res.steps.run_id == run.run_id].sort_values("step")
@@ -166,12 +171,7 @@ def test_adaptive_estimators_thread_their_state_as_the_per_run_loop(mode, estima
     runs = mixed_runs(mode, estimator)
     res = train_batch(runs)
     assert set(res.runs.engine) == {"torch"}
-    for r, run in enumerate(runs):
-        ref = train_one(run)
-        got = res.steps[res.steps.run_id == run.run_id].sort_values("step")
-        np.testing.assert_allclose(got["J"].to_numpy(), ref["J"][got["step"].to_numpy()], rtol=1e-11, atol=1e-12)
-        np.testing.assert_allclose(res.theta_private[r].numpy(), ref["theta_private"], rtol=1e-9, atol=1e-11)
-        np.testing.assert_allclose(res.theta_shared[r].numpy(), ref["theta_shared"], rtol=1e-9, atol=1e-11)
+    _assert_equals_per_run_loop(runs, res)
     # the state matters: the adaptive runs are not GRPO's (mixed_runs' problems are not orthogonal)
     grpo = train_batch(mixed_runs(mode, "grpo"))
     differs = not torch.allclose(grpo.theta_shared, res.theta_shared, rtol=1e-6, atol=0)

@@ -70,12 +70,39 @@ def _runs(drawn, estimator, mode, steps=25):
             for p, factor, seed in runs]
 
 
+#: Largest growth of a rounding-level perturbation of theta_0 over a run (``_amplification``) for which
+#: the two engines' rounding differences (about 1e-16 per operation) stay below the 1e-12 compared.
+MAX_AMPLIFICATION = 1e3
+
+
+def _amplification(runs) -> float:
+    """max |theta_T' - theta_T| / delta for the torch trajectory from theta_0 + delta z (z standard
+    normal, delta = 1e-13): how much the run amplifies rounding. An unstable equilibrium (prompts
+    whose shared-parameter pulls cancel at theta_0, e.g. o = 0 with equal difficulties) grows it
+    exponentially (1e5 over 25 steps seen), and then any two implementations part at 1e-11
+    whatever their correctness; a sampled step that flips a draw shows here too."""
+    from sim.engine import _with_stats, init_state, step
+
+    delta = 1e-13
+    a, b = init_state(runs), init_state(runs)
+    gen = torch.Generator().manual_seed(0)
+    b.theta_private += delta * torch.randn(b.theta_private.shape, generator=gen, dtype=b.theta_private.dtype)
+    b.theta_shared += delta * torch.randn(b.theta_shared.shape, generator=gen, dtype=b.theta_shared.dtype)
+    b = _with_stats(b)
+    with torch.no_grad():
+        for _ in range(runs[0].train.steps):
+            a, b = step(a), step(b)
+    dev = max(float((a.theta_private - b.theta_private).abs().max()), float((a.theta_shared - b.theta_shared).abs().max()))
+    return dev / delta
+
+
 @pytest.mark.parametrize("mode", ["exact", "sampled"])
 @pytest.mark.parametrize("estimator", [n for n in E.ALL_NAMES if n not in E.ADAPTIVE_NAMES])
 @SETTINGS
 @given(drawn=batches())
 def test_numba_engine_equals_torch_engine(estimator, mode, drawn):
     runs = _runs(drawn, estimator, mode)
+    assume(_amplification(runs) <= MAX_AMPLIFICATION)  # else 1e-12 agreement is not a property of the code
     ref, got = train_batch(runs, engine="torch"), train_batch(runs, engine="numba")
     close = dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got.theta_private.numpy(), ref.theta_private.numpy(), **close)

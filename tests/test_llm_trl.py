@@ -170,6 +170,16 @@ def test_cli_trl_backend_writes_results(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     runs, steps = sim.load_results(tmp_path / "run")
     assert runs["estimator"].iloc[0] == "rloo" and runs["backend"].iloc[0] == "trl" and len(steps) == 2
+    # compare --backend trl trains each estimator inside TRL (it ran the native runner before)
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "llm", "compare", "--backend", "trl", "--model",
+                        str(tmp_path / "tiny"), "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
+                        "--diag-every", "1", "--max-new-tokens", "4", "--estimators", "grpo,grpo_finite", "--out",
+                        str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "grpo vs grpo_finite" in r.stdout and "trl backend" in r.stdout
+    for est in ("grpo", "grpo_finite"):
+        runs, steps = sim.load_results(tmp_path / "cmp" / est)
+        assert runs["estimator"].iloc[0] == est and runs["backend"].iloc[0] == "trl" and len(steps) == 1
 
 
 def test_two_process_run_gathers_every_group(tmp_path):
