@@ -343,9 +343,11 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             except ValueError as e:
                 raise FigureInputError(f"figure {name}: {e}") from None
             sty = estimator_style(est)
+            if "mode" not in card:  # one mode in the results: the scorecard has no mode column
+                card = card.assign(mode=str(runs["mode"].iloc[0]))
             for mode, marker in (("exact", "o"), ("sampled", "^")):
                 for iii in (False, True):
-                    c = card[(card["mode"] == mode) & (card["phase_iii"] == iii)] if "mode" in card else card.iloc[:0]
+                    c = card[(card["mode"] == mode) & (card["phase_iii"] == iii)]
                     ax.scatter(c["best_steps"], c["adaptive_steps"], marker=marker, s=14,
                                facecolors=sty["color"] if iii else "none", edgecolors=sty["color"], linewidths=0.8,
                                label=f"{mode}{', phase III' if iii else ''}")

@@ -118,15 +118,16 @@ SAMPLED_GRADIENT_FLOOR = 1e-12
 
 
 def batch_rho(w: torch.Tensor, problem: Problem, index: torch.Tensor,
-              adv: torch.Tensor | None = None) -> torch.Tensor:
+              adv: torch.Tensor | None = None, live_only: bool = True) -> torch.Tensor:
     """rho_t [R] = theory.gradient_orthogonality of the per-prompt gradients g_i = sum_y w_iy phi(x_i, y)
     of the prompts ``index`` (at most RHO_MAX_PROMPTS of them: the Gram matrix costs O(P'^2 s)).
     w [R, P, K]: exact (grad J_i) or sampled weights; for sampled ones pass their advantages adv
     [R, P, G]: a gradient of norm <= SAMPLED_GRADIENT_FLOOR mean_g |A_ig| (||phi|| = 1) is 0 but
-    for rounding (all G responses the same, say) and has no direction."""
+    for rounding (all G responses the same, say) and has no direction. ``live_only``: over the pairs of
+    non-zero gradients (theory.gradient_orthogonality; what the adaptive rule reads)."""
     g_p, g_s = theory.per_prompt_gradients(w[:, index], problem.phi_private[:, index], problem.phi_shared[:, index])
     floor = None if adv is None else SAMPLED_GRADIENT_FLOOR * adv[:, index].abs().mean(-1)
-    return theory.gradient_orthogonality(theory.block_gram(g_p, g_s), floor)
+    return theory.gradient_orthogonality(theory.block_gram(g_p, g_s), floor, live_only=live_only)
 
 
 @dataclass(frozen=True)
@@ -448,7 +449,9 @@ class Recorder:
         emp = torch.where(flat, torch.zeros_like(emp), emp)
         P = pi.shape[-2]
         b, train = self.batch, self.batch.train
-        states = {train.estimator: state.estimator_state}  # an adaptive run's dJ_run at its current state
+        # an adaptive run's dJ_run at its state after step t - 1: its next step would also fold in
+        # that step's own rho_t (grpo_phase), which the gain draws do not measure
+        states = {train.estimator: state.estimator_state}
         if train.mode == "exact":
             dj = step_gain.exact_changes(mu, sigma, w, prob, state.theta_private, state.theta_shared, self.gain_lrs,
                                          train.eps, states)

@@ -201,8 +201,9 @@ class PhaseState:
 
     @property
     def alpha(self) -> torch.Tensor:
-        """alpha = rho_ema / rho_peak in [0, 1] (1 where rho_peak = 0: nothing has been lost)."""
-        ok = self.rho_peak > 0
+        """alpha = rho_ema / rho_peak in [0, 1] (1 where rho_peak = 0 or nothing is measured yet, NaN:
+        nothing has been lost)."""
+        ok = self.rho_peak > 0  # False for NaN
         return torch.where(ok, self.rho_ema.clamp_min(0) / torch.where(ok, self.rho_peak, torch.ones_like(self.rho_peak)),
                            torch.ones_like(self.rho_peak)).clamp(0.0, 1.0)
 
@@ -232,6 +233,10 @@ def phase_aware_alpha(rho: torch.Tensor, state: PhaseState | None = None, *,
     Orthogonal case: rho_t = 1 at every step (exactly: the per-prompt updates lie in orthogonal
     subspaces, so their Gram matrix is diagonal), hence alpha_t = 1 and the rule is GRPO, step for
     step, with GRPO's rate (tests/test_adaptive.py); so is any run whose rho_t never falls.
+    rho_t is taken over the pairs of prompts whose gradients are not zero (gradient_orthogonality's
+    live_only): a solved prompt or a constant group has no direction, and counting it as orthogonal
+    would pull rho_t back up exactly in the late phase. A NaN rho_t (fewer than two such prompts)
+    is no measurement: the state stays as it was (alpha = 1 until a first measurement).
     Cost per step: the rewards' stds, O(P G), plus rho_t, O(P^2 d) for P per-prompt gradients or
     gradient sketches of dimension d (the caller measures it: the engines do, sim.engine).
     rho [...] -> alpha [...].
@@ -239,13 +244,12 @@ def phase_aware_alpha(rho: torch.Tensor, state: PhaseState | None = None, *,
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must lie in [0, 1), got {decay}")
     rho = torch.as_tensor(rho, dtype=torch.float64) if not torch.is_tensor(rho) else rho
-    if bool(torch.isnan(rho).any()):
-        raise ValueError("rho is NaN: measure it on a batch with at least one non-zero prompt gradient")
     if state is None:
-        new = PhaseState(rho, rho)
-    else:  # as prev + (1 - decay) (rho - prev): equal to rho_t exactly where rho_t does not change
-        ema = state.rho_ema + (1 - decay) * (rho - state.rho_ema)
-        new = PhaseState(ema, torch.maximum(state.rho_peak, ema))
+        state = PhaseState(torch.full_like(rho, float("nan")), torch.full_like(rho, float("nan")))
+    prev = state.rho_ema
+    # as prev + (1 - decay) (rho - prev): equal to rho_t exactly where rho_t does not change
+    ema = torch.where(torch.isnan(rho), prev, torch.where(torch.isnan(prev), rho, prev + (1 - decay) * (rho - prev)))
+    new = PhaseState(ema, torch.fmax(state.rho_peak, ema))
     return new.alpha, new
 
 
@@ -321,7 +325,8 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     pseudo-samples at the running success rate p_bar_i of earlier steps (``state``; none on a
     prompt's first step: n0 = 0), + 1/2 a Jeffreys pseudo-count, c_i = the largest reward seen (the
     state's, or this group's). For rewards in {0, c_i} (verifiable rewards: the simulator's family and the
-    LLM runner's); other rewards count as fractional successes. ``ddof`` is not used.
+    LLM runner's); other rewards in [0, c_i] count as fractional successes, negative ones are refused
+    (ValueError). ``ddof`` is not used.
 
     Why: GRPO's expected step is h_G(p) grad J_i (theory.finite_group), not the population
     grad J_i / sigma_i, because sample g's std reads its own reward: that biases it and caps the
@@ -346,6 +351,8 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     g = rewards.shape[-1]
     if g < 2:
         raise ValueError("grpo_finite needs group size G >= 2")
+    if bool((rewards < 0).any()):  # c = the largest reward would not bound them: pt could leave (0, 1)
+        raise ValueError(f"grpo_finite needs rewards >= 0 (verifiable rewards in {{0, c}}), got {float(rewards.min()):g}")
     top = rewards.amax(-1)  # [..., P]
     c = top if state is None else torch.maximum(state.c, top)
     total = rewards.sum(-1, keepdim=True)

@@ -84,9 +84,10 @@ def train_one(run: RunConfig) -> dict[str, np.ndarray]:
 
 
 def _rho(w: np.ndarray, U: np.ndarray, V: np.ndarray, floor=None) -> torch.Tensor:
-    """rho = 1 - mean_(i != j) |cos(g_i, g_j)| of the per-prompt gradients g_i = sum_y w_iy phi(x_i, y),
-    written out on the full parameter vector [P*k + s] (prompt i's private block at i). w [P, K];
-    a gradient of norm <= floor[i] has no direction (rounding noise), as a zero one."""
+    """rho = 1 - mean |cos(g_i, g_j)| over the pairs i != j of non-zero per-prompt gradients
+    g_i = sum_y w_iy phi(x_i, y) (NaN without such a pair: what the adaptive rule reads), written out
+    on the full parameter vector [P*k + s] (prompt i's private block at i). w [P, K]; a gradient of
+    norm <= floor[i] has no direction (rounding noise), as a zero one."""
     P, _, k = U.shape
     g = np.zeros((P, P * k + V.shape[-1]))
     for i in range(P):
@@ -95,9 +96,10 @@ def _rho(w: np.ndarray, U: np.ndarray, V: np.ndarray, floor=None) -> torch.Tenso
     norms = np.linalg.norm(g, axis=1)
     if floor is not None:
         norms = np.where(norms > floor, norms, 0.0)
-    total = 0.0
+    total, pairs = 0.0, 0
     for i in range(P):
         for j in range(P):
             if i != j and norms[i] > 0 and norms[j] > 0:
                 total += abs(g[i] @ g[j]) / (norms[i] * norms[j])
-    return torch.tensor(1.0 - total / (P * (P - 1)) if P > 1 else 1.0, dtype=torch.float64)
+                pairs += 1
+    return torch.tensor(1.0 - total / pairs if pairs else float("nan"), dtype=torch.float64)

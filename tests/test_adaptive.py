@@ -71,8 +71,25 @@ def test_phase_aware_alpha_is_the_orthogonality_left_of_the_runs_peak():
     assert float(E.phase_aware_alpha(f(0.0), E.phase_aware_alpha(f(0.0))[1])[0]) == 1.0
     with pytest.raises(ValueError, match="decay"):
         E.phase_aware_alpha(torch.tensor(0.5), decay=1.0)
-    with pytest.raises(ValueError, match="NaN"):
-        E.phase_aware_alpha(torch.tensor(float("nan")))
+    # NaN (fewer than two prompts with a gradient) is no measurement: the state stays, alpha 1 before any
+    alpha, state = E.phase_aware_alpha(f(float("nan")))
+    assert float(alpha) == 1.0
+    alpha, state = E.phase_aware_alpha(f(0.6), state)
+    assert float(alpha) == 1.0 and float(state.rho_ema) == 0.6 and float(state.rho_peak) == 0.6
+    alpha, state = E.phase_aware_alpha(f(0.3), state, decay=0.5)  # 0.45 of the peak 0.6
+    again, kept = E.phase_aware_alpha(f(float("nan")), state)
+    assert float(alpha) == float(again) == pytest.approx(0.75) and kept == state
+
+
+def test_rho_for_the_rule_counts_only_prompts_with_a_gradient():
+    """live_only: two identical live gradients and two zero ones (solved prompts) have rho = 0 (aligned),
+    not the 1 - 2/12 = 0.833 of counting the zero ones as orthogonal."""
+    g = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    gram = g @ g.T
+    assert float(gradient_orthogonality(gram)) == pytest.approx(1 - 2 / 12)
+    assert float(gradient_orthogonality(gram, live_only=True)) == pytest.approx(0.0, abs=1e-15)
+    assert math.isnan(float(gradient_orthogonality(gram[2:, 2:], live_only=True)))
+    assert math.isnan(float(gradient_orthogonality(gram[:1, :1], live_only=True)))
 
 
 @settings(max_examples=20, deadline=None)
@@ -158,6 +175,8 @@ def test_finite_g_constant_groups_are_zero_and_nothing_is_nan():
     assert torch.isfinite(A).all() and float(A[0, 3]) > 0 > float(A[0, 0])
     with pytest.raises(ValueError, match="G >= 2"):
         E.grpo_finite(torch.ones(2, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rewards >= 0"):  # {-1, 0} rewards would divide by eps alone
+        E.grpo_finite(torch.tensor([[-1.0, 0.0, 0.0]], dtype=torch.float64))
 
 
 def test_finite_g_state_follows_the_groups_success_rate():
@@ -268,7 +287,9 @@ def test_prompt_states_keep_a_state_per_prompt_across_batches():
     # a batch that re-orders two prompts and brings a new one: each row reads its own prompt's state
     r = (torch.rand(3, 6, generator=gen, dtype=torch.float64) < 0.4).double() * 2
     mixed = tracker(r, ["c", "new", "a"])
-    own = E.FiniteGState(state.p_bar[[2, 0, 0]], state.c[[2, 0, 0]], torch.tensor([True, False, True]))
+    own = E.FiniteGState(state.p_bar[[2, 0, 0]] * torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64),
+                         state.c[[2, 0, 0]] * torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64),
+                         torch.tensor([True, False, True]))  # the new prompt: no state (p_bar = c = 0)
     assert torch.equal(mixed, E.grpo_finite(r, state=own))
     # a group TRL could not score: advantage 0, and its prompt's state stays
     before = tracker.table["b"]

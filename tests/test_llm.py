@@ -250,9 +250,14 @@ def test_an_adaptive_estimator_keeps_its_state_per_prompt_across_steps(tiny_dir,
         tr = T.Trainer(dataclasses.replace(cfg, estimator="grpo_phase"), tmp_path / "phase", log=lambda *a: None)
         for step in range(3):
             tr.step(step)
-    assert len(seen) == 3 and all(0.0 <= r <= 1.0 for r in seen)
-    assert float(tr.adaptive.state.rho_ema) == pytest.approx(seen[0] + 0.1 * (seen[1] - seen[0]) + 0.1 * (
-        seen[2] - (seen[0] + 0.1 * (seen[1] - seen[0]))), abs=1e-12)
+    # one rho per step, each in [0, 1] or NaN (fewer than two prompts with a gradient: no measurement),
+    # and the state is the rule's own over those measurements
+    assert len(seen) == 3 and all(r != r or 0.0 <= r <= 1.0 for r in seen)
+    state = None
+    for r in seen:
+        _, state = real(torch.tensor(r, dtype=torch.float64), state)
+    assert torch.equal(tr.adaptive.state.rho_ema, state.rho_ema) or (
+        torch.isnan(tr.adaptive.state.rho_ema) and torch.isnan(state.rho_ema))
 
 
 def _cli(args, capsys):

@@ -7,17 +7,20 @@ import torch
 from theory.shapes import check_shapes
 
 
-def gradient_orthogonality(gram: torch.Tensor, norm_floor: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_orthogonality(gram: torch.Tensor, norm_floor: torch.Tensor | None = None,
+                           live_only: bool = False) -> torch.Tensor:
     """rho = 1 - mean_{i != j} |cos(g_i, g_j)| from the Gram matrix of per-prompt gradients.
 
     gram [..., P, P] with gram_ij = <g_i, g_j>. A zero gradient (a converged prompt) has no
     direction; its cosines count as 0 (orthogonal), and so do a gradient's whose norm is at most
     ``norm_floor`` [..., P] (a sampled gradient that is 0 but for rounding, e.g. a group whose
-    responses are all the same: its direction is noise). P = 1 gives rho = 1. -> [...].
+    responses are all the same: its direction is noise). P = 1 gives rho = 1. ``live_only``: the
+    mean over the pairs of non-zero gradients only (solved prompts and constant groups then do
+    not pull rho towards 1), NaN where fewer than two are non-zero. -> [...].
     """
     P = check_shapes("gradient_orthogonality", gram=(gram, "... P P"), norm_floor=(norm_floor, "... P"))["P"]
     if P < 2:
-        return torch.ones(gram.shape[:-2], dtype=gram.dtype)
+        return torch.full(gram.shape[:-2], float("nan") if live_only else 1.0, dtype=gram.dtype)
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [..., P]
     if norm_floor is not None:
         norms = torch.where(norms > norm_floor, norms, torch.zeros_like(norms))
@@ -25,6 +28,11 @@ def gradient_orthogonality(gram: torch.Tensor, norm_floor: torch.Tensor | None =
     ok = denom > 0
     cos = torch.where(ok, gram / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(gram))
     off = cos.abs().sum((-2, -1)) - torch.diagonal(cos, dim1=-2, dim2=-1).abs().sum(-1)
+    if live_only:
+        live = (norms > 0).sum(-1).to(gram.dtype)  # [...]
+        pairs = live * (live - 1)
+        return torch.where(pairs > 0, 1.0 - off / torch.where(pairs > 0, pairs, torch.ones_like(pairs)),
+                           torch.full_like(pairs, float("nan")))
     return 1.0 - off / (P * (P - 1))
 
 

@@ -360,11 +360,12 @@ class Trainer:
         rho_now = None
         if self.adaptive is not None and self.adaptive.spec.adaptive.needs_rho:
             # an estimator that reads rho_t (grpo_phase): measured at every step on the diagnostic
-            # subset's per-prompt gradients, averaged over the processes so that all take one alpha
+            # subset's per-prompt gradients of every rank's prompts (gathered: every pair counts, and
+            # all ranks take one alpha), over the pairs of non-zero gradients
             td = time.perf_counter()
             g_now, _ = self._per_prompt_grads(seqs, attn, mask, centred)
-            mine = theory.gradient_orthogonality(g_now.double() @ g_now.double().T).reshape(1)
-            rho_now = self.acc.gather(mine.to(self.acc.device)).double().mean().cpu()
+            g_all = self.acc.gather(g_now.contiguous()).double().cpu()  # [P, d]
+            rho_now = theory.gradient_orthogonality(g_all @ g_all.T, live_only=True)
             t_diag += time.perf_counter() - td
         rewards, adv = self._advantages(rewards_local, batch, rho_now)
         if diagnose:

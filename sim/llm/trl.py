@@ -122,6 +122,7 @@ class GrpoSimDiagnostics(TrainerCallback):
     def _measure(self, prompts, completion_ids, rewards, kwargs) -> None:
         from accelerate.utils import gather_object
 
+        self.last_rho = None  # this step's, or none (a failed measurement is not last step's value)
         state = kwargs.get("trainer_state")
         log_metric = kwargs.get("log_metric", lambda name, value: None)
         step = int(state.global_step) if state is not None else len(self.rows)
@@ -142,16 +143,21 @@ class GrpoSimDiagnostics(TrainerCallback):
         if self.every and step % self.every == 0 and not self.refused and completion_ids is not None:
             row.update(self._gradient_diagnostics(prompts, completion_ids, local))
         if self.rho_every_step:  # an adaptive estimator reads rho_t at every step: the processes' mean
-            mine = row["rho"] if "rho" in row else self._gradient_diagnostics(prompts, completion_ids, local,
-                                                                              gain=False).get("rho", 1.0)
-            self.last_rho = float(np.mean(gather_object([mine])))
+            mine = (self._gradient_diagnostics(prompts, completion_ids, local, gain=False, live_only=True)
+                    .get("rho") if completion_ids is not None else None)
+            measured = [x for x in gather_object([mine]) if x is not None]
+            # NaN where no process had two live prompts: the rule keeps its state (phase_aware_alpha)
+            self.last_rho = float(np.mean(measured)) if measured else None
         for name in ("sigma_bar", "sigma_max", "zero_std_frac", "predicted_gain", "rho", "gain"):
             if name in row and row[name] == row[name]:
                 log_metric(f"grpo_sim/{name if name != 'sigma_bar' else 'sigma_mean'}", row[name])
         self.rows.append(row)
 
-    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True) -> dict:
-        """rho and the measured gain (``gain``) on this process's whole groups (module docstring)."""
+    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True,
+                              live_only: bool = False) -> dict:
+        """rho and the measured gain (``gain``) on this process's whole groups (module docstring);
+        ``live_only``: rho over the pairs of non-zero gradients (NaN without one), as the adaptive
+        rule reads it."""
         from sim.llm.trainer import completion_mask, diag_parameters, half_group_gain, per_prompt_gradients
 
         n = (len(local) // self.G) * self.G
@@ -191,7 +197,7 @@ class GrpoSimDiagnostics(TrainerCallback):
         finally:
             model.train(was_training)
         gram = g.double() @ g.double().T
-        return {"rho": float(theory.gradient_orthogonality(gram)), **measured}
+        return {"rho": float(theory.gradient_orthogonality(gram, live_only=live_only)), **measured}
 
 
 #: LLMConfig.loss_agg -> TRL's loss_type (DESIGN.md §4).
