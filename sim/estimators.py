@@ -156,7 +156,8 @@ def whiten(adv: torch.Tensor, *, ddof: int, var_floor: float = 0.0, eps: float =
     flat = adv.flatten(-2)  # [..., P*G]
     mean = flat.mean(-1, keepdim=True).unsqueeze(-1)  # [..., 1, 1]
     n = flat.shape[-1]
-    var = flat.var(-1, correction=ddof, keepdim=True).unsqueeze(-1) if n - ddof > 0 \
+    dev = flat - mean.squeeze(-1)  # written out: torch's var rounds differently with the batch size
+    var = ((dev * dev).sum(-1, keepdim=True) / (n - ddof)).unsqueeze(-1) if n - ddof > 0 \
         else torch.zeros_like(mean)
     out = (adv - mean) if shift_mean else adv
     return out * torch.rsqrt(torch.clamp(var, min=var_floor) + eps)
