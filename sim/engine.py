@@ -118,16 +118,16 @@ SAMPLED_GRADIENT_FLOOR = 1e-12
 
 
 def batch_rho(w: torch.Tensor, problem: Problem, index: torch.Tensor,
-              adv: torch.Tensor | None = None, live_only: bool = True) -> torch.Tensor:
-    """rho_t [R] = theory.gradient_orthogonality of the per-prompt gradients g_i = sum_y w_iy phi(x_i, y)
-    of the prompts ``index`` (at most RHO_MAX_PROMPTS of them: the Gram matrix costs O(P'^2 s)).
+              adv: torch.Tensor | None = None) -> torch.Tensor:
+    """rho_t [R] as the adaptive rule reads it: theory.gradient_orthogonality over the pairs of non-zero
+    per-prompt gradients g_i = sum_y w_iy phi(x_i, y) (live_only; NaN without a pair) of the prompts
+    ``index`` (at most RHO_MAX_PROMPTS of them: the Gram matrix costs O(P'^2 s)).
     w [R, P, K]: exact (grad J_i) or sampled weights; for sampled ones pass their advantages adv
     [R, P, G]: a gradient of norm <= SAMPLED_GRADIENT_FLOOR mean_g |A_ig| (||phi|| = 1) is 0 but
-    for rounding (all G responses the same, say) and has no direction. ``live_only``: over the pairs of
-    non-zero gradients (theory.gradient_orthogonality; what the adaptive rule reads)."""
+    for rounding (all G responses the same, say) and has no direction."""
     g_p, g_s = theory.per_prompt_gradients(w[:, index], problem.phi_private[:, index], problem.phi_shared[:, index])
     floor = None if adv is None else SAMPLED_GRADIENT_FLOOR * adv[:, index].abs().mean(-1)
-    return theory.gradient_orthogonality(theory.block_gram(g_p, g_s), floor, live_only=live_only)
+    return theory.gradient_orthogonality(theory.block_gram(g_p, g_s), floor, live_only=True)
 
 
 @dataclass(frozen=True)

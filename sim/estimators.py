@@ -187,9 +187,12 @@ def grpo_interpolated(rewards: torch.Tensor, *, alpha: float | torch.Tensor, ddo
     if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     a = a.reshape(a.shape + (1, 1))  # [..., 1, 1]
-    mixed = torch.where(a == 1, std_i, torch.where(a == 0, std_b.expand_as(std_i),
-                                                   std_i.pow(a) * std_b.pow(1 - a)))
-    return _safe_ratio(centered, mixed + eps, eps)
+    return _safe_ratio(centered, _geometric_mix(std_i, std_b.expand_as(std_i), a) + eps, eps)
+
+
+def _geometric_mix(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x^a y^(1 - a), elementwise; exactly x where a = 1 and y where a = 0 (not through pow)."""
+    return torch.where(a == 1, x, torch.where(a == 0, y, x.pow(a) * y.pow(1 - a)))
 
 
 @dataclass(frozen=True)
@@ -260,8 +263,7 @@ def interpolated_limit(sigma: torch.Tensor, mu: torch.Tensor, eps: float, alpha)
     bit. sigma, mu [..., P], alpha a float or [...] -> [..., P]."""
     a = torch.as_tensor(alpha, dtype=sigma.dtype, device=sigma.device)
     a = a.reshape(a.shape + (1,))  # [..., 1]
-    sigma_b = _batch_sigma(sigma, mu).expand_as(sigma)
-    mixed = torch.where(a == 1, sigma, torch.where(a == 0, sigma_b, sigma.pow(a) * sigma_b.pow(1 - a)))
+    mixed = _geometric_mix(sigma, _batch_sigma(sigma, mu).expand_as(sigma), a)
     return _safe_ratio(torch.ones_like(sigma), mixed + eps)
 
 
@@ -308,12 +310,6 @@ class FiniteGState:
     c: torch.Tensor
     seen: torch.Tensor
 
-    @staticmethod
-    def unseen(shape, dtype=torch.float64, device=None) -> "FiniteGState":
-        """The state of prompts never trained on, [*shape]."""
-        z = torch.zeros(shape, dtype=dtype, device=device)
-        return FiniteGState(z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=device))
-
 
 def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
                 state: FiniteGState | None = None, prior: float = 8.0) -> torch.Tensor:
@@ -354,8 +350,7 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
         raise ValueError("grpo_finite needs group size G >= 2")
     if bool((rewards < 0).any()):  # c = the largest reward would not bound them: pt could leave (0, 1)
         raise ValueError(f"grpo_finite needs rewards >= 0 (verifiable rewards in {{0, c}}), got {float(rewards.min()):g}")
-    top = rewards.amax(-1)  # [..., P]
-    c = top if state is None else torch.maximum(state.c, top)
+    c = _largest_reward(rewards, state)  # [..., P]
     total = rewards.sum(-1, keepdim=True)
     others = _safe_ratio(total - rewards, c.unsqueeze(-1))  # [..., P, G]: k_-g in units of c
     if state is None:
@@ -367,6 +362,12 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     d = rewards - rewards[..., :1]  # relative to the first reward: exactly 0 for a constant group
     loo = d - (d.sum(-1, keepdim=True) - d) / (g - 1)  # R_g - mean of the others
     return _safe_ratio(loo, c.unsqueeze(-1) * (pt * (1 - pt)).sqrt() + eps, eps)
+
+
+def _largest_reward(rewards: torch.Tensor, state: FiniteGState | None) -> torch.Tensor:
+    """c_i [..., P]: the largest reward seen, the state's and this group's."""
+    top = rewards.amax(-1)
+    return top if state is None else torch.maximum(state.c, top)
 
 
 class FiniteGCorrected:
@@ -388,8 +389,7 @@ class FiniteGCorrected:
 
     def step(self, rewards, state, rho, *, ddof, eps):
         adv = self.at(rewards, state, ddof=ddof, eps=eps)
-        top = rewards.amax(-1)
-        c = top if state is None else torch.maximum(state.c, top)
+        c = _largest_reward(rewards, state)
         rate = _safe_ratio(rewards.mean(-1), c)  # [..., P]: this group's success rate (0 while c = 0)
         if state is None:
             return adv, FiniteGState(rate, c, torch.ones_like(rate, dtype=torch.bool))

@@ -195,7 +195,8 @@ def test_finite_g_state_follows_the_groups_success_rate():
     A2, s2 = rule.step(r1, fresh, None, ddof=1, eps=1e-4)
     assert torch.equal(A2[1], E.grpo_finite(r1[1:])[0]) and s2.p_bar.tolist() == pytest.approx([0.55, 0.25])
     assert s2.seen.all()
-    unseen = E.FiniteGState.unseen((2,))
+    z = torch.zeros(2, dtype=torch.float64)
+    unseen = E.FiniteGState(z, z, torch.zeros(2, dtype=torch.bool))  # prompts never trained on
     assert torch.equal(rule.step(r1, unseen, None, ddof=1, eps=1e-4)[0], E.grpo_finite(r1))
 
 
