@@ -117,7 +117,7 @@ def test_trl_preset_reproduces_trls_own_advantages_and_reinforce_runs_inside_trl
     assert not torch.allclose(trainer.trl_advantages, rewards)
 
 
-def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_path):
+def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_path, monkeypatch):
     """The native runner's _advantages and the TRL backend apply one function (sim.estimators) with
     the run's ddof and eps: on the same rewards they give the same numbers."""
     import torch
@@ -128,6 +128,16 @@ def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_pat
     tok = model_mod.char_tokenizer()
     model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
+    from sim import estimators
+
+    tables = []  # the per-prompt state before each of TRL's steps
+    real_call = estimators.PromptStates.__call__
+
+    def recording(self, rewards, keys, rho=None):
+        tables.append(dict(self.table))
+        return real_call(self, rewards, keys, rho)
+
+    monkeypatch.setattr(estimators.PromptStates, "__call__", recording)
     for name in ("rloo", "grpo", "reinforce", "grpo_finite"):
         steps = 2 if name == "grpo_finite" else 1  # an adaptive estimator: its per-prompt state after a step
         trainer, diag = _sim_trainer(tmp_path, name, _varying, steps=steps)
@@ -137,8 +147,8 @@ def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_pat
         batch = None
         if name == "grpo_finite":  # the same state as TRL's before its last step, and the same prompts
             keys = diag.last_prompts[::4]
-            assert len(trainer.sim_adaptive.table) >= len(set(keys))
-            native.adaptive.table = dict(trainer.sim_adaptive_before_last)
+            assert len(tables) == 2 and tables[1] and set(trainer.sim_adaptive.table) >= set(keys)
+            native.adaptive.table = dict(tables[1])
             batch = [type("Example", (), {"prompt": k})() for k in keys]
         _, adv = native._advantages(rewards, batch)
         torch.testing.assert_close(adv.reshape(-1), trainer._sim_last_advantages.float(), rtol=1e-6, atol=1e-7)

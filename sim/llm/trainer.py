@@ -357,20 +357,21 @@ class Trainer:
         diagnose = cfg.diag_every and step % cfg.diag_every == 0
         t_diag = 0.0
         centred = rewards_local - rewards_local.mean(-1, keepdim=True)  # [P_loc, G]
+        # an estimator that reads rho_t (grpo_phase) needs the per-prompt gradients at every step,
+        # the diagnostics on their steps: one computation at theta_t serves both
+        needs_rho = self.adaptive is not None and self.adaptive.spec.adaptive.needs_rho
         rho_now = None
-        if self.adaptive is not None and self.adaptive.spec.adaptive.needs_rho:
-            # an estimator that reads rho_t (grpo_phase): measured at every step on the diagnostic
-            # subset's per-prompt gradients of every rank's prompts (gathered: every pair counts, and
-            # all ranks take one alpha), over the pairs of non-zero gradients
+        if diagnose or needs_rho:
             td = time.perf_counter()
-            g_now, _ = self._per_prompt_grads(seqs, attn, mask, centred)
-            g_all = self.acc.gather(g_now.contiguous()).double().cpu()  # [P, d]
-            rho_now = theory.gradient_orthogonality(g_all @ g_all.T, live_only=True)
+            g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
+            if needs_rho:  # every rank's prompts (gathered: every pair counts, and all ranks take one
+                # alpha), over the pairs of non-zero gradients
+                g_all = self.acc.gather(g_before.contiguous()).double().cpu()  # [P, d]
+                rho_now = theory.gradient_orthogonality(g_all @ g_all.T, live_only=True)
             t_diag += time.perf_counter() - td
         rewards, adv = self._advantages(rewards_local, batch, rho_now)
         if diagnose:
             td = time.perf_counter()
-            g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
             theta_before = self._param_vector()
             gain = half_group_gain(self.acc.unwrap_model(self.model), [p for _, p in self.diag], seqs, attn, mask,
                                    rewards_local, cfg.ddof, cfg.eps, cfg.temperature)  # at theta_t

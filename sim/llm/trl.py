@@ -140,24 +140,27 @@ class GrpoSimDiagnostics(TrainerCallback):
         past = [r["sigma_bar"] for r in self.rows] + [row["sigma_bar"]]
         row["predicted_gain"] = float(theory.predicted_gain(torch.tensor(past, dtype=torch.float64)[:, None],
                                                             self.sigma_bound))
-        if self.every and step % self.every == 0 and not self.refused and completion_ids is not None:
-            row.update(self._gradient_diagnostics(prompts, completion_ids, local))
-        if self.rho_every_step:  # an adaptive estimator reads rho_t at every step: the processes' mean
-            mine = (self._gradient_diagnostics(prompts, completion_ids, local, gain=False, live_only=True)
-                    .get("rho") if completion_ids is not None else None)
-            measured = [x for x in gather_object([mine]) if x is not None]
+        measurable = not self.refused and completion_ids is not None
+        diagnose = bool(self.every) and step % self.every == 0 and measurable
+        mine = None  # this process's rho_t for an adaptive estimator that reads it at every step
+        if diagnose or (self.rho_every_step and measurable):  # one pass of per-prompt gradients for both
+            measured = self._gradient_diagnostics(prompts, completion_ids, local, gain=diagnose)
+            mine = measured.pop("rho_live", None)
+            if diagnose:
+                row.update(measured)
+        if self.rho_every_step:  # the processes' mean; None where none could measure it
+            got = [x for x in gather_object([mine]) if x is not None]
             # NaN where no process had two live prompts: the rule keeps its state (phase_aware_alpha)
-            self.last_rho = float(np.mean(measured)) if measured else None
+            self.last_rho = float(np.mean(got)) if got else None
         for name in ("sigma_bar", "sigma_max", "zero_std_frac", "predicted_gain", "rho", "gain"):
             if name in row and row[name] == row[name]:
                 log_metric(f"grpo_sim/{name if name != 'sigma_bar' else 'sigma_mean'}", row[name])
         self.rows.append(row)
 
-    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True,
-                              live_only: bool = False) -> dict:
-        """rho and the measured gain (``gain``) on this process's whole groups (module docstring);
-        ``live_only``: rho over the pairs of non-zero gradients (NaN without one), as the adaptive
-        rule reads it."""
+    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True) -> dict:
+        """rho and the measured gain (``gain``) on this process's whole groups (module docstring), and
+        rho_live, rho over the pairs of non-zero gradients (NaN without one) as the adaptive rule
+        reads it, from the same gradients."""
         from sim.llm.trainer import completion_mask, diag_parameters, half_group_gain, per_prompt_gradients
 
         n = (len(local) // self.G) * self.G
@@ -197,7 +200,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         finally:
             model.train(was_training)
         gram = g.double() @ g.double().T
-        return {"rho": float(theory.gradient_orthogonality(gram, live_only=live_only)), **measured}
+        return {"rho": float(theory.gradient_orthogonality(gram)),
+                "rho_live": float(theory.gradient_orthogonality(gram, live_only=True)), **measured}
 
 
 #: LLMConfig.loss_agg -> TRL's loss_type (DESIGN.md §4).
@@ -236,7 +240,6 @@ def sim_grpo_trainer():
                 adv = estimators.advantages(self.sim_estimator, rewards, ddof=self.sim_ddof, eps=self.sim_eps)
             else:  # TRL's layout: each prompt's G completions consecutive, so every G-th prompt is a row's
                 keys = self.sim_diag.last_prompts[::self.num_generations]
-                self.sim_adaptive_before_last = dict(self.sim_adaptive.table)  # tests compare the backends' steps
                 rho = None
                 if self.sim_diag.rho_every_step:
                     if self.sim_diag.last_rho is None:
