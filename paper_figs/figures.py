@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from sim.results import ResultsError
-from sim.analysis import adaptive_scorecard, cell_speedups, censor_mark, mean_t_interval
+from sim.analysis import ADAPTIVE_TOLERANCE, adaptive_scorecard, cell_speedups, censor_mark, mean_t_interval
 from sim.estimators import ADAPTIVE_NAMES, ALL_NAMES
 from paper_figs.style import DOUBLE_COLUMN, OKABE_ITO, SEQUENCE, SINGLE_COLUMN, apply_style, estimator_style
 
@@ -355,7 +355,7 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             hi = float(max(card["best_steps"].max(), card["adaptive_steps"].max())) * 1.5
             xs = np.array([lo, hi])
             ax.plot(xs, xs, color="0.3", linewidth=0.8)
-            ax.fill_between(xs, xs, 1.1 * xs, color="0.8", alpha=0.6, linewidth=0)
+            ax.fill_between(xs, xs, (1 + ADAPTIVE_TOLERANCE) * xs, color="0.8", alpha=0.6, linewidth=0)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlim(lo, hi)

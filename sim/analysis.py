@@ -233,10 +233,13 @@ def summarize(runs: pd.DataFrame, group_by: list[str] | None = None) -> pd.DataF
 
 #: The fixed estimators an adaptive one is scored against (issue 16; README 'Adaptive normalization').
 ADAPTIVE_BASELINES = ("grpo", "dr_grpo", "reinforce")
+#: "Within" the best: at most this fraction more steps (issue 16's target; fig. 8's band).
+ADAPTIVE_TOLERANCE = 0.10
 
 
 def adaptive_scorecard(runs: pd.DataFrame, steps: pd.DataFrame, adaptive: str,
-                       baselines: tuple[str, ...] = ADAPTIVE_BASELINES, tolerance: float = 0.10) -> pd.DataFrame:
+                       baselines: tuple[str, ...] = ADAPTIVE_BASELINES,
+                       tolerance: float = ADAPTIVE_TOLERANCE) -> pd.DataFrame:
     """Per cell: ``adaptive``'s steps to the target against the best of ``baselines``', each at its
     selected (tuned) lr, from add_comparisons' runs table and the steps table.
 
