@@ -320,6 +320,16 @@ def advance_torch(state: TrainState, history: StepHistory, t1: int) -> TrainStat
     return state
 
 
+def transposed_features(state: TrainState) -> tuple[np.ndarray, np.ndarray]:
+    """The features transposed, phi_private [R, P, k, K] and phi_shared [R, P, s, K] (C order), as
+    the kernels take them (sim.kernels.advance): made once per batch, kept in state.cache."""
+    if "phiT" not in state.cache:
+        prob = state.batch.problem
+        state.cache["phiT"] = tuple(np.ascontiguousarray(f.numpy().transpose(0, 1, 3, 2))
+                                    for f in (prob.phi_private, prob.phi_shared))
+    return state.cache["phiT"]
+
+
 def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainState:
     """The same as ``advance_torch`` in one compiled call (sim.kernels.advance) that updates theta in
     place and writes the history of steps state.t..t1 (from step 1 on after the first call); the
@@ -330,12 +340,9 @@ def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainStat
     prob = b.problem
     code, ddof, eps, whiten, w_ddof, w_floor, w_eps = kernels.estimator_params(b.spec, train.ddof, train.eps)
     arr = lambda x: x.numpy()  # noqa: E731 -- CPU float64 tensors: views, no copies
-    if "phiT" not in state.cache:  # the features transposed once per batch (kernels.advance)
-        state.cache["phiT"] = tuple(np.ascontiguousarray(arr(f).transpose(0, 1, 3, 2))
-                                    for f in (prob.phi_private, prob.phi_shared))
     kernels.run(state.t, t1, 0 if state.t == 0 else state.t + 1, arr(state.theta_private),
                     arr(state.theta_shared), arr(prob.bias), arr(prob.rbar), arr(prob.q), arr(prob.scale),
-                    arr(prob.phi_private), arr(prob.phi_shared), *state.cache["phiT"], arr(b.lr_over_p), b.keys,
+                    arr(prob.phi_private), arr(prob.phi_shared), *transposed_features(state), arr(b.lr_over_p), b.keys,
                     train.mode == "exact",
                     code, ddof, eps, whiten, w_ddof, w_floor, w_eps, train.group_size, b.binary_q,
                     np.ascontiguousarray(arr(history.floor[:, 0])), arr(history.J), arr(history.sigma_bar), arr(history.min_sigma_ratio))
@@ -388,11 +395,14 @@ class Recorder:
     """Everything a batch logs: J_t and sigma_bar_t at every step (StepHistory), the diagnostics of
     DESIGN.md §3 at log-spaced steps, and at the end the per-run summary (``result``)."""
 
-    def __init__(self, batch: Batch):
+    def __init__(self, batch: Batch, compiled: bool = False):
+        """``compiled``: the batch trains on the numba engine, whose kernels also draw the sampled
+        per-step gain (step_gain.sampled_changes_compiled; the torch code otherwise)."""
         prob, train = batch.problem, batch.train
         R, P, K = prob.bias.shape
         on = {"dtype": prob.bias.dtype, "device": prob.bias.device}
         self.batch = batch
+        self.compiled = compiled
         reduced = {cfg: theory.reduced_features(theory.local_features(p.phi_private, p.phi_shared))
                    for cfg, p in batch.unique.items()}  # once per distinct problem
         self.phi_red = torch.stack([reduced[r.problem] for r in batch.runs]).to(on["device"])  # [R, P, K, r]
@@ -455,6 +465,11 @@ class Recorder:
         if train.mode == "exact":
             dj = step_gain.exact_changes(mu, sigma, w, prob, state.theta_private, state.theta_shared, self.gain_lrs,
                                          train.eps, states)
+        elif self.compiled:
+            dj = step_gain.sampled_changes_compiled(pi, sigma, mu, g_p, g_s, prob, state.theta_private,
+                                                    state.theta_shared, b.keys, state.t, train.group_size,
+                                                    self.gain_lrs, train.ddof, train.eps, train.gain_draws,
+                                                    transposed_features(state))
         else:
             dj = step_gain.sampled_changes(pi, sigma, mu, w, prob, state.theta_private, state.theta_shared,
                                            b.keys, state.t, train.group_size, self.gain_lrs, train.ddof, train.eps,
@@ -626,7 +641,7 @@ def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,
     advance = ENGINES[name]
     with torch.no_grad():
         state = init_state(runs, dtype, device)
-        recorder = Recorder(state.batch)
+        recorder = Recorder(state.batch, compiled=name == "numba")
         recorder.log(state)
         for t1 in recorder.log_steps[1:]:
             t0 = state.t

@@ -342,6 +342,122 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                 theta_s[r, b] += lr * gs[b]
 
 
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q, scale_c, phi_p, phi_s, phiT_p, phiT_s,
+                 theta_p, theta_s, J0, g_p, g_s, params, flags, lr_over_p, h, out):
+    """dJ per draw of sim.step_gain.sampled_changes for E stateless estimators (runs r0 <= r < r1).
+
+    For draw n of run r (its own counter stream draw_keys[r, n], the step's [2, P, G] draws, only
+    the first half for binary q): y_ig by inverse CDF from pi_i, R_ig = c_i q_i(y_ig) (binary q) or
+    c_i 1[u' < q_i(y_ig)], then per estimator e
+    A = its advantages, w_iy = (1/G) sum_g A_ig (e_(y_ig) - pi_i), the step
+    Delta = lr_e/P (sum_y w_iy phi_private[i, y] ; sum_i sum_y w_iy phi_shared[i, y]) and
+
+        out[e, r, n] = J(theta + Delta) - J0[r]  (- grad J . (Delta - E Delta) where flags[e, 1]),
+
+    E Delta the same blocks with w_iy replaced by h[e, r, i] pi_iy (rbar_iy - mu_i), i.e.
+    h_i grad J_i (grad J_i = (g_p, g_s) [R, P, k], [R, P, s]; grad J = (1/P) sum_i grad J_i).
+    params [E, 6] = (code, ddof, eps, w_ddof, w_floor, w_eps), flags [E, 2] = (whiten, control
+    variate); lr_over_p [E, R]; h [E, R, P]; draw_keys [R, N] uint64; out [E, R, N]."""
+    R, P, K = bias.shape
+    k = phi_p.shape[3]
+    s = phi_s.shape[3]
+    E = params.shape[0]
+    N = draw_keys.shape[1]
+    m = P * G
+    for r in range(r0, r1):
+        u = np.empty(2 * P * G)
+        cdf = np.empty((P, K))
+        ys = np.empty((P, G), dtype=np.int64)
+        rewards = np.empty((P, G))
+        adv = np.empty((P, G))
+        w = np.empty((P, K))
+        d_p = np.empty((P, k))
+        d_s = np.empty(s)
+        z = np.empty(K)
+        for p in range(P):
+            c = 0.0
+            for y in range(K):
+                c += pi[r, p, y]
+                cdf[p, y] = c
+            cdf[p, K - 1] = 2.0  # above every draw (sim.engine.sampled_response_weights)
+        for n in range(N):
+            _fill_uniforms(draw_keys[r, n], step, m, m if binary_q else 2 * m, u)
+            for p in range(P):
+                for g in range(G):
+                    i = p * G + g
+                    y = 0
+                    while cdf[p, y] <= u[i]:
+                        y += 1
+                    ys[p, g] = y
+                    hit = q[r, p, y] if binary_q else (1.0 if u[m + i] < q[r, p, y] else 0.0)
+                    rewards[p, g] = scale_c[r, p] * hit
+            for e in range(E):
+                code, ddof, eps = int(params[e, 0]), int(params[e, 1]), params[e, 2]
+                _advantages(rewards, adv, sigma[r], code, ddof, eps, flags[e, 0], int(params[e, 3]),
+                            params[e, 4], params[e, 5])
+                for p in range(P):
+                    total = 0.0
+                    for y in range(K):
+                        w[p, y] = 0.0
+                    for g in range(G):
+                        w[p, ys[p, g]] += adv[p, g]
+                        total += adv[p, g]
+                    for y in range(K):
+                        w[p, y] = (w[p, y] - pi[r, p, y] * total) / G
+                a = lr_over_p[e, r]
+                for b in range(s):
+                    d_s[b] = 0.0
+                for p in range(P):
+                    for j in range(k):
+                        d_p[p, j] = 0.0
+                    for y in range(K):
+                        wy = w[p, y]
+                        for j in range(k):
+                            d_p[p, j] += wy * phi_p[r, p, y, j]
+                        for b in range(s):
+                            d_s[b] += wy * phi_s[r, p, y, b]
+                    for j in range(k):
+                        d_p[p, j] *= a
+                for b in range(s):
+                    d_s[b] *= a
+                J = 0.0
+                for p in range(P):  # J at theta + Delta
+                    for y in range(K):
+                        z[y] = bias[r, p, y]
+                    for j in range(k):
+                        th = theta_p[r, p, j] + d_p[p, j]
+                        for y in range(K):
+                            z[y] += phiT_p[r, p, j, y] * th
+                    for b in range(s):
+                        th = theta_s[r, b] + d_s[b]
+                        for y in range(K):
+                            z[y] += phiT_s[r, p, b, y] * th
+                    zmax = -np.inf
+                    for y in range(K):
+                        zmax = max(zmax, z[y])
+                    total, mean = 0.0, 0.0
+                    for y in range(K):
+                        ez = math.exp(z[y] - zmax)
+                        total += ez
+                        mean += ez * rbar[r, p, y]
+                    J += mean / total
+                dJ = J / P - J0[r]
+                if flags[e, 1]:  # control variate grad J . (Delta - E Delta)
+                    lin = 0.0
+                    for b in range(s):
+                        expected, gsum = 0.0, 0.0
+                        for p in range(P):
+                            expected += h[e, r, p] * g_s[r, p, b]
+                            gsum += g_s[r, p, b]
+                        lin += gsum * (d_s[b] - a * expected)
+                    for p in range(P):
+                        for j in range(k):
+                            lin += g_p[r, p, j] * (d_p[p, j] - a * h[e, r, p] * g_p[r, p, j])
+                    dJ -= lin / P
+                out[e, r, n] = dJ
+
+
 _THREADS = [1]
 _POOL: list = [None]
 
@@ -357,12 +473,16 @@ def get_threads() -> int:
 
 
 def run(*args) -> None:
-    """``advance`` over all R runs (args as advance's, without r0, r1), on ``get_threads()`` threads:
-    the kernel releases the GIL, so blocks of runs advance in parallel."""
-    R = args[3].shape[0]  # theta_p [R, P, k]
+    """``advance`` over all R runs (args as advance's, without r0, r1), on ``get_threads()`` threads."""
+    in_blocks(advance, args[3].shape[0], *args)  # theta_p [R, P, k]
+
+
+def in_blocks(kernel, R: int, *args) -> None:
+    """kernel(r0, r1, *args) over runs 0 <= r < R, split into ``get_threads()`` contiguous blocks on
+    as many threads (the kernels release the GIL, so blocks run in parallel)."""
     n = min(_THREADS[0], R)
     if n <= 1:
-        advance(0, R, *args)
+        kernel(0, R, *args)
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -371,13 +491,13 @@ def run(*args) -> None:
             _POOL[0].shutdown(wait=True)
         _POOL[0] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="grpo-sim-kernel")
     bounds = [R * i // n for i in range(n + 1)]
-    futures = [_POOL[0].submit(advance, bounds[i], bounds[i + 1], *args) for i in range(n)]
+    futures = [_POOL[0].submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(n)]
     for f in futures:
         f.result()
 
 
 def warm_up() -> None:
-    """Compile (or load from the cache) both kernel variants on a tiny batch; Ctrl-C meanwhile
+    """Compile (or load from the cache) the kernels (advance in both modes, gain_changes) on a tiny batch; Ctrl-C meanwhile
     takes effect when it is done (sim._interrupts: inside LLVM's callbacks it would be lost)."""
     from sim import _interrupts
 
@@ -392,8 +512,14 @@ def _warm_up() -> None:
         advance(0, R, 0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
                 f((R, P, K, k)), f((R, P, K, s)), f((R, P, k, K)), f((R, P, s, K)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
                 0, 0.0, 0.0, G, True, f(R), f((R, 2)), f((R, 2)), np.full(R, np.inf))
+    N, E = 2, 1  # the sampled per-step gain's draws (sim.step_gain.sampled_changes_compiled)
+    gain_changes(0, R, 0, G, True, np.zeros((R, N), dtype=np.uint64), f((R, P, K)), f((R, P)), f((R, P, K)), f((R, P, K)),
+                 f((R, P, K)), f((R, P)), f((R, P, K, k)), f((R, P, K, s)), f((R, P, k, K)), f((R, P, s, K)),
+                 f((R, P, k)), f((R, s)), f(R), f((R, P, k)), f((R, P, s)), f((E, 6)), np.zeros((E, 2), dtype=np.bool_),
+                 f((E, R)), f((E, R, P)), f((E, R, N)))
 
 
 def is_cached() -> bool:
     """True when compiled kernels for this module lie in the cache (no compile on first use)."""
-    return any(Path(numba.config.CACHE_DIR).rglob("kernels.advance-*.nbi"))
+    cache = Path(numba.config.CACHE_DIR)
+    return all(any(cache.rglob(f"kernels.{name}-*.nbi")) for name in ("advance", "gain_changes"))

@@ -114,6 +114,42 @@ def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, ste
     return out
 
 
+def sampled_changes_compiled(pi, sigma, mu, g_p, g_s, problem, theta_p, theta_s, keys, step: int, group_size: int,
+                             lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int, phiT,
+                             control_variate: bool = True) -> dict[str, torch.Tensor]:
+    """``sampled_changes`` for stateless estimators in one compiled call (sim.kernels.gain_changes;
+    CPU float64): the same draws and formulas, sums in another order, so equal to rounding.
+    g_p [R, P, k], g_s [R, P, s]: grad J_i's blocks (theory.per_prompt_gradients of pi (rbar - mu));
+    phiT: the features transposed, ([R, P, k, K], [R, P, s, K]) as kernels.advance takes them."""
+    from sim import kernels
+
+    R, P, K = pi.shape
+    names = list(lrs)
+    params = np.zeros((len(names), 6))
+    flags = np.zeros((len(names), 2), dtype=np.bool_)
+    h = np.zeros((len(names), R, P))
+    for e, name in enumerate(names):
+        spec = estimators.get(name)
+        if spec.adaptive is not None:
+            raise ValueError(f"sampled_changes_compiled: {name} is adaptive (use sampled_changes)")
+        code, e_ddof, e_eps, whiten, w_ddof, w_floor, w_eps = kernels.estimator_params(spec, ddof, eps)
+        params[e] = (code, e_ddof, e_eps, w_ddof, w_floor, w_eps)
+        scale, known = spec.expected_scale(sigma, mu, problem.scale, exact=False, group_size=group_size, ddof=ddof,
+                                           eps=eps)
+        flags[e] = (whiten, known and control_variate)
+        h[e] = scale.numpy()
+    lr_over_p = np.stack([(lrs[name] / P).to(pi.dtype).numpy() for name in names])  # [E, R]
+    out = np.empty((len(names), R, draws))
+    arr = lambda x: np.ascontiguousarray(x.numpy())  # noqa: E731 -- CPU float64 tensors
+    binary_q = bool(((problem.q == 0) | (problem.q == 1)).all())  # reward flips need no draws (sim.engine.Batch)
+    kernels.in_blocks(kernels.gain_changes, R, step, group_size, binary_q,
+                      draw_keys(keys, draws).reshape(R, draws),
+                      arr(pi), arr(sigma), arr(problem.bias), arr(problem.rbar), arr(problem.q), arr(problem.scale),
+                      arr(problem.phi_private), arr(problem.phi_shared), *phiT, arr(theta_p), arr(theta_s),
+                      arr(mu.mean(-1)), arr(g_p), arr(g_s), params, flags, lr_over_p, h, out)
+    return {name: torch.from_numpy(out[e]) for e, name in enumerate(names)}
+
+
 def exact_changes(mu, sigma, w, problem, theta_p, theta_s, lrs: dict[str, torch.Tensor],
                   eps: float, states: dict | None = None) -> dict[str, torch.Tensor]:
     """dJ of the exact-mode step of every estimator in ``lrs``: {name: [R, 1]}; an adaptive
