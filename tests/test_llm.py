@@ -350,3 +350,56 @@ def test_an_interrupted_llm_run_says_what_it_left(tiny_dir, tmp_path, capsys, mo
     assert code == 130 and len(lines) == 1, err
     assert lines[0] == (f"interrupted (SIGINT); the run in {out} did not finish (its files there are partial); "
                         "rerun the command to train it again")
+
+
+def _qwen_with_biases():
+    """A tiny Qwen2 (its q/k/v projections carry biases) on the char tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = model_mod.char_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).double(), tok
+
+
+@pytest.mark.parametrize("spec", ["last-mlp", "mlp", "q_proj", "lm_head"])
+def test_combined_gradients_in_one_pass_equal_one_backward_per_row(spec, monkeypatch):
+    """The one-backward path (per-sequence gradients of nn.Linear weights and biases from the layer's
+    input and output gradient) against the definition, one autograd pass per row, at a reference
+    log-prob other than the current one (importance weights != 1); both row-forming forms."""
+    model, tok = _qwen_with_biases()
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    N, L = 12, 9
+    seqs = torch.randint(3, len(tok), (N, L), generator=gen)
+    attn = torch.ones(N, L, dtype=torch.long)
+    attn[0, -2:] = 0  # a shorter sequence (right padding)
+    mask = torch.zeros(N, L - 1, dtype=torch.bool)
+    mask[:, 4:] = True
+    coeffs = torch.randn(5, N, generator=gen, dtype=torch.float64)
+    ref = -torch.rand(N, generator=gen, dtype=torch.float64) - 20.0
+    params = [p for _, p in T.diag_parameters(model, spec)]
+    assert T._linear_owners(model, params) is not None  # the fast path is taken (q_proj: weights and biases)
+    if spec == "q_proj":
+        assert any(p.dim() == 1 for p in params)
+    with torch.enable_grad():
+        fast, logp = T.combined_gradients(model, params, seqs, attn, mask, coeffs, 1.3, ref)
+        monkeypatch.setattr(T, "PER_SEQUENCE_BUDGET", 0)
+        weighted, _ = T.combined_gradients(model, params, seqs, attn, mask, coeffs, 1.3, ref)
+        monkeypatch.setattr(T, "_linear_owners", lambda m, p: None)
+        slow, logp_slow = T.combined_gradients(model, params, seqs, attn, mask, coeffs, 1.3, ref)
+    assert fast.shape == (5, sum(p.numel() for p in params)) and float(slow.abs().max()) > 0
+    torch.testing.assert_close(logp, logp_slow)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6 * float(slow.abs().max()))
+    torch.testing.assert_close(weighted, slow, rtol=1e-5, atol=1e-6 * float(slow.abs().max()))
+
+
+def test_tied_weights_take_the_one_pass_per_row_path():
+    # the tiny Llama ties lm_head to the input embedding: its gradient also flows through the lookup
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    tied = [p for _, p in T.diag_parameters(model, "lm_head")]
+    assert T._linear_owners(model, tied) is None
+    assert T._linear_owners(model, [p for _, p in T.diag_parameters(model, "last-mlp")]) is not None

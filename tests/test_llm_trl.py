@@ -57,9 +57,15 @@ def test_callback_logs_the_diagnostics_and_writes_a_results_directory(tmp_path):
         sigma = np.asarray(rewards).reshape(-1, 4).std(-1)  # population std per group
         assert h["grpo_sim/sigma_mean"] == pytest.approx(sigma.mean(), abs=1e-6)
         assert 0.0 <= h["grpo_sim/rho"] <= 1.0
+    # a step's empirical M is measured after its update, so TRL logs it with the next step's metrics
+    assert "grpo_sim/empirical_M" not in logs[0]
+    assert all(h["grpo_sim/empirical_M"] >= 0 for h in logs[1:])
     runs, steps = sim.load_results(tmp_path / "res")
     assert len(runs) == 1 and list(steps["step"]) == [0, 1, 2, 3]
-    assert {"J", "sigma_bar", "zero_std_frac", "rho", "gain", "predicted_gain", "phase"} <= set(steps.columns)
+    assert {"J", "sigma_bar", "zero_std_frac", "rho", "gain", "predicted_gain", "phase",
+            "empirical_M"} <= set(steps.columns)
+    assert steps["empirical_M"].notna().all() and (steps["empirical_M"] >= 0).all()
+    assert [h["grpo_sim/empirical_M"] for h in logs[1:]] == pytest.approx(list(steps["empirical_M"][:3]))
     assert steps["phase"].notna().all()
     assert all(math.isnan(g) == (u != "") for g, u in zip(steps["gain"], steps["gain_undefined"].fillna("")))
 
@@ -221,3 +227,46 @@ def test_two_process_run_gathers_every_group(tmp_path):
     assert ranks[0]["logs"] == ranks[1]["logs"]
     runs, steps = sim.load_results(tmp_path / "res")
     assert len(steps) == 3
+
+
+def test_empirical_m_is_the_change_of_the_per_prompt_gradients_over_the_update(monkeypatch):
+    """on_step_end against the definition, computed here with one autograd pass per prompt (the
+    generic path): max_i ||g_i(theta') - g_i(theta)|| / ||theta' - theta|| / sigma_i over prompts with
+    sigma_i > 0, g_i at theta' on the same samples importance-weighted; a constant group is left out."""
+    import types
+
+    import torch
+
+    from sim.llm import trainer as T
+
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    diag = GrpoSimDiagnostics(num_generations=4)
+    diag.on_train_begin(types.SimpleNamespace(temperature=0.7), None, None, model=model, processing_class=tok)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [f"{i}+{i}=" for i in range(3) for _ in range(4)]
+    completions = [torch.randint(3, len(tok), (5,), generator=gen).tolist() for _ in prompts]
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # group 1 constant: sigma 0
+    measured = diag._gradient_diagnostics(prompts, completions, rewards, gain=True)
+    assert "rho" in measured and diag._pending_m is not None
+    diag.rows = [{"step": 0, "gain": measured["gain"]}]
+    ids, attn, mask, centred, logp = diag._pending_m["inputs"]
+    params = [p for _, p in T.diag_parameters(model, "last-mlp")]
+    theta = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    monkeypatch.setattr(T, "_linear_owners", lambda m, p: None)  # the reference: one pass per prompt
+    model.eval()
+    with torch.enable_grad():
+        before, _ = T.per_prompt_gradients(model, params, ids, attn, mask, centred, 0.7)
+    with torch.no_grad():  # an update of the diagnostic layer and of another one
+        for p in (params[0], model.model.layers[0].self_attn.q_proj.weight):
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    with torch.enable_grad():
+        after, _ = T.per_prompt_gradients(model, params, ids, attn, mask, centred, 0.7, ref_logp=logp)
+    monkeypatch.undo()
+    dtheta = float((torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta).norm())
+    sigma = torch.tensor(rewards).reshape(3, 4).double().std(-1, correction=0)
+    want = max(float((after[i] - before[i]).norm()) / dtheta / float(sigma[i]) for i in (0, 2))
+    diag.on_step_end(None, None, None)
+    assert diag.refused == ""
+    assert diag.rows[0]["empirical_M"] == pytest.approx(want, rel=1e-4)
+    assert diag.last_empirical_M == diag.rows[0]["empirical_M"] and diag._pending_m is None

@@ -173,6 +173,95 @@ def diag_parameters(model, spec: str) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
+#: Largest per-sequence gradient block (sequences x parameters) ``combined_gradients`` holds in memory;
+#: above it the rows are formed from coefficient-weighted output gradients instead (same numbers).
+PER_SEQUENCE_BUDGET = 2**25
+
+
+def _linear_owners(model, params) -> list[tuple[torch.nn.Linear, str]] | None:
+    """(module, "weight" | "bias") of each parameter when every one is the weight or bias of an
+    nn.Linear that holds no other module's parameter (tied weights get gradient elsewhere too);
+    None otherwise."""
+    holders: dict[int, list] = {}
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mod, name))
+    out = []
+    for p in params:
+        h = holders.get(id(p), [])
+        if len(h) != 1 or not isinstance(h[0][0], torch.nn.Linear) or h[0][1] not in ("weight", "bias"):
+            return None
+        out.append(h[0])
+    return out
+
+
+def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, temperature: float = 1.0,
+                       ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sum_k coeffs[j, k] grad w_k on ``params``, w_k = exp(log pi(y_k) - ref_k), log pi(y_k)
+    the sequence log-probability at ``temperature`` (ref = log pi at the current theta by default,
+    where grad w_k = grad log pi(y_k)): ([J, n] float32, sequence log-probs [N]). coeffs [J, N].
+
+    One forward pass. When every parameter is an nn.Linear's weight or bias (the default subsets),
+    one backward pass to those layers' outputs gives every sequence's own gradient: the sequences
+    of a batch do not interact, so with the layer input x_k,t and the output gradient
+    delta_k,t = d w_k / d out_k,t, grad_W w_k = sum_t delta_k,t x_k,t^T and grad_b w_k = sum_t delta_k,t,
+    and the rows are their coeffs-weighted sums. Otherwise one backward pass per row."""
+    owners = _linear_owners(model, params)
+    modules = list({id(m): m for m, _ in owners}.values()) if owners is not None else []
+    seen: dict[int, list] = {id(m): [] for m in modules}
+    hooks = [m.register_forward_hook(lambda mod, inputs, output: seen[id(mod)].append((inputs[0], output)))
+             for m in modules]
+    try:
+        seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)  # [N]
+    finally:
+        for h in hooks:
+            h.remove()
+    ref = seq_logp.detach() if ref_logp is None else ref_logp
+    weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
+    C = coeffs.to(seq_logp.device, torch.float32)
+    N = weight.shape[0]
+    once = owners is not None and all(len(v) == 1 and v[0][1].requires_grad and v[0][0].shape[0] == N
+                                      for v in seen.values())
+    if once:
+        outputs = [seen[id(m)][0][1] for m in modules]
+        deltas = dict(zip([id(m) for m in modules],
+                          torch.autograd.grad(weight.sum(), outputs, allow_unused=True)))
+        blocks = []
+        for (mod, kind), p in zip(owners, params):
+            delta = deltas[id(mod)]
+            if delta is None:  # the sequences' log-probs do not depend on this layer
+                blocks.append(torch.zeros(C.shape[0], p.numel(), device=C.device))
+                continue
+            d = delta.reshape(N, -1, delta.shape[-1]).float()  # [N, L, out]
+            if kind == "bias":
+                blocks.append(C @ d.sum(1))
+                continue
+            inp = seen[id(mod)][0][0].detach()
+            x = inp.reshape(N, -1, inp.shape[-1]).float()  # [N, L, in]
+            if N * p.numel() <= PER_SEQUENCE_BUDGET:  # every sequence's gradient [N, out * in], then the rows
+                blocks.append(C @ torch.einsum("nlo,nli->noi", d, x).reshape(N, -1))
+            else:  # the rows at once: sum_k,t (C_jk delta_k,t) x_k,t^T
+                weighted = torch.einsum("jn,nlo->jnlo", C, d).flatten(1, 2)  # [J, N L, out]
+                blocks.append((weighted.transpose(1, 2) @ x.flatten(0, 1)).flatten(1))
+        return torch.cat(blocks, 1), seq_logp.detach()
+    rows = []
+    for j in range(C.shape[0]):
+        g = torch.autograd.grad((C[j].to(weight.dtype) * weight).sum(), params, retain_graph=j < C.shape[0] - 1,
+                                allow_unused=True)
+        rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
+                               for x, p in zip(g, params)]))
+    return torch.stack(rows), seq_logp.detach()
+
+
+def prompt_rows(coeff: torch.Tensor) -> torch.Tensor:
+    """coeffs [P, N] of the per-prompt estimates g_i = (1/G) sum_g c_ig grad w_ig (``combined_gradients``):
+    row i holds c_i / G on prompt i's G sequences (prompt-major), 0 elsewhere. coeff [P, G]."""
+    P, G = coeff.shape
+    rows = torch.zeros(P, P, G, dtype=torch.float64)
+    rows[torch.arange(P), torch.arange(P)] = coeff.double().cpu() / G
+    return rows.reshape(P, P * G)
+
+
 def per_prompt_gradients(model, params, seqs, attn, mask, coeff: torch.Tensor, temperature: float = 1.0,
                          ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt gradient estimates on ``params``: ([P, n], sequence log-probs [N]), N = P G sequences
@@ -184,52 +273,40 @@ def per_prompt_gradients(model, params, seqs, attn, mask, coeff: torch.Tensor, t
     E[(r - mu) grad log pi]; with ref from an earlier theta the same samples are importance-weighted,
     so the difference of the two estimates follows the whole Hessian of J_i, E[(r - mu)(s s^T + grad s)],
     along the step."""
-    seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)  # [N]
-    ref = seq_logp.detach() if ref_logp is None else ref_logp
-    weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
-    c = coeff.reshape(-1).to(seq_logp.device, seq_logp.dtype)
-    P, G = coeff.shape
-    grads = []
-    for i in range(P):
-        sl = slice(i * G, (i + 1) * G)
-        g = torch.autograd.grad((c[sl] * weight[sl]).mean(), params, retain_graph=i < P - 1, allow_unused=True)
-        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
-                                for x, p in zip(g, params)]))
-    return torch.stack(grads), seq_logp.detach()
+    return combined_gradients(model, params, seqs, attn, mask, prompt_rows(coeff), temperature, ref_logp)
 
 
-def summed_gradient(model, params, seqs, attn, mask, coeff: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """sum_k coeff_k grad log pi(y_k) on ``params`` (one backward pass): [n]."""
-    seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)
-    g = torch.autograd.grad((coeff.reshape(-1).to(seq_logp.device, seq_logp.dtype) * seq_logp).sum(), params,
-                            allow_unused=True)
-    return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float() for x, p in zip(g, params)])
+def half_group_rows(rewards: torch.Tensor, ddof: int, eps: float) -> torch.Tensor | None:
+    """The measured gain's coefficients [3, N] for ``combined_gradients`` (rewards [P, G] of the
+    N = P G sequences, prompt-major); None when G < 4 (halves of fewer than 2 samples).
 
-
-def half_group_gain(model, params, seqs, attn, mask, rewards: torch.Tensor, ddof: int, eps: float,
-                    temperature: float = 1.0) -> tuple[float, str]:
-    """(gain, reason) from independent half-groups, rewards [P, G] of the N = P G sequences (prompt-major):
-    the first G//2 samples of every prompt give each estimator's update u_E = (1/P) sum_i (1/G_A)
-    sum_g A^E_ig grad log pi(y_ig) (advantages of that half alone), the other half an independent
-    estimate g_B of grad J (mean baseline), so g_B . u_E estimates the first-order one-step change of
-    J along E's update (unbiased: the halves are independent given theta). gain = (g_B . u_GRPO) /
-    (g_B . u_REINFORCE) at equal lr, on ``params``: the simulator's measured gain (sim.step_gain),
-    with the first-order change in place of the exact one. NaN with a reason where undefined
-    ("group_too_small": G < 4; "reinforce_not_improving": g_B . u_REINFORCE <= 0)."""
+    The first G//2 samples of every prompt give each estimator's update u_E = (1/P) sum_i (1/G_A)
+    sum_g A^E_ig grad log pi(y_ig) (advantages of that half alone; rows 1 and 2: GRPO, REINFORCE),
+    the other half an independent estimate g_B of grad J (mean baseline; row 0), so g_B . u_E
+    estimates the first-order one-step change of J along E's update (unbiased: the halves are
+    independent given theta); ``gain_from_rows`` takes their ratio."""
     P, G = rewards.shape
     half = G // 2
     if half < 2:
+        return None
+    r = rewards.double().cpu()
+    r_a, r_b = r[:, :half], r[:, half:]
+    rows = torch.zeros(3, P, G, dtype=torch.float64)
+    rows[0, :, half:] = (r_b - r_b.mean(-1, keepdim=True)) / (P * (G - half))
+    for j, name in ((1, "grpo"), (2, "reinforce")):
+        rows[j, :, :half] = estimators.advantages(name, r_a, ddof=ddof, eps=eps) / (P * half)
+    return rows.reshape(3, P * G)
+
+
+def gain_from_rows(rows: torch.Tensor | None) -> tuple[float, str]:
+    """(gain, reason) from the gradients [3, n] of ``half_group_rows`` (None: G < 4): gain =
+    (g_B . u_GRPO) / (g_B . u_REINFORCE) at equal lr, on the diagnostic subset, the simulator's
+    measured gain (sim.step_gain) with the first-order change in place of the exact one. NaN with a
+    reason where undefined ("group_too_small": G < 4; "reinforce_not_improving": g_B . u_REINFORCE <= 0)."""
+    if rows is None:
         return math.nan, "group_too_small"
-    idx_a = torch.cat([torch.arange(i * G, i * G + half) for i in range(P)]).to(seqs.device)
-    idx_b = torch.cat([torch.arange(i * G + half, (i + 1) * G) for i in range(P)]).to(seqs.device)
-    r_a, r_b = rewards[:, :half], rewards[:, half:]
-    g_b = summed_gradient(model, params, seqs[idx_b], attn[idx_b], mask[idx_b],
-                          (r_b - r_b.mean(-1, keepdim=True)) / (P * (G - half)), temperature)
-    change = {}
-    for name in ("grpo", "reinforce"):
-        adv = estimators.advantages(name, r_a.double(), ddof=ddof, eps=eps)
-        u = summed_gradient(model, params, seqs[idx_a], attn[idx_a], mask[idx_a], adv / (P * half), temperature)
-        change[name] = float(g_b.double() @ u.double())
+    g_b, u_grpo, u_reinforce = rows.double()
+    change = {"grpo": float(g_b @ u_grpo), "reinforce": float(g_b @ u_reinforce)}
     if not change["reinforce"] > 0:
         return math.nan, "reinforce_not_improving"
     return change["grpo"] / change["reinforce"], ""
@@ -321,18 +398,23 @@ class Trainer:
             adv = self.adaptive(gathered.double(), keys, rho)
         return gathered, adv[self.rank * P_loc:(self.rank + 1) * P_loc].float()
 
-    def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None):
-        """per_prompt_gradients on the diagnostic subset (optionally randomly projected)."""
+    def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None,
+                          extra: torch.Tensor | None = None):
+        """per_prompt_gradients on the diagnostic subset (optionally randomly projected); with ``extra``
+        (coeffs [J, N], e.g. half_group_rows) also those rows' gradients, unprojected, from the same
+        passes (combined_gradients): (g [P, n'], seq_logp [N], extra rows [J, n] or None)."""
         model = self.acc.unwrap_model(self.model)
-        G_, seq_logp = per_prompt_gradients(model, [p for _, p in self.diag], seqs, attn, mask, centred,
+        coeffs = prompt_rows(centred) if extra is None else torch.cat([prompt_rows(centred), extra])
+        rows, seq_logp = combined_gradients(model, [p for _, p in self.diag], seqs, attn, mask, coeffs,
                                             self.cfg.temperature, ref_logp)
+        G_, extra_rows = rows[:centred.shape[0]], (rows[centred.shape[0]:] if extra is not None else None)
         if self.cfg.diag_proj:
             if self.proj is None:
                 gen = torch.Generator().manual_seed(self.cfg.seed + 7)
                 self.proj = (torch.randn(G_.shape[1], self.cfg.diag_proj, generator=gen)
                              / math.sqrt(self.cfg.diag_proj)).to(G_.device)
             G_ = G_ @ self.proj
-        return G_, seq_logp
+        return G_, seq_logp, extra_rows
 
     def _param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.acc.unwrap_model(self.model).parameters()])
@@ -361,9 +443,10 @@ class Trainer:
         # the diagnostics on their steps: one computation at theta_t serves both
         needs_rho = self.adaptive is not None and self.adaptive.spec.adaptive.needs_rho
         rho_now = None
+        halves = half_group_rows(rewards_local, cfg.ddof, cfg.eps) if diagnose else None  # the measured gain's
         if diagnose or needs_rho:
             td = time.perf_counter()
-            g_before, logp_before = self._per_prompt_grads(seqs, attn, mask, centred)
+            g_before, logp_before, gain_rows = self._per_prompt_grads(seqs, attn, mask, centred, extra=halves)
             if needs_rho:  # every rank's prompts (gathered: every pair counts, and all ranks take one
                 # alpha), over the pairs of non-zero gradients
                 g_all = self.acc.gather(g_before.contiguous()).double().cpu()  # [P, d]
@@ -373,8 +456,7 @@ class Trainer:
         if diagnose:
             td = time.perf_counter()
             theta_before = self._param_vector()
-            gain = half_group_gain(self.acc.unwrap_model(self.model), [p for _, p in self.diag], seqs, attn, mask,
-                                   rewards_local, cfg.ddof, cfg.eps, cfg.temperature)  # at theta_t
+            gain = gain_from_rows(gain_rows)  # at theta_t, from the gradients above (half_group_rows)
             t_diag += time.perf_counter() - td
         logp = token_logprobs(self.model, seqs, attn, cfg.temperature)
         global_tokens = None
@@ -398,7 +480,7 @@ class Trainer:
                "diagnosed": bool(diagnose)}
         if diagnose:
             td = time.perf_counter()
-            g_after, _ = self._per_prompt_grads(seqs, attn, mask, centred, ref_logp=logp_before)
+            g_after, _, _ = self._per_prompt_grads(seqs, attn, mask, centred, ref_logp=logp_before)
             dtheta = (self._param_vector() - theta_before).norm()
             gram = (g_before.double() @ g_before.double().T)
             row["rho"] = float(theory.gradient_orthogonality(gram))

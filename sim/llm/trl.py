@@ -19,7 +19,11 @@ reach TRL's logs, wandb or tensorboard under ``grpo_sim/``):
 and every ``every`` steps (0: never), on the parameter subset ``diag_params`` (sim.llm.trainer.diag_parameters):
     rho                     1 - mean |cos| of the per-prompt gradient estimates (1/G) sum_g (r - mean) grad log pi
     gain                    dJ_GRPO / dJ_REINFORCE, the first-order one-step changes along each
-                            estimator's update from independent half-groups (sim.llm.trainer.half_group_gain)
+                            estimator's update from independent half-groups (sim.llm.trainer.half_group_rows)
+    empirical_M             max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i, the
+                            per-prompt estimates before and after the step's update on the same samples
+                            (``on_step_end``; logged with the next step's metrics, TRL's being gathered
+                            before the update)
 
 At the end of training (``on_train_end``) the steps and a one-row runs table are written to ``out`` as
 a grpo-sim results directory (manifest.json, runs.parquet, steps.parquet, with phase labels from
@@ -29,13 +33,16 @@ Scope. Log-probabilities are recomputed from the prompt text (tokenized by the t
 processing class, as TRL does) and the completion ids TRL passes, at ``args.temperature``. The
 gradient diagnostics use the process's own groups (only groups wholly on one process; the reward
 statistics use every group, gathered); under DeepSpeed ZeRO-3 or FSDP the parameters are sharded,
-and the gradient diagnostics are refused (``rho``/``gain`` are not logged) rather than computed on
+and the gradient diagnostics are refused (``rho``/``gain``/``empirical_M`` are not logged) rather than computed on
 shards. With several reward functions only the wrapped one is measured (wrap the sum yourself to
-measure the total). Conversational prompts are not supported by the gradient diagnostics.
+measure the total). Conversational prompts are not supported by the gradient diagnostics. The
+gradients of a diagnosed step take one forward and one backward pass (two more for the empirical M
+after the update), sim.llm.trainer.combined_gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -46,6 +53,17 @@ from transformers import TrainerCallback
 
 import theory
 from sim.results import stable_id, write_manifest, write_parquet
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no dropout in a diagnostic) for the duration, its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
 
 #: The TRL versions this module is tested with (the hooks it uses: reward kwargs log_metric and
 #: trainer_state, TrainerCallback.on_train_begin's model / processing_class).
@@ -71,6 +89,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         self.refused = ""
         self.rho_every_step = False  # set by SimGRPOTrainer for an estimator that reads rho_t (grpo_phase)
         self.last_rho: float | None = None
+        self._pending_m: dict | None = None  # what on_step_end needs for the empirical M of a diagnosed step
+        self.last_empirical_M: float | None = None  # logged at the next step's rewards
 
     # -- TrainerCallback ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -155,13 +175,19 @@ class GrpoSimDiagnostics(TrainerCallback):
         for name in ("sigma_bar", "sigma_max", "zero_std_frac", "predicted_gain", "rho", "gain"):
             if name in row and row[name] == row[name]:
                 log_metric(f"grpo_sim/{name if name != 'sigma_bar' else 'sigma_mean'}", row[name])
+        if self.last_empirical_M is not None:  # the last diagnosed step's, measured after its update
+            log_metric("grpo_sim/empirical_M", self.last_empirical_M)
+            self.last_empirical_M = None
         self.rows.append(row)
 
     def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True) -> dict:
         """rho and the measured gain (``gain``) on this process's whole groups (module docstring), and
         rho_live, rho over the pairs of non-zero gradients (NaN without one) as the adaptive rule
-        reads it, from the same gradients."""
-        from sim.llm.trainer import completion_mask, diag_parameters, half_group_gain, per_prompt_gradients
+        reads it, from the same gradients; all from one forward and one backward pass
+        (sim.llm.trainer.combined_gradients). On a ``gain`` step it also keeps what the empirical M
+        needs after the update (``on_step_end``)."""
+        from sim.llm.trainer import (combined_gradients, completion_mask, diag_parameters, gain_from_rows,
+                                     half_group_rows, prompt_rows)
 
         n = (len(local) // self.G) * self.G
         if n < 2 * self.G or self.model is None or self.tokenizer is None or not isinstance(prompts[0], str):
@@ -188,20 +214,53 @@ class GrpoSimDiagnostics(TrainerCallback):
             mask[k, :len(x) - 1] = m
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
         r = torch.tensor(local[:n], dtype=torch.float64).reshape(-1, self.G)
-        was_training = model.training
-        model.eval()  # no dropout in a diagnostic
-        try:
-            with torch.enable_grad():
-                g, _ = per_prompt_gradients(model, params, ids, attn, mask, r - r.mean(-1, keepdim=True),
-                                            self.temperature)
-                measured = (dict(zip(("gain", "gain_undefined"),
-                                     half_group_gain(model, params, ids, attn, mask, r, self.ddof, self.eps,
-                                                     self.temperature))) if gain else {})
-        finally:
-            model.train(was_training)
+        P = r.shape[0]
+        centred = r - r.mean(-1, keepdim=True)
+        halves = half_group_rows(r, self.ddof, self.eps) if gain else None
+        coeffs = prompt_rows(centred) if halves is None else torch.cat([prompt_rows(centred), halves])
+        with _eval_mode(self.model), torch.enable_grad():
+            rows, logp = combined_gradients(model, params, ids, attn, mask, coeffs, self.temperature)
+        g = rows[:P]
+        measured = dict(zip(("gain", "gain_undefined"), gain_from_rows(rows[P:] if halves is not None else None)))
+        if gain:  # the empirical M of this step is measured after the update, on the same samples
+            self._pending_m = {"inputs": (ids, attn, mask, centred, logp), "g_before": g, "sigma": r.std(-1, correction=0),
+                               "theta_before": self._trainable_vector()}
         gram = g.double() @ g.double().T
         return {"rho": float(theory.gradient_orthogonality(gram)),
-                "rho_live": float(theory.gradient_orthogonality(gram, live_only=True)), **measured}
+                "rho_live": float(theory.gradient_orthogonality(gram, live_only=True)),
+                **(measured if gain else {})}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """The empirical M of the last diagnosed step, after its update theta_t -> theta_t+1:
+        max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i over prompts with
+        sigma_i > 0, g_i the per-prompt estimate on the diagnostic subset, at theta_t+1 on the same
+        samples importance-weighted (the native runner's definition, sim.llm.trainer.Trainer.step).
+        It is logged as grpo_sim/empirical_M at the next step's rewards (TRL's metrics of a step
+        are gathered before its update) and written with its own step's row."""
+        pending, self._pending_m = self._pending_m, None
+        if pending is None or self.model is None:
+            return
+        try:
+            from sim.llm.trainer import diag_parameters, per_prompt_gradients
+
+            ids, attn, mask, centred, logp = pending["inputs"]
+            params = [p for _, p in diag_parameters(self.model, self.diag_params)]
+            with _eval_mode(self.model), torch.enable_grad():
+                g_after, _ = per_prompt_gradients(self.model, params, ids, attn, mask, centred, self.temperature,
+                                                  ref_logp=logp)
+            dtheta = float((self._trainable_vector() - pending["theta_before"]).norm())
+            smooth = (g_after - pending["g_before"]).norm(dim=-1).double().cpu() / max(dtheta, 1e-30)  # [P]
+            live = pending["sigma"] > 0
+            value = float((smooth[live] / pending["sigma"][live]).max()) if live.any() else 0.0
+        except Exception as e:  # a diagnostic must never stop a training run
+            self.refused = f"diagnostics failed: {type(e).__name__}: {e}"
+            return
+        self.last_empirical_M = value
+        if self.rows and "gain" in self.rows[-1]:  # the diagnosed step's row (the last one measured)
+            self.rows[-1]["empirical_M"] = value
+
+    def _trainable_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.model.parameters() if p.requires_grad])
 
 
 #: LLMConfig.loss_agg -> TRL's loss_type (DESIGN.md §4).
