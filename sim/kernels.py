@@ -1,5 +1,6 @@
 """Compiled CPU engine (numba): the training loop of sim.engine for all runs of a batch, from one
-logged step to the next, without Python in the inner loop.
+logged step to the next, without Python in the inner loop (``advance``); and, at the logged steps
+of a sampled batch, the measured per-step gain's draws (``gain_changes``, sim.step_gain).
 
 Dimension legend
     R   runs (parallel over them: prange)   P   prompts   K   responses (y)   G   group size (g)
