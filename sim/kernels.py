@@ -188,6 +188,23 @@ def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _response_weights(adv, ys, pi, w):
+    """w [P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from advantages adv and responses ys [P, G],
+    pi [P, K] (the sampled update's response weights, sim.engine.sampled_response_weights)."""
+    P, G = adv.shape
+    K = pi.shape[1]
+    for p in range(P):
+        total = 0.0
+        for y in range(K):
+            w[p, y] = 0.0
+        for g in range(G):
+            w[p, ys[p, g]] += adv[p, g]
+            total += adv[p, g]
+        for y in range(K):
+            w[p, y] = (w[p, y] - pi[p, y] * total) / G
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps):
     """scale [P] = the estimator's population scale s_i (sim.estimators limits)."""
     P = mu.shape[0]
@@ -317,15 +334,7 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                         hit = q[r, p, y] if binary_q else (1.0 if u[P * G + i] < q[r, p, y] else 0.0)
                         rewards[p, g] = scale_c[r, p] * hit
                 _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps)
-                for p in range(P):
-                    total = 0.0
-                    for y in range(K):
-                        w[p, y] = 0.0
-                    for g in range(G):
-                        w[p, ys[p, g]] += adv[p, g]
-                        total += adv[p, g]
-                    for y in range(K):
-                        w[p, y] = (w[p, y] - pi[p, y] * total) / G
+                _response_weights(adv, ys, pi, w)
             for b in range(s):
                 gs[b] = 0.0
             for p in range(P):  # gradient blocks and the update
@@ -397,15 +406,7 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
                 code, ddof, eps = int(params[e, 0]), int(params[e, 1]), params[e, 2]
                 _advantages(rewards, adv, sigma[r], code, ddof, eps, flags[e, 0], int(params[e, 3]),
                             params[e, 4], params[e, 5])
-                for p in range(P):
-                    total = 0.0
-                    for y in range(K):
-                        w[p, y] = 0.0
-                    for g in range(G):
-                        w[p, ys[p, g]] += adv[p, g]
-                        total += adv[p, g]
-                    for y in range(K):
-                        w[p, y] = (w[p, y] - pi[r, p, y] * total) / G
+                _response_weights(adv, ys, pi[r], w)
                 a = lr_over_p[e, r]
                 for b in range(s):
                     d_s[b] = 0.0
