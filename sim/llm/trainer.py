@@ -240,9 +240,10 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
             x = inp.reshape(N, -1, inp.shape[-1]).float()  # [N, L, in]
             if N * p.numel() <= PER_SEQUENCE_BUDGET:  # every sequence's gradient [N, out * in], then the rows
                 blocks.append(C @ torch.einsum("nlo,nli->noi", d, x).reshape(N, -1))
-            else:  # the rows at once: sum_k,t (C_jk delta_k,t) x_k,t^T
-                weighted = torch.einsum("jn,nlo->jnlo", C, d).flatten(1, 2)  # [J, N L, out]
-                blocks.append((weighted.transpose(1, 2) @ x.flatten(0, 1)).flatten(1))
+            else:  # row by row, sum_k,t (C_jk delta_k,t) x_k,t^T: one [N L, out] array at a time
+                xs = x.flatten(0, 1)  # [N L, in]
+                blocks.append(torch.stack([((C[j][:, None, None] * d).flatten(0, 1).T @ xs).flatten()
+                                           for j in range(C.shape[0])]))
         return torch.cat(blocks, 1), seq_logp.detach()
     rows = []
     for j in range(C.shape[0]):
