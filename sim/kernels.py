@@ -3,7 +3,7 @@ logged step to the next, without Python in the inner loop (``advance``); and, at
 of a sampled batch, the measured per-step gain's draws (``gain_changes``, sim.step_gain).
 
 Dimension legend
-    R   runs (parallel over them: prange)   P   prompts   K   responses (y)   G   group size (g)
+    R   runs (parallel over them: blocks of runs on threads, ``in_blocks``)   P   prompts   K   responses (y)   G   group size (g)
     k   private dims (a)                    s   shared dims (b)
 
 Per run and step t it computes exactly what sim.engine.step does (DESIGN.md §3, §4):
@@ -512,14 +512,14 @@ def _warm_up(interrupted=lambda: False) -> None:
     """advance in both modes, then gain_changes; on a first run gain_changes compiles meanwhile in a
     helper process into the same cache (``_compile_elsewhere``), which then loads in about 0.3 s:
     with 2 cores the first compile takes about the time of the larger kernel instead of both."""
+    import time
+
     helper = _compile_elsewhere("_warm_gain") if not is_cached() else None
     try:
         _warm_advance()
-        if helper is not None and not interrupted():
-            try:
-                helper.wait(timeout=600)
-            except Exception:  # noqa: BLE001 -- any failure: compile here instead
-                pass
+        deadline = time.monotonic() + 120  # a helper that takes longer has failed: compile here
+        while helper is not None and helper.poll() is None and not interrupted() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if not interrupted():
             _warm_gain()
     finally:
@@ -530,16 +530,21 @@ def _warm_up(interrupted=lambda: False) -> None:
 
 def _compile_elsewhere(function: str):
     """A helper process running ``function`` of this module (a warm-up) against the same cache
-    directory, or None where one cannot be started (the caller then compiles in-process)."""
+    directory, or None where one cannot be started (the caller then compiles in-process). It is
+    its own session (Ctrl-C is the caller's to act on: ``_warm_up`` stops it) and dies with its
+    parent (sim._parent_death)."""
     import subprocess
     import sys
 
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(numba.config.CACHE_DIR))
+    root = str(Path(__file__).resolve().parent.parent)  # where this ``sim`` package is imported from
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(numba.config.CACHE_DIR),
+               PYTHONPATH=os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     try:
-        return subprocess.Popen([sys.executable, "-c", f"from sim import kernels; kernels.{function}()"],
-                                cwd=str(Path(__file__).resolve().parent.parent), env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except OSError:
+        code = f"from sim._parent_death import die_with_parent; die_with_parent(); from sim import kernels; kernels.{function}()"
+        return subprocess.Popen([sys.executable, "-c", code],
+                                cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    except (OSError, ValueError, TypeError):  # no executable, or no process can be started here
         return None
 
 

@@ -208,10 +208,10 @@ def test_cache_lives_under_the_users_cache_dir(monkeypatch, tmp_path):
     assert kernels.is_cached()  # the kernels this process loaded are on disk
 
 
-@pytest.mark.parametrize("control_variate", [True, False])
+@pytest.mark.parametrize("control_variate,ddof,eps", [(True, 1, 1e-4), (False, 1, 1e-4), (True, 0, 0.0)])
 @SETTINGS
 @given(drawn=batches(), draws=st.integers(2, 9), t=st.integers(0, 40))
-def test_compiled_gain_draws_equal_the_torch_ones(control_variate, drawn, draws, t):
+def test_compiled_gain_draws_equal_the_torch_ones(control_variate, ddof, eps, drawn, draws, t):
     # sim.step_gain's per-draw one-step changes dJ, every stateless estimator at once, from one theta
     # reached by a few torch steps: the kernel and the torch code draw the same responses and rewards
     from sim import step_gain
@@ -227,7 +227,7 @@ def test_compiled_gain_draws_equal_the_torch_ones(control_variate, drawn, draws,
     names = [n for n in E.ALL_NAMES if n not in E.ADAPTIVE_NAMES]
     lrs = {n: torch.linspace(0.5, 2.0, R, dtype=torch.float64) * (1 + i) for i, n in enumerate(names)}
     G = runs[0].train.group_size
-    args = (prob, state.theta_private, state.theta_shared, state.batch.keys, t, G, lrs, 1, 1e-4, draws)
+    args = (prob, state.theta_private, state.theta_shared, state.batch.keys, t, G, lrs, ddof, eps, draws)
     ref = step_gain.sampled_changes(state.pi, state.sigma, state.mu, state.w, *args, control_variate=control_variate)
     got = step_gain.sampled_changes_compiled(state.pi, state.sigma, state.mu, g_p, g_s, *args,
                                              transposed_features(state), control_variate=control_variate)

@@ -403,3 +403,65 @@ def test_tied_weights_take_the_one_pass_per_row_path():
     tied = [p for _, p in T.diag_parameters(model, "lm_head")]
     assert T._linear_owners(model, tied) is None
     assert T._linear_owners(model, [p for _, p in T.diag_parameters(model, "last-mlp")]) is not None
+
+
+def test_combined_gradients_fall_back_when_a_layer_output_changes_in_place(monkeypatch):
+    """A layer's output scaled in place after the call (here by a hook on its parent block) makes
+    the captured output gradient that of the scaled value: the one-pass path must notice (tensor
+    versions) and take one autograd pass per row, which sees the real graph."""
+    model, tok = _qwen_with_biases()
+    model.eval()
+    mlp = model.model.layers[-1].mlp
+    mlp.register_forward_hook(lambda mod, inputs, output: output.mul_(2.0))  # the MLP returns down_proj's output
+    gen = torch.Generator().manual_seed(2)
+    N, L = 6, 7
+    seqs = torch.randint(3, len(tok), (N, L), generator=gen)
+    attn = torch.ones(N, L, dtype=torch.long)
+    mask = torch.ones(N, L - 1, dtype=torch.bool)
+    coeffs = torch.randn(3, N, generator=gen, dtype=torch.float64)
+    params = [mlp.down_proj.weight]
+    with torch.enable_grad():
+        got, _ = T.combined_gradients(model, params, seqs, attn, mask, coeffs)
+        monkeypatch.setattr(T, "_linear_owners", lambda m, p: None)
+        want, _ = T.combined_gradients(model, params, seqs, attn, mask, coeffs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_half_group_rows_give_the_gain_of_separate_passes_on_the_two_halves(tiny_dir):
+    """gain_from_rows(combined_gradients(half_group_rows)) against the gain computed from three
+    separate autograd passes on the half-groups alone (the definition: g_B from the second half with
+    its own mean baseline over P (G - G/2) samples, u_E from the first half with E's advantages)."""
+    model, tok = model_mod.load(str(tiny_dir), device="cpu")
+    model.eval()
+    P, G, L = 3, 6, 8
+    gen = torch.Generator().manual_seed(3)
+    seqs = torch.randint(3, len(tok), (P * G, L), generator=gen)
+    attn = torch.ones(P * G, L, dtype=torch.long)
+    mask = torch.zeros(P * G, L - 1, dtype=torch.bool)
+    mask[:, 3:] = True
+    rewards = (torch.rand(P, G, generator=gen) < 0.5).double()
+    rewards[0, :3] = torch.tensor([1.0, 0.0, 1.0])  # a spread in the first half of prompt 0
+    params = [p for _, p in T.diag_parameters(model, "last-mlp")]
+    with torch.enable_grad():
+        rows, _ = T.combined_gradients(model, params, seqs, attn, mask, T.half_group_rows(rewards, 1, 1e-4))
+        half = G // 2
+
+        def summed(idx, coeff):  # sum_k coeff_k grad log pi(y_k) over the sequences idx
+            logp = (T.token_logprobs(model, seqs[idx], attn[idx]) * mask[idx]).sum(-1)
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad((coeff.float() * logp).sum(), params)])
+
+        a = torch.tensor([i * G + g for i in range(P) for g in range(half)])
+        b = torch.tensor([i * G + g for i in range(P) for g in range(half, G)])
+        r_a, r_b = rewards[:, :half], rewards[:, half:]
+        g_b = summed(b, ((r_b - r_b.mean(-1, keepdim=True)) / (P * (G - half))).reshape(-1))
+        u = {name: summed(a, (estimators.advantages(name, r_a, ddof=1, eps=1e-4) / (P * half)).reshape(-1))
+             for name in ("grpo", "reinforce")}
+    for j, want in enumerate((g_b, u["grpo"], u["reinforce"])):
+        torch.testing.assert_close(rows[j], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()) + 1e-12)
+    change = {n: float(g_b.double() @ u[n].double()) for n in u}
+    gain, reason = T.gain_from_rows(rows)
+    if change["reinforce"] > 0:
+        assert reason == "" and gain == pytest.approx(change["grpo"] / change["reinforce"], rel=1e-3)
+    else:
+        assert reason == "reinforce_not_improving" and gain != gain
+    assert T.gain_from_rows(None)[1] == "group_too_small" and T.half_group_rows(rewards[:, :3], 1, 1e-4) is None

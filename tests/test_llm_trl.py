@@ -249,7 +249,9 @@ def test_empirical_m_is_the_change_of_the_per_prompt_gradients_over_the_update(m
     rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # group 1 constant: sigma 0
     measured = diag._gradient_diagnostics(prompts, completions, rewards, gain=True)
     assert "rho" in measured and diag._pending_m is not None
-    diag.rows = [{"step": 0, "gain": measured["gain"]}]
+    row = {"step": 0, "gain": measured["gain"]}
+    diag.rows = [row, {"step": 1}]  # the row is the one _measure hands over, not the last one
+    diag._pending_m["row"] = row
     ids, attn, mask, centred, logp = diag._pending_m["inputs"]
     params = [p for _, p in T.diag_parameters(model, "last-mlp")]
     theta = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
@@ -268,5 +270,10 @@ def test_empirical_m_is_the_change_of_the_per_prompt_gradients_over_the_update(m
     want = max(float((after[i] - before[i]).norm()) / dtheta / float(sigma[i]) for i in (0, 2))
     diag.on_step_end(None, None, None)
     assert diag.refused == ""
-    assert diag.rows[0]["empirical_M"] == pytest.approx(want, rel=1e-4)
+    assert diag.rows[0]["empirical_M"] == pytest.approx(want, rel=1e-4) and "empirical_M" not in diag.rows[1]
     assert diag.last_empirical_M == diag.rows[0]["empirical_M"] and diag._pending_m is None
+    # an update that does not move theta measures nothing (NaN, not logged), not rounding over 1e-30
+    diag._gradient_diagnostics(prompts, completions, rewards, gain=True)
+    diag._pending_m["row"] = row
+    diag.on_step_end(None, None, None)
+    assert math.isnan(row["empirical_M"]) and diag.last_empirical_M is None

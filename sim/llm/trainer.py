@@ -201,16 +201,21 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
     the sequence log-probability at ``temperature`` (ref = log pi at the current theta by default,
     where grad w_k = grad log pi(y_k)): ([J, n] float32, sequence log-probs [N]). coeffs [J, N].
 
-    One forward pass. When every parameter is an nn.Linear's weight or bias (the default subsets),
-    one backward pass to those layers' outputs gives every sequence's own gradient: the sequences
-    of a batch do not interact, so with the layer input x_k,t and the output gradient
-    delta_k,t = d w_k / d out_k,t, grad_W w_k = sum_t delta_k,t x_k,t^T and grad_b w_k = sum_t delta_k,t,
-    and the rows are their coeffs-weighted sums. Otherwise one backward pass per row."""
+    One forward pass. When every parameter is the weight or bias of an nn.Linear called once, on
+    [N, L, in] activations of the N sequences (the last-mlp subset of the runner's models), one
+    backward pass to those layers' outputs gives every sequence's own gradient. This assumes the
+    sequences of a batch do not interact, as in a causal LM's forward (no batch statistics, no
+    routing of tokens across sequences): with the layer input x_k,t and the output gradient
+    delta_k,t = d w_k / d out_k,t, grad_W w_k = sum_t delta_k,t x_k,t^T and grad_b w_k = sum_t
+    delta_k,t, and the rows are their coeffs-weighted sums. Otherwise (tied weights, a layer called
+    twice or on another layout, its input or output changed in place after the call) one backward
+    pass per row."""
     owners = _linear_owners(model, params)
     modules = list({id(m): m for m, _ in owners}.values()) if owners is not None else []
     seen: dict[int, list] = {id(m): [] for m in modules}
-    hooks = [m.register_forward_hook(lambda mod, inputs, output: seen[id(mod)].append((inputs[0], output)))
-             for m in modules]
+    hooks = [m.register_forward_hook(
+        lambda mod, inputs, output: seen[id(mod)].append((inputs[0], output, inputs[0]._version, output._version)))
+        for m in modules]
     try:
         seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)  # [N]
     finally:
@@ -220,8 +225,14 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
     weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
     C = coeffs.to(seq_logp.device, torch.float32)
     N = weight.shape[0]
-    once = owners is not None and all(len(v) == 1 and v[0][1].requires_grad and v[0][0].shape[0] == N
-                                      for v in seen.values())
+    def per_sequence(calls) -> bool:  # one call on [N, L, .] activations, neither changed in place since
+        if len(calls) != 1:
+            return False
+        inp, out, v_in, v_out = calls[0]
+        return (out.requires_grad and inp.dim() == out.dim() == 3 and inp.shape[:2] == out.shape[:2] == seqs.shape
+                and inp._version == v_in and out._version == v_out)
+
+    once = owners is not None and all(per_sequence(v) for v in seen.values())
     if once:
         outputs = [seen[id(m)][0][1] for m in modules]
         deltas = dict(zip([id(m) for m in modules],
@@ -311,6 +322,17 @@ def gain_from_rows(rows: torch.Tensor | None) -> tuple[float, str]:
     if not change["reinforce"] > 0:
         return math.nan, "reinforce_not_improving"
     return change["grpo"] / change["reinforce"], ""
+
+
+def empirical_m(smooth: torch.Tensor, sigma: torch.Tensor, dtheta: float, theta_norm: float) -> float:
+    """max_i smooth_i / sigma_i over the prompts with sigma_i > 0 (0 when there is none), smooth_i =
+    ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t||; NaN when the update moved theta by
+    no more than float32 rounding (||dtheta|| <= 1e-6 ||theta||: a skipped or zero-lr step), where
+    the quotient would be rounding noise over nothing."""
+    if not dtheta > 1e-6 * theta_norm:
+        return math.nan
+    live = sigma > 0
+    return float((smooth[live] / sigma[live]).max()) if live.any() else 0.0
 
 
 def phase_labels(steps: pd.DataFrame, diagnosed: pd.Series) -> pd.Series:
@@ -487,8 +509,7 @@ class Trainer:
             row["rho"] = float(theory.gradient_orthogonality(gram))
             sig_loc = sigma[self.rank * len(local):(self.rank + 1) * len(local)]
             smooth = (g_after - g_before).norm(dim=-1).double().cpu() / float(dtheta.clamp_min(1e-30))  # [P_loc]
-            live = sig_loc > 0
-            row["empirical_M"] = float((smooth[live] / sig_loc[live]).max()) if live.any() else 0.0
+            row["empirical_M"] = empirical_m(smooth, sig_loc, float(dtheta), float(theta_before.norm()))
             row["smoothness"] = float(smooth.mean())
             row["gain"], row["gain_undefined"] = gain
             t_diag += time.perf_counter() - td

@@ -150,8 +150,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         every = np.asarray(gather_object(local), dtype=np.float64)
         self.last_rewards = every  # all processes' rewards in TRL's order (SimGRPOTrainer reads them)
         self.last_prompts = gather_object([str(p) for p in prompts])  # their prompts (adaptive estimators' keys)
-        if len(every) % self.G:
-            return
+        if len(every) % self.G or (self.model is not None and not self.model.training):
+            return  # (TRL's evaluate: the diagnostics describe training steps, as TRL's mode switch says)
         groups = every.reshape(-1, self.G)  # TRL's layout: each prompt's G completions consecutive
         sigma = groups.std(-1)
         row = {"step": step, "J": float(np.nanmean(groups)), "sigma_bar": float(np.nanmean(sigma)),
@@ -166,6 +166,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         if diagnose or (self.rho_every_step and measurable):  # one pass of per-prompt gradients for both
             measured = self._gradient_diagnostics(prompts, completion_ids, local, gain=diagnose)
             mine = measured.pop("rho_live", None)
+            if self._pending_m is not None and "row" not in self._pending_m:
+                self._pending_m["row"] = row  # the empirical M, measured after the update, goes to this row
             if diagnose:
                 row.update(measured)
         if self.rho_every_step:  # the processes' mean; None where none could measure it
@@ -224,7 +226,7 @@ class GrpoSimDiagnostics(TrainerCallback):
         measured = dict(zip(("gain", "gain_undefined"), gain_from_rows(rows[P:] if halves is not None else None)))
         if gain:  # the empirical M of this step is measured after the update, on the same samples
             self._pending_m = {"inputs": (ids, attn, mask, centred, logp), "g_before": g, "sigma": r.std(-1, correction=0),
-                               "theta_before": self._trainable_vector()}
+                               "theta_before": self._trainable_vector().cpu()}  # on the CPU: not beside the model
         gram = g.double() @ g.double().T
         return {"rho": float(theory.gradient_orthogonality(gram)),
                 "rho_live": float(theory.gradient_orthogonality(gram, live_only=True)),
@@ -234,30 +236,31 @@ class GrpoSimDiagnostics(TrainerCallback):
         """The empirical M of the last diagnosed step, after its update theta_t -> theta_t+1:
         max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i over prompts with
         sigma_i > 0, g_i the per-prompt estimate on the diagnostic subset, at theta_t+1 on the same
-        samples importance-weighted (the native runner's definition, sim.llm.trainer.Trainer.step).
-        It is logged as grpo_sim/empirical_M at the next step's rewards (TRL's metrics of a step
-        are gathered before its update) and written with its own step's row."""
+        samples importance-weighted (the native runner's definition, sim.llm.trainer.empirical_m; NaN
+        where the update did not move theta beyond rounding). It is logged as grpo_sim/empirical_M
+        at the next step's rewards (TRL's metrics of a step are gathered before its update), so the
+        last step's reaches only the results directory, where it is written with its own row."""
         pending, self._pending_m = self._pending_m, None
         if pending is None or self.model is None:
             return
         try:
-            from sim.llm.trainer import diag_parameters, per_prompt_gradients
+            from sim.llm.trainer import diag_parameters, empirical_m, per_prompt_gradients
 
             ids, attn, mask, centred, logp = pending["inputs"]
             params = [p for _, p in diag_parameters(self.model, self.diag_params)]
             with _eval_mode(self.model), torch.enable_grad():
                 g_after, _ = per_prompt_gradients(self.model, params, ids, attn, mask, centred, self.temperature,
                                                   ref_logp=logp)
-            dtheta = float((self._trainable_vector() - pending["theta_before"]).norm())
+            theta_before = pending["theta_before"]
+            dtheta = float((self._trainable_vector().cpu() - theta_before).norm())
             smooth = (g_after - pending["g_before"]).norm(dim=-1).double().cpu() / max(dtheta, 1e-30)  # [P]
-            live = pending["sigma"] > 0
-            value = float((smooth[live] / pending["sigma"][live]).max()) if live.any() else 0.0
+            value = empirical_m(smooth, pending["sigma"], dtheta, float(theta_before.norm()))
         except Exception as e:  # a diagnostic must never stop a training run
             self.refused = f"diagnostics failed: {type(e).__name__}: {e}"
             return
-        self.last_empirical_M = value
-        if self.rows and "gain" in self.rows[-1]:  # the diagnosed step's row (the last one measured)
-            self.rows[-1]["empirical_M"] = value
+        self.last_empirical_M = value if value == value else None
+        if "row" in pending:
+            pending["row"]["empirical_M"] = value
 
     def _trainable_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.model.parameters() if p.requires_grad])
