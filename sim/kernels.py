@@ -571,6 +571,12 @@ def _warm_gain() -> None:
 
 
 def is_cached() -> bool:
-    """True when compiled kernels for this module lie in the cache (no compile on first use)."""
-    cache = Path(numba.config.CACHE_DIR)
-    return all(any(cache.rglob(f"kernels.{name}-*.nbi")) for name in ("advance", "gain_changes"))
+    """True when compiled kernels for this module's source lie in the cache (no compile on first
+    use): numba's own index of each kernel, which is empty when its stamp is not the source file's
+    (after an edit or an upgrade); where that cannot be read (another numba), the index files'
+    existence."""
+    try:
+        return all(bool(kernel._cache._cache_file._load_index()) for kernel in (advance, gain_changes))
+    except Exception:  # noqa: BLE001 -- numba's private cache API changed: the files tell
+        cache = Path(numba.config.CACHE_DIR)
+        return all(any(cache.rglob(f"kernels.{name}-*.nbi")) for name in ("advance", "gain_changes"))

@@ -238,3 +238,13 @@ def test_compiled_gain_draws_equal_the_torch_ones(control_variate, ddof, eps, dr
     with pytest.raises(ValueError, match="grpo_phase is adaptive"):
         step_gain.sampled_changes_compiled(state.pi, state.sigma, state.mu, g_p, g_s, *args[:6],
                                            {"grpo_phase": lrs["grpo"]}, *args[7:], transposed_features(state))
+
+
+def test_a_stale_cache_does_not_count_as_cached(monkeypatch):
+    # numba keeps stale index files after the source changes (an edit, an upgrade); they are no
+    # cache: the CLI then says it compiles, and the sweep's workers wait for the driver's compile
+    kernels.warm_up()
+    assert kernels.is_cached()
+    index = kernels.gain_changes._cache._cache_file
+    monkeypatch.setattr(index, "_source_stamp", (0.0, 0))  # as if the source file had changed
+    assert not kernels.is_cached()
