@@ -417,16 +417,23 @@ def _started_pool(workers: int):
     pool.shutdown(wait=True)
 
 
+#: The exit code multiprocessing gives a fork-server child whose status the fork server could not
+#: report (popen_forkserver: its pipe closed first), whatever the child's real end.
+UNREPORTED_EXIT = 255
+
+
 def _death_of(pool: ProcessPoolExecutor, seen: dict) -> str:
     """How the pool's workers ended, for the one line a broken pool gives: 'killed by SIGKILL',
-    'exit code 1', or 'unknown cause'."""
+    'exit code 1', or 'unknown cause'. A signal (other than the pool's own SIGTERM to the
+    survivors) is the most telling and is preferred to an exit code, and an exit code to
+    UNREPORTED_EXIT, which a worker killed at the same moment as another can get."""
     seen.update(getattr(pool, "_processes", None) or {})
-    for proc in seen.values():
-        code = getattr(proc, "exitcode", None)
+    codes = [getattr(proc, "exitcode", None) for proc in seen.values()]
+    for code in codes:
         if code is not None and code < 0 and -code != signal.SIGTERM:
             return f"killed by {signal.Signals(-code).name}"
-        if code not in (None, 0) and code > 0:
-            return f"exit code {code}"
+    for code in sorted((c for c in codes if c is not None and c > 0), key=lambda c: c == UNREPORTED_EXIT):
+        return f"exit code {code}"
     return "unknown cause"
 
 

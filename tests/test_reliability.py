@@ -520,3 +520,19 @@ def test_held_interrupts_take_effect_at_release_for_the_handler_then_in_place():
     assert signal.getsignal(signal.SIGTERM) == outer_recorder
     signal.signal(signal.SIGTERM, before[1])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_broken_pool_names_the_most_telling_death():
+    # a worker killed at the same moment as another can get exit code 255 from multiprocessing (the
+    # fork server could not report it): the other's SIGKILL is what the line should say (CI once
+    # said "exit code 255" for a worker this file had killed)
+    import types
+
+    def deaths(*codes):
+        pool = types.SimpleNamespace(_processes=None)
+        return S._death_of(pool, {i: types.SimpleNamespace(exitcode=c) for i, c in enumerate(codes)})
+
+    assert deaths(S.UNREPORTED_EXIT, -signal.SIGKILL) == "killed by SIGKILL"
+    assert deaths(S.UNREPORTED_EXIT, 1) == "exit code 1"
+    assert deaths(S.UNREPORTED_EXIT, -signal.SIGTERM) == "exit code 255"  # SIGTERM: the pool's own, to survivors
+    assert deaths(-signal.SIGTERM, None, 0) == "unknown cause"
