@@ -277,3 +277,22 @@ def test_empirical_m_is_the_change_of_the_per_prompt_gradients_over_the_update(m
     diag._pending_m["row"] = row
     diag.on_step_end(None, None, None)
     assert math.isnan(row["empirical_M"]) and diag.last_empirical_M is None
+
+
+def test_an_evaluation_call_is_not_diagnosed_and_keeps_the_training_rho():
+    # TRL's evaluate calls the reward functions with the model in eval mode: no row, no pending M,
+    # the rewards recorded (SimGRPOTrainer reads them) and rho_t left at the last training step's
+    import types
+
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    diag = GrpoSimDiagnostics(num_generations=2)
+    diag.on_train_begin(types.SimpleNamespace(temperature=1.0), None, None, model=model, processing_class=tok)
+    diag.last_rho = 0.7
+    model.eval()
+    diag._measure(["1+1=", "1+1="], [[5, 6], [7]], [1.0, 0.0], {})
+    assert diag.rows == [] and diag._pending_m is None and diag.last_rho == 0.7
+    assert list(diag.last_rewards) == [1.0, 0.0]
+    model.train()
+    diag._measure(["1+1=", "1+1="] * 2, [[5, 6], [7], [5], [6]], [1.0, 0.0, 0.0, 1.0], {})
+    assert len(diag.rows) == 1 and diag.last_rho is None  # a training call measures (two groups: rho)

@@ -3,6 +3,7 @@ GRPOTrainer with grpo-sim's diagnostics on CPU (gloo); each rank writes what it 
 
 import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,3 +41,9 @@ logs = [{k: v for k, v in h.items() if k == "frac_reward_zero_std" or k.startswi
 # leave together: a rank that exits while the other still talks to it can abort in gloo's teardown
 trainer.accelerator.wait_for_everyone()
 torch.distributed.destroy_process_group()
+# and without running C++ static destructors: a gloo thread still joinable there aborts the process
+# ("terminate called without an active exception": a SIGABRT with no Python frame, seen once in CI;
+# when it struck is not known); what this rank reports is written and flushed already
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)

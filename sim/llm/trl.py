@@ -142,7 +142,9 @@ class GrpoSimDiagnostics(TrainerCallback):
     def _measure(self, prompts, completion_ids, rewards, kwargs) -> None:
         from accelerate.utils import gather_object
 
-        self.last_rho = None  # this step's, or none (a failed measurement is not last step's value)
+        evaluating = self.model is not None and not self.model.training  # TRL's evaluate (its own mode switch)
+        if not evaluating:  # (an evaluation reuses the last training step's rho_t)
+            self.last_rho = None  # this step's, or none (a failed measurement is not last step's value)
         state = kwargs.get("trainer_state")
         log_metric = kwargs.get("log_metric", lambda name, value: None)
         step = int(state.global_step) if state is not None else len(self.rows)
@@ -150,8 +152,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         every = np.asarray(gather_object(local), dtype=np.float64)
         self.last_rewards = every  # all processes' rewards in TRL's order (SimGRPOTrainer reads them)
         self.last_prompts = gather_object([str(p) for p in prompts])  # their prompts (adaptive estimators' keys)
-        if len(every) % self.G or (self.model is not None and not self.model.training):
-            return  # (TRL's evaluate: the diagnostics describe training steps, as TRL's mode switch says)
+        if len(every) % self.G or evaluating:
+            return  # an evaluation is not diagnosed: the diagnostics describe training steps
         groups = every.reshape(-1, self.G)  # TRL's layout: each prompt's G completions consecutive
         sigma = groups.std(-1)
         row = {"step": step, "J": float(np.nanmean(groups)), "sigma_bar": float(np.nanmean(sigma)),
