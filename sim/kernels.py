@@ -187,6 +187,32 @@ def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w
                 adv[p, g] = (adv[p, g] - mean) * f
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")  # a call per step costs ~15% (measured)
+def _sample_rewards(key, step, binary_q, pi, q, scale_c, u, cdf, ys, rewards):
+    """One step's draws (sim.engine.sample_rewards): the [2, P, G] counter draws of stream ``key``
+    into u (only the first half for binary q), y_ig by inverse CDF from pi_i into ys, and
+    R_ig = c_i q_i(y_ig) (binary q) or c_i 1[u'_ig < q_i(y_ig)] into rewards. pi, q [P, K];
+    scale_c [P]; scratch cdf [K]."""
+    P, G = ys.shape
+    K = pi.shape[1]
+    m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
+    _fill_uniforms(key, step, m, m if binary_q else 2 * m, u)
+    for p in range(P):
+        c = 0.0
+        for y in range(K):
+            c += pi[p, y]
+            cdf[y] = c
+        cdf[K - 1] = 2.0  # above every draw (rounding may leave the sum below 1)
+        for g in range(G):
+            i = p * G + g
+            y = 0
+            while cdf[y] <= u[i]:
+                y += 1
+            ys[p, g] = y
+            hit = q[p, y] if binary_q else (1.0 if u[m + i] < q[p, y] else 0.0)
+            rewards[p, g] = scale_c[p] * hit
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _response_weights(adv, ys, pi, w):
     """w [P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from advantages adv and responses ys [P, G],
@@ -252,8 +278,6 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
     R, P, K = bias.shape
     k = phi_p.shape[3]
     s = phi_s.shape[3]
-    n_draws = P * G if binary_q else 2 * P * G
-    m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
     for r in range(r0, r1):
         z = np.empty(K)
         pi = np.empty((P, K))
@@ -318,21 +342,7 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                     for y in range(K):
                         w[p, y] *= scale[p]
             else:
-                _fill_uniforms(keys[r], t, m, n_draws, u)
-                for p in range(P):
-                    c = 0.0
-                    for y in range(K):
-                        c += pi[p, y]
-                        cdf[y] = c
-                    cdf[K - 1] = 2.0  # above every draw (rounding may leave the sum below 1)
-                    for g in range(G):
-                        i = p * G + g
-                        y = 0
-                        while cdf[y] <= u[i]:
-                            y += 1
-                        ys[p, g] = y
-                        hit = q[r, p, y] if binary_q else (1.0 if u[P * G + i] < q[r, p, y] else 0.0)
-                        rewards[p, g] = scale_c[r, p] * hit
+                _sample_rewards(keys[r], t, binary_q, pi, q[r], scale_c[r], u, cdf, ys, rewards)
                 _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps)
                 _response_weights(adv, ys, pi, w)
             for b in range(s):
@@ -374,10 +384,9 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
     s = phi_s.shape[3]
     E = params.shape[0]
     N = draw_keys.shape[1]
-    m = P * G
     for r in range(r0, r1):
         u = np.empty(2 * P * G)
-        cdf = np.empty((P, K))
+        cdf = np.empty(K)
         ys = np.empty((P, G), dtype=np.int64)
         rewards = np.empty((P, G))
         adv = np.empty((P, G))
@@ -385,23 +394,8 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
         d_p = np.empty((P, k))
         d_s = np.empty(s)
         z = np.empty(K)
-        for p in range(P):
-            c = 0.0
-            for y in range(K):
-                c += pi[r, p, y]
-                cdf[p, y] = c
-            cdf[p, K - 1] = 2.0  # above every draw (sim.engine.sampled_response_weights)
         for n in range(N):
-            _fill_uniforms(draw_keys[r, n], step, m, m if binary_q else 2 * m, u)
-            for p in range(P):
-                for g in range(G):
-                    i = p * G + g
-                    y = 0
-                    while cdf[p, y] <= u[i]:
-                        y += 1
-                    ys[p, g] = y
-                    hit = q[r, p, y] if binary_q else (1.0 if u[m + i] < q[r, p, y] else 0.0)
-                    rewards[p, g] = scale_c[r, p] * hit
+            _sample_rewards(draw_keys[r, n], step, binary_q, pi[r], q[r], scale_c[r], u, cdf, ys, rewards)
             for e in range(E):
                 code, ddof, eps = int(params[e, 0]), int(params[e, 1]), params[e, 2]
                 _advantages(rewards, adv, sigma[r], code, ddof, eps, flags[e, 0], int(params[e, 3]),
@@ -548,11 +542,12 @@ def _compile_elsewhere(function: str):
         return None
 
 
-_TINY = dict(R=1, P=2, K=2, k=1, s=1, G=2)  # the warm-up batch (types are what the kernels are compiled for)
+#: The warm-up batch R, P, K, k, s, G (its types are what the kernels are compiled for).
+_TINY = (1, 2, 2, 1, 1, 2)
 
 
 def _warm_advance() -> None:
-    R, P, K, k, s, G = (_TINY[n] for n in ("R", "P", "K", "k", "s", "G"))
+    R, P, K, k, s, G = _TINY
     f = np.zeros
     for exact in (True, False):
         advance(0, R, 0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
@@ -561,7 +556,7 @@ def _warm_advance() -> None:
 
 
 def _warm_gain() -> None:
-    R, P, K, k, s, G = (_TINY[n] for n in ("R", "P", "K", "k", "s", "G"))
+    R, P, K, k, s, G = _TINY
     f = np.zeros
     N, E = 2, 1  # the sampled per-step gain's draws (sim.step_gain.sampled_changes_compiled)
     gain_changes(0, R, 0, G, True, np.zeros((R, N), dtype=np.uint64), f((R, P, K)), f((R, P)), f((R, P, K)), f((R, P, K)),
