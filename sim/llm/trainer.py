@@ -324,6 +324,20 @@ def gain_from_rows(rows: torch.Tensor | None) -> tuple[float, str]:
     return change["grpo"] / change["reinforce"], ""
 
 
+def prompt_and_gain_gradients(model, params, seqs, attn, mask, rewards: torch.Tensor, ddof: int, eps: float,
+                              temperature: float = 1.0, gain: bool = True):
+    """The diagnostics' gradients at theta_t from one ``combined_gradients`` call (rewards [P, G] of
+    the N = P G sequences, prompt-major): (g [P, n], the per-prompt estimates of
+    ``per_prompt_gradients`` with the mean baseline; sequence log-probs [N]; and with ``gain`` the
+    measured gain ``gain_from_rows(half_group_rows)`` as (gain, reason), else None)."""
+    halves = half_group_rows(rewards, ddof, eps) if gain else None
+    coeffs = prompt_rows(rewards - rewards.mean(-1, keepdim=True))
+    rows, seq_logp = combined_gradients(model, params, seqs, attn, mask,
+                                        coeffs if halves is None else torch.cat([coeffs, halves]), temperature)
+    P = rewards.shape[0]
+    return rows[:P], seq_logp, (gain_from_rows(rows[P:] if halves is not None else None) if gain else None)
+
+
 def empirical_m(smooth: torch.Tensor, sigma: torch.Tensor, dtheta: float, theta_norm: float) -> float:
     """max_i smooth_i / sigma_i over the prompts with sigma_i > 0 (0 when there is none), smooth_i =
     ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t||; NaN when the update moved theta by
@@ -421,23 +435,15 @@ class Trainer:
             adv = self.adaptive(gathered.double(), keys, rho)
         return gathered, adv[self.rank * P_loc:(self.rank + 1) * P_loc].float()
 
-    def _per_prompt_grads(self, seqs, attn, mask, centred: torch.Tensor, ref_logp: torch.Tensor | None = None,
-                          extra: torch.Tensor | None = None):
-        """per_prompt_gradients on the diagnostic subset (optionally randomly projected); with ``extra``
-        (coeffs [J, N], e.g. half_group_rows) also those rows' gradients, unprojected, from the same
-        passes (combined_gradients): (g [P, n'], seq_logp [N], extra rows [J, n] or None)."""
-        model = self.acc.unwrap_model(self.model)
-        coeffs = prompt_rows(centred) if extra is None else torch.cat([prompt_rows(centred), extra])
-        rows, seq_logp = combined_gradients(model, [p for _, p in self.diag], seqs, attn, mask, coeffs,
-                                            self.cfg.temperature, ref_logp)
-        G_, extra_rows = rows[:centred.shape[0]], (rows[centred.shape[0]:] if extra is not None else None)
-        if self.cfg.diag_proj:
-            if self.proj is None:
-                gen = torch.Generator().manual_seed(self.cfg.seed + 7)
-                self.proj = (torch.randn(G_.shape[1], self.cfg.diag_proj, generator=gen)
-                             / math.sqrt(self.cfg.diag_proj)).to(G_.device)
-            G_ = G_ @ self.proj
-        return G_, seq_logp, extra_rows
+    def _projected(self, g: torch.Tensor) -> torch.Tensor:
+        """Per-prompt gradients [P, n] randomly projected to --diag-proj dimensions (as they are when 0)."""
+        if not self.cfg.diag_proj:
+            return g
+        if self.proj is None:
+            gen = torch.Generator().manual_seed(self.cfg.seed + 7)
+            self.proj = (torch.randn(g.shape[1], self.cfg.diag_proj, generator=gen)
+                         / math.sqrt(self.cfg.diag_proj)).to(g.device)
+        return g @ self.proj
 
     def _param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.acc.unwrap_model(self.model).parameters()])
@@ -445,7 +451,7 @@ class Trainer:
     def step(self, step: int) -> dict:
         """One policy-gradient step; on diagnostic steps also rho_t over the per-prompt gradients and
         the empirical M: max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i,
-        g_i the mean-baseline gradient estimate of `_per_prompt_grads` on the subset, evaluated at
+        g_i the mean-baseline gradient estimate of `per_prompt_gradients` on the subset, evaluated at
         theta_t+1 on the same samples importance-weighted. For an autoregressive policy the score
         depends on y through its own derivative, Hess J_i = E[(r - mu)(s s^T + grad s)]; this
         measures that whole Hessian along the update (its rows in the subset), not the
@@ -466,10 +472,12 @@ class Trainer:
         # the diagnostics on their steps: one computation at theta_t serves both
         needs_rho = self.adaptive is not None and self.adaptive.spec.adaptive.needs_rho
         rho_now = None
-        halves = half_group_rows(rewards_local, cfg.ddof, cfg.eps) if diagnose else None  # the measured gain's
+        model, params = self.acc.unwrap_model(self.model), [p for _, p in self.diag]
         if diagnose or needs_rho:
             td = time.perf_counter()
-            g_before, logp_before, gain_rows = self._per_prompt_grads(seqs, attn, mask, centred, extra=halves)
+            g_raw, logp_before, gain = prompt_and_gain_gradients(model, params, seqs, attn, mask, rewards_local,
+                                                                 cfg.ddof, cfg.eps, cfg.temperature, gain=diagnose)
+            g_before = self._projected(g_raw)
             if needs_rho:  # every rank's prompts (gathered: every pair counts, and all ranks take one
                 # alpha), over the pairs of non-zero gradients
                 g_all = self.acc.gather(g_before.contiguous()).double().cpu()  # [P, d]
@@ -479,7 +487,6 @@ class Trainer:
         if diagnose:
             td = time.perf_counter()
             theta_before = self._param_vector()
-            gain = gain_from_rows(gain_rows)  # at theta_t, from the gradients above (half_group_rows)
             t_diag += time.perf_counter() - td
         logp = token_logprobs(self.model, seqs, attn, cfg.temperature)
         global_tokens = None
@@ -503,7 +510,8 @@ class Trainer:
                "diagnosed": bool(diagnose)}
         if diagnose:
             td = time.perf_counter()
-            g_after, _, _ = self._per_prompt_grads(seqs, attn, mask, centred, ref_logp=logp_before)
+            g_after = self._projected(per_prompt_gradients(model, params, seqs, attn, mask, centred, cfg.temperature,
+                                                           ref_logp=logp_before)[0])
             dtheta = (self._param_vector() - theta_before).norm()
             gram = (g_before.double() @ g_before.double().T)
             row["rho"] = float(theory.gradient_orthogonality(gram))

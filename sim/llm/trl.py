@@ -188,10 +188,9 @@ class GrpoSimDiagnostics(TrainerCallback):
         """rho and the measured gain (``gain``) on this process's whole groups (module docstring), and
         rho_live, rho over the pairs of non-zero gradients (NaN without one) as the adaptive rule
         reads it, from the same gradients; all from one forward and one backward pass
-        (sim.llm.trainer.combined_gradients). On a ``gain`` step it also keeps what the empirical M
+        (sim.llm.trainer.prompt_and_gain_gradients). On a ``gain`` step it also keeps what the empirical M
         needs after the update (``on_step_end``)."""
-        from sim.llm.trainer import (combined_gradients, completion_mask, diag_parameters, gain_from_rows,
-                                     half_group_rows, prompt_rows)
+        from sim.llm.trainer import completion_mask, diag_parameters, prompt_and_gain_gradients
 
         n = (len(local) // self.G) * self.G
         if n < 2 * self.G or self.model is None or self.tokenizer is None or not isinstance(prompts[0], str):
@@ -218,21 +217,17 @@ class GrpoSimDiagnostics(TrainerCallback):
             mask[k, :len(x) - 1] = m
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
         r = torch.tensor(local[:n], dtype=torch.float64).reshape(-1, self.G)
-        P = r.shape[0]
-        centred = r - r.mean(-1, keepdim=True)
-        halves = half_group_rows(r, self.ddof, self.eps) if gain else None
-        coeffs = prompt_rows(centred) if halves is None else torch.cat([prompt_rows(centred), halves])
         with _eval_mode(self.model), torch.enable_grad():
-            rows, logp = combined_gradients(model, params, ids, attn, mask, coeffs, self.temperature)
-        g = rows[:P]
-        measured = dict(zip(("gain", "gain_undefined"), gain_from_rows(rows[P:] if halves is not None else None)))
+            g, logp, measured = prompt_and_gain_gradients(model, params, ids, attn, mask, r, self.ddof, self.eps,
+                                                          self.temperature, gain=gain)
         if gain:  # the empirical M of this step is measured after the update, on the same samples
+            centred = r - r.mean(-1, keepdim=True)
             self._pending_m = {"inputs": (ids, attn, mask, centred, logp), "g_before": g, "sigma": r.std(-1, correction=0),
                                "theta_before": self._trainable_vector().cpu()}  # on the CPU: not beside the model
         gram = g.double() @ g.double().T
         return {"rho": float(theory.gradient_orthogonality(gram)),
                 "rho_live": float(theory.gradient_orthogonality(gram, live_only=True)),
-                **(measured if gain else {})}
+                **(dict(zip(("gain", "gain_undefined"), measured)) if gain else {})}
 
     def on_step_end(self, args, state, control, **kwargs):
         """The empirical M of the last diagnosed step, after its update theta_t -> theta_t+1:
