@@ -506,7 +506,9 @@ class Recorder:
 
         flat = [r.as_flat_dict() for r in b.runs]
         run_ids = [stable_id(d, 16) for d in flat]  # = RunConfig.run_id, from the dict made once
-        summary = pd.DataFrame([{"run_id": rid, **d} for rid, d in zip(run_ids, flat)])
+        # the summary's columns in order, made into one DataFrame at the end (a column set on a frame
+        # costs ~1 ms of pandas bookkeeping: it was most of a small batch's time)
+        summary: dict[str, object] = {"run_id": run_ids, **{name: [d[name] for d in flat] for name in flat[0]}}
         summary["initial_J"] = J_hist[:, 0].numpy()
         summary["final_J"] = J_hist[:, T].numpy()
         summary["j_star"] = j_star.numpy()
@@ -520,13 +522,14 @@ class Recorder:
         rb = prob.rbar
         summary["final_F"] = theory.normalized_objective(state.mu.cpu(), rb.amin(-1), rb.amax(-1)).numpy()
         self._theory_columns(summary, sigma_bar_to_target, logged, min_sigma_ratio, P)
-        return BatchResult(summary, self._steps_frame(run_ids, logged), cpu(state.theta_private),
+        return BatchResult(pd.DataFrame(summary), self._steps_frame(run_ids, logged), cpu(state.theta_private),
                            cpu(state.theta_shared))
 
-    def _theory_columns(self, summary: pd.DataFrame, sigma_bar_to_target: torch.Tensor,
+    def _theory_columns(self, summary: dict, sigma_bar_to_target: torch.Tensor,
                         logged: dict[str, torch.Tensor], min_sigma_ratio: torch.Tensor, P: int) -> None:
         """Theory beside measurement (DESIGN.md §3): predicted gain, M's, theory lr, feature overlap and
-        the condition flags, added to ``summary`` (measured_gain is added per cell by the sweep)."""
+        the condition flags, added to the ``summary`` columns (measured_gain is added per cell by the
+        sweep)."""
         b, prob = self.batch, self.batch.problem_cpu
         lr_over_p, M, lr_grpo, lr_reinforce, rho_index = (x.cpu() for x in (b.lr_over_p, self.M, self.lr_grpo,
                                                                              self.lr_reinforce, self.rho_index))
@@ -564,7 +567,7 @@ class Recorder:
         p = (state.mu / self.batch.problem.scale).clamp(0.0, 1.0).cpu()
         return ((1 - p) ** train.group_size >= 0.99).sum(-1)
 
-    def _finite_g_predictions(self, summary: pd.DataFrame, logged: dict[str, torch.Tensor], lr: torch.Tensor,
+    def _finite_g_predictions(self, summary: dict, logged: dict[str, torch.Tensor], lr: torch.Tensor,
                               lr_reinforce: torch.Tensor) -> None:
         """The predictions that account for finite groups (theory.finite_group), from the logged
         per-prompt J_i and sigma_i (DESIGN.md §3, README 'Theory beside measurement'):
@@ -586,37 +589,38 @@ class Recorder:
         sigma_eff = theory.effective_sigma(h).mean(-1)  # [L, R]
         steps = self.log_steps.astype(float)
         gain_g, speedup = [], []
-        for r, row in enumerate(summary.itertuples()):
-            t_star = int(row.steps_to_target)
-            if not row.reached_target or t_star < 1:
+        sigma_eff, mu, rate = sigma_eff.numpy(), mu.numpy(), rate.numpy()
+        for r, (t_star, reached, bound, target) in enumerate(zip(
+                summary["steps_to_target"].tolist(), summary["reached_target"].tolist(),
+                summary["sigma_bound"].tolist(), summary["target_J"].tolist())):
+            if not reached or t_star < 1:
                 gain_g.append(math.nan)
                 speedup.append(math.nan)
                 continue
-            eff = np.interp(np.arange(t_star), steps, sigma_eff[:, r].numpy()).mean()
-            gain_g.append(float(row.sigma_bound) / eff if eff > 0 else math.nan)
-            tau = theory.reinforce_steps_by_time_change(steps, mu[:, r].numpy(), rate[:, r].numpy(),
-                                                        float(row.target_J))
+            eff = np.interp(np.arange(t_star), steps, sigma_eff[:, r]).mean()
+            gain_g.append(bound / eff if eff > 0 else math.nan)
+            tau = theory.reinforce_steps_by_time_change(steps, mu[:, r], rate[:, r], target)
             speedup.append(tau / t_star)
-        summary["predicted_gain_finite_g"] = gain_g
-        summary["predicted_speedup"] = speedup
+        summary["predicted_gain_finite_g"] = np.array(gain_g, dtype=float)
+        summary["predicted_speedup"] = np.array(speedup, dtype=float)
         summary["expected_scale_exact"] = exact
 
     def _steps_frame(self, run_ids: list[str], logged: dict[str, torch.Tensor]) -> pd.DataFrame:
         """Long format: one row per (run, logged step) with STEP_METRICS, sigma_per_prompt, phase."""
         L, R, P = logged["sigma_per_prompt"].shape
-        steps_df = pd.DataFrame({
+        columns = {
             "run_id": np.repeat(np.array(run_ids, dtype=object), L),
             "step": np.tile(self.log_steps, R),
             **{m: logged[m].T.reshape(-1).numpy() for m in STEP_METRICS},  # [L, R] -> [R*L]
-        })
-        steps_df["gain_undefined"] = self.gain_undefined.T.reshape(-1)
-        for name in ("sigma_per_prompt", "mu_per_prompt"):
-            steps_df[name] = list(logged[name].transpose(0, 1).reshape(R * L, P).numpy())
-        steps_df["phase"] = np.concatenate([
-            theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
-                                logged["gain"][:, r].numpy(), steps=self.log_steps,
-                                gain_se=logged["gain_se"][:, r].numpy()) for r in range(R)])
-        return steps_df
+            "gain_undefined": self.gain_undefined.T.reshape(-1),
+            **{name: list(logged[name].transpose(0, 1).reshape(R * L, P).numpy())
+               for name in ("sigma_per_prompt", "mu_per_prompt")},
+            "phase": np.concatenate([
+                theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
+                                    logged["gain"][:, r].numpy(), steps=self.log_steps,
+                                    gain_se=logged["gain_se"][:, r].numpy()) for r in range(R)]),
+        }
+        return pd.DataFrame(columns)  # made at once, as the summary (result)
 
 
 def train_batch(runs: Sequence[RunConfig], dtype: torch.dtype = torch.float64,

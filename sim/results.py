@@ -367,17 +367,28 @@ def write_part(out: Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
     _failpoint("part-committed")
 
 
-def read_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All committed parts, sorted by run_id (and step): independent of batch order or sharding."""
-    run_frames, step_frames = [], []
-    for p in _committed_parts(out):
-        run_frames.append(_read_parquet(p))
-        step_frames.append(_read_parquet(p.with_name(p.name.replace(".runs.", ".steps."))))
-    if not run_frames:
+def read_parts(out: Path, with_steps: bool = True,
+               cache: dict[Path, pd.DataFrame] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """All committed parts, sorted by run_id (and step): independent of batch order or sharding.
+    ``with_steps`` False: the runs only (steps None). ``cache``: files already read, by path, filled
+    here (a committed part never changes while one sweep runs: a tuned sweep reads its parts once per
+    extension round, which read every file again each round)."""
+    cache = {} if cache is None else cache
+
+    def read(path: Path) -> pd.DataFrame:
+        if path not in cache:
+            cache[path] = _read_parquet(path)
+        return cache[path]
+
+    parts = _committed_parts(out)
+    if not parts:
         raise ResultsError(f"{out}: no finished runs")
-    runs = pd.concat(run_frames, ignore_index=True).drop_duplicates("run_id")
-    steps = pd.concat(step_frames, ignore_index=True).drop_duplicates(["run_id", "step"])
+    runs = pd.concat([read(p) for p in parts], ignore_index=True).drop_duplicates("run_id")
     runs = runs.sort_values("run_id", kind="stable").reset_index(drop=True)
+    if not with_steps:
+        return runs, None
+    steps = pd.concat([read(p.with_name(p.name.replace(".runs.", ".steps."))) for p in parts], ignore_index=True)
+    steps = steps.drop_duplicates(["run_id", "step"])
     steps = steps[steps["run_id"].isin(runs["run_id"])]
     steps = steps.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
     return runs, steps

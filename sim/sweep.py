@@ -636,6 +636,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         progress, total = [0], [0]
         runs_done, runs_total = [len(runs) - len(pending)], [len(runs) - len(pending)]
         seen_workers: dict = {}
+        parts_read: dict = {}  # committed part files read by this sweep (results.read_parts)
 
         def advance(n):
             progress[0] += n
@@ -694,7 +695,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             done = results.committed_run_ids(out)
             run_all([RunConfig.from_flat_dict(d) for rid, d in extended.items() if rid not in done])
             for _ in range(MAX_LR_EXTENSIONS):  # each round adds one rate per edge group, so this bounds it
-                new = lr_extensions(results.read_parts(out)[0])  # beyond the committed rates only
+                # beyond the committed rates only
+                new = lr_extensions(results.read_parts(out, with_steps=False, cache=parts_read)[0])
                 if not new:
                     break
                 extended.update({r.run_id: {"run_id": r.run_id, **r.as_flat_dict()} for r in new})
@@ -702,7 +704,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                 # still matches), so that a resume knows the round
                 results.write_manifest(out, recorded, rows, extension_runs=list(extended.values()))
                 run_all(new)
-        runs_df, steps_df = results.read_parts(out)
+        runs_df, steps_df = results.read_parts(out, cache=parts_read)
         runs_df = add_comparisons(runs_df)
         results.finalize(out, runs_df, steps_df)
         return runs_df, steps_df

@@ -1,8 +1,14 @@
-"""Shared test helpers: small problems and runs."""
+"""Shared test helpers: the CLI called in-process."""
 
-from sim.config import RunConfig, TrainConfig
-from sim.problems import ProblemConfig
+import pytest
+
+from sim.cli import main
 
 
-def run(problem=None, **train) -> RunConfig:
-    return RunConfig(problem or ProblemConfig(num_prompts=4, num_responses=4), TrainConfig(**train))
+def run_cli(args, capsys):
+    """``sim <args>`` in this process (the console script's code path without its interpreter start,
+    which costs seconds here): -> (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err

@@ -10,15 +10,9 @@ import pytest
 
 import sim
 from sim.cli import main
+from helpers import run_cli
 
 SMALL = ["--num-prompts", "3", "--num-responses", "3", "--steps", "30", "--seeds", "2"]
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.mark.parametrize("args,needle", [

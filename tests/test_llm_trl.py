@@ -13,6 +13,7 @@ import sim  # noqa: E402
 from sim.llm import model as model_mod  # noqa: E402
 from sim.llm.trl import GrpoSimDiagnostics  # noqa: E402
 from sim.llm.trl import tested_trl_installed as trl_in_tested_range  # noqa: E402
+from helpers import run_cli  # noqa: E402
 
 
 def test_the_installed_trl_is_the_tested_one_and_has_the_public_hooks():
@@ -175,24 +176,23 @@ def test_adaptive_estimators_run_inside_trl_with_their_state():
         assert 0.0 <= float(trainer.sim_adaptive.state.rho_ema) <= 1.0
 
 
-def test_cli_trl_backend_writes_results(tmp_path):
+def test_cli_trl_backend_writes_results(tmp_path, capsys):
     tok = model_mod.char_tokenizer()
     model_mod.tiny_model(len(tok), "tiny", seed=0).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "llm", "train", "--backend", "trl", "--model",
-                        str(tmp_path / "tiny"), "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
-                        "--diag-every", "1", "--max-new-tokens", "4", "--estimator", "rloo", "--out",
-                        str(tmp_path / "run")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = run_cli(["llm", "train", "--backend", "trl", "--model", str(tmp_path / "tiny"), "--steps", "2",
+                            "--prompts-per-step", "2", "--group-size", "4", "--diag-every", "1", "--max-new-tokens",
+                            "4", "--estimator", "rloo", "--out", str(tmp_path / "run")], capsys)  # in-process
+    assert code == 0, err[-2000:]
     runs, steps = sim.load_results(tmp_path / "run")
     assert runs["estimator"].iloc[0] == "rloo" and runs["backend"].iloc[0] == "trl" and len(steps) == 2
     # compare --backend trl trains each estimator inside TRL (it ran the native runner before)
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "llm", "compare", "--backend", "trl", "--model",
-                        str(tmp_path / "tiny"), "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
-                        "--diag-every", "1", "--max-new-tokens", "4", "--estimators", "grpo,grpo_finite", "--out",
-                        str(tmp_path / "cmp")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "grpo vs grpo_finite" in r.stdout and "trl backend" in r.stdout
+    code, out, err = run_cli(["llm", "compare", "--backend", "trl", "--model", str(tmp_path / "tiny"), "--steps",
+                              "1", "--prompts-per-step", "2", "--group-size", "4", "--diag-every", "1",
+                              "--max-new-tokens", "4", "--estimators", "grpo,grpo_finite", "--out",
+                              str(tmp_path / "cmp")], capsys)
+    assert code == 0, err[-2000:]
+    assert "grpo vs grpo_finite" in out and "trl backend" in out
     for est in ("grpo", "grpo_finite"):
         runs, steps = sim.load_results(tmp_path / "cmp" / est)
         assert runs["estimator"].iloc[0] == est and runs["backend"].iloc[0] == "trl" and len(steps) == 1

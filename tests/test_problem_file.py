@@ -1,12 +1,10 @@
 """Problems of your own: built from arrays in Python, saved and loaded as .npz (no pickle), run by
 `sim run` / `sim sweep --problem-file`, with one-line errors for bad files."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 import sim
 from sim.config import RunConfig, TrainConfig
@@ -48,21 +46,17 @@ def test_problem_from_arrays_names_the_bad_array():
             problem_from_arrays(**{**good, **change})
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sim.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def test_cli_runs_a_problem_file_and_records_its_digest(tmp_path):
+def test_cli_runs_a_problem_file_and_records_its_digest(tmp_path, capsys):
     _, path = _saved(tmp_path)
-    r = _cli("run", "--problem-file", str(path), "--estimators", "reinforce,grpo", "--steps", "100",
-             "--out", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli(["run", "--problem-file", str(path), "--estimators", "reinforce,grpo", "--steps", "100",
+                            "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
     runs, _ = sim.load_results(tmp_path / "out")
     assert set(runs.num_prompts) == {4} and set(runs.problem_file) == {str(path)}
     assert set(runs.problem_sha256) == {resolve_problem_file(ProblemConfig(problem_file=str(path))).problem_sha256}
 
 
-def test_bad_problem_files_are_one_line_errors_and_write_nothing(tmp_path):
+def test_bad_problem_files_are_one_line_errors_and_write_nothing(tmp_path, capsys):
     _, path = _saved(tmp_path)
     text = tmp_path / "t.npz"
     text.write_text("not an archive")
@@ -72,9 +66,10 @@ def test_bad_problem_files_are_one_line_errors_and_write_nothing(tmp_path):
              str(text): "not an .npz file", str(partial): "lacks the array"}
     for bad, msg in cases.items():
         out = tmp_path / "never"
-        r = _cli("run", "--problem-file", bad, "--out", str(out))
-        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
-        assert "Traceback" not in r.stderr and not out.exists()
-    r = _cli("run", "--problem-file", str(path), "--problem-sha256", "0" * 64, "--out", str(tmp_path / "never"))
-    assert r.returncode == 2 and "problem-sha256" in r.stderr
+        code, _, err = run_cli(["run", "--problem-file", bad, "--out", str(out)], capsys)
+        assert code == 2 and msg in err and err.count("\n") == 1, err
+        assert "Traceback" not in err and not out.exists()
+    code, _, err = run_cli(["run", "--problem-file", str(path), "--problem-sha256", "0" * 64,
+                            "--out", str(tmp_path / "never")], capsys)
+    assert code == 2 and "problem-sha256" in err
     assert load_problem_arrays(path)["bias"].shape == (4, 3)

@@ -17,6 +17,7 @@ import sim
 from sim import analysis as A
 from sim import sweep as S
 from sim.problems import ProblemConfig
+from helpers import run_cli
 
 
 def test_expand_grid_ids_and_theory_lr():
@@ -120,7 +121,7 @@ def test_a_tuned_sweep_killed_inside_a_grid_extension_resumes_to_the_uninterrupt
     other seed is still missing. The resume runs the extension runs the manifest lists before it
     proposes new ones, so it ends with exactly the uninterrupted results."""
     axes = {"estimator": ["reinforce", "grpo"], "num_prompts": [2], "num_responses": [3], "steps": [60],
-            "mode": ["exact"], "orthogonality": [1.0]}
+            "mode": ["exact"], "orthogonality": [1.0], "log_points": [2]}  # 2: less per-part diagnostics time
     initial = 2 * len(S.TUNED_FACTORS) * 2  # estimators x grid x seeds, one part each
     code = ("import sys; from pathlib import Path; from sim import sweep as S\n"
             f"S.run_sweep(S.SweepSpec.build({axes!r}, seeds=2, lr='tuned'), Path(sys.argv[1]), max_batch=1)\n")
@@ -147,7 +148,7 @@ RESUME_ARGS = ["sweep", "--num-prompts", "3,4,5,6", "--num-responses", "4", "--e
                "--steps", "1500", "--seeds", "2", "--orthogonality", "0.5"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sim.cli", *RESUME_ARGS, "--out", str(killed)],
@@ -164,9 +165,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(ValueError, match="did not finish"):
         sim.load_results(killed)
 
-    resumed = subprocess.run([sys.executable, "-m", "sim.cli", *RESUME_ARGS, "--out", str(killed), "--resume"],
-                             capture_output=True, text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, err = run_cli([*RESUME_ARGS, "--out", str(killed), "--resume"], capsys)  # in-process: no start-up
+    assert code == 0, err
     full = tmp_path / "full"
     S.run_sweep(S.SweepSpec.build({"num_prompts": [3, 4, 5, 6], "num_responses": [4], "orthogonality": [0.5],
                                    "estimator": ["reinforce", "grpo", "rloo"], "steps": [1500]}, seeds=2),
@@ -192,7 +192,7 @@ def test_two_workers_equal_one_worker_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("fault", ["tmp-written:1", "tmp-written:4", "part-steps:2", "part-committed:3",
                                    "final-steps"])
-def test_kill_at_failpoint_then_resume_equals_uninterrupted(fault, tmp_path):
+def test_kill_at_failpoint_then_resume_equals_uninterrupted(fault, tmp_path, capsys):
     """A crash (os._exit(137), as SIGKILL) at each write stage, then --resume: exactly the uninterrupted results."""
     args = ["sweep", "--num-prompts", "3,4", "--num-responses", "3", "--estimators", "reinforce,grpo",
             "--steps", "40", "--seeds", "2", "--out"]
@@ -202,10 +202,8 @@ def test_kill_at_failpoint_then_resume_equals_uninterrupted(fault, tmp_path):
                              env=env)
     assert crashed.returncode == 137, crashed.stderr
     assert not (out / "runs.parquet").exists()
-    env.pop("GRPO_SIM_FAULT")
-    resumed = subprocess.run([sys.executable, "-m", "sim.cli", *args, str(out), "--resume"], capture_output=True,
-                             text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, err = run_cli([*args, str(out), "--resume"], capsys)  # in-process, without the fault
+    assert code == 0, err
     full = S.run_sweep(S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "steps": [40],
                                           "estimator": ["reinforce", "grpo"]}, seeds=2), tmp_path / "full")
     a_runs, a_steps = sim.load_results(out)
@@ -269,7 +267,7 @@ def test_truncated_or_corrupt_results_files_are_detected_on_load(tmp_path):
     pd.testing.assert_frame_equal(first[1], again[1])
 
 
-def test_a_sweep_resumed_under_the_other_engine_agrees_with_either(tmp_path):
+def test_a_sweep_resumed_under_the_other_engine_agrees_with_either(tmp_path, capsys):
     """A sweep crashed under --engine torch and resumed under numba mixes engines (each run records
     its own): its numbers agree with an all-numba and an all-torch sweep to rounding."""
     args = ["sweep", "--num-prompts", "3,4", "--num-responses", "3", "--estimators", "reinforce,grpo",
@@ -279,10 +277,8 @@ def test_a_sweep_resumed_under_the_other_engine_agrees_with_either(tmp_path):
     crashed = subprocess.run([sys.executable, "-m", "sim.cli", *args, str(out), "--engine", "torch"],
                              capture_output=True, text=True, env=env)
     assert crashed.returncode == 137, crashed.stderr
-    env.pop("GRPO_SIM_FAULT")
-    resumed = subprocess.run([sys.executable, "-m", "sim.cli", *args, str(out), "--resume", "--engine", "numba"],
-                             capture_output=True, text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, err = run_cli([*args, str(out), "--resume", "--engine", "numba"], capsys)  # in-process
+    assert code == 0, err
     mixed, _ = sim.load_results(out)
     assert set(mixed.engine) == {"torch", "numba"}
     spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "steps": [40],
