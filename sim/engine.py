@@ -25,6 +25,7 @@ Two engines advance it (ENGINES, resolve_engine): ``advance_torch`` calls ``step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -391,6 +392,27 @@ def resolve_engine(engine: str, device: str | torch.device = "cpu", dtype: torch
     return engine
 
 
+#: Rows (runs x log steps) the diagnostics of several log steps are computed on at once (Recorder):
+#: large enough to amortise their per-call cost on small batches, small enough for memory (their
+#: largest tensors hold N P K (k + s) numbers per row, N = gain_draws).
+DIAGNOSTIC_ROWS = 512
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Per-row inputs of Recorder.diagnostics: the batch's, or those of its runs at L log steps stacked
+    ([L R, ...]). step: the log step (int) or the rows' steps [L R]; phiT: the transposed features
+    (numba engine) or None."""
+
+    problem: Problem
+    M: torch.Tensor
+    phi_red: torch.Tensor
+    gain_lrs: dict
+    keys: np.ndarray
+    step: object
+    phiT: tuple | None
+
+
 class Recorder:
     """Everything a batch logs: J_t and sigma_bar_t at every step (StepHistory), the diagnostics of
     DESIGN.md §3 at log-spaced steps, and at the end the per-run summary (``result``)."""
@@ -425,16 +447,52 @@ class Recorder:
         self.logged = {m: torch.zeros(len(self.log_steps), R, **on) for m in STEP_METRICS}
         self.logged["sigma_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
         self.logged["mu_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
+        # log steps whose diagnostics are not computed yet: (t, theta_private, theta_shared, estimator
+        # state). They are functions of theta, so several log steps are computed in one call, as a
+        # batch of L R rows (the per-call cost of ~200 small tensor operations dominated small
+        # batches); an adaptive estimator's state is not stacked: its log steps go one by one
+        self.pending: list[tuple] = []
+        self.logs_per_call = 1 if batch.spec.adaptive is not None else max(1, DIAGNOSTIC_ROWS // R)
 
     def log(self, state: TrainState) -> None:
-        """Log the diagnostics of a log step t."""
-        i = self.log_index[state.t]
-        diag = self.diagnostics(state)
-        self.gain_undefined[i] = diag.pop("gain_undefined")
-        for name, value in diag.items():
-            self.logged[name][i] = value
+        """Log the diagnostics of a log step t (computed with the next ones, at the latest by ``result``)."""
+        self.pending.append((state.t, state.theta_private.clone(), state.theta_shared.clone(), state.estimator_state))
+        if len(self.pending) >= self.logs_per_call:
+            self._compute_pending(state)
 
-    def diagnostics(self, state: TrainState) -> dict[str, torch.Tensor]:
+    def _compute_pending(self, state: TrainState) -> None:
+        """The diagnostics of the pending log steps, in one call on their L R stacked rows
+        (row l R + r: run r at the l-th pending step)."""
+        if not self.pending:
+            return
+        steps = [t for t, *_ in self.pending]
+        L, R = len(steps), state.theta_private.shape[0]
+        theta_p = torch.cat([th for _, th, _, _ in self.pending])  # [L R, P, k]
+        theta_s = torch.cat([th for _, _, th, _ in self.pending])  # [L R, s]
+        rows = self._rows(state, steps)
+        z = theory.logits(rows.problem.bias, rows.problem.phi_private, rows.problem.phi_shared, theta_p, theta_s)
+        stats = theory.prompt_stats(z, rows.problem.rbar)  # as _with_stats: the state's own numbers
+        diag = self.diagnostics(rows, *stats, theta_p, theta_s, self.pending[0][3])
+        index = [self.log_index[t] for t in steps]
+        self.gain_undefined[index] = diag.pop("gain_undefined").reshape(L, R)
+        for name, value in diag.items():
+            self.logged[name][index] = value.reshape(L, R, *value.shape[1:])
+        self.pending = []
+
+    def _rows(self, state: TrainState, steps: list[int]) -> "_Rows":
+        """What the diagnostics read per row, for the runs at each of ``steps`` (L of them) stacked."""
+        L, b = len(steps), self.batch
+        phiT = transposed_features(state) if self.compiled else None
+        if L == 1:
+            return _Rows(b.problem, self.M, self.phi_red, self.gain_lrs, b.keys, steps[0], phiT)
+        rep = lambda x: x.repeat(L, *(1,) * (x.dim() - 1))  # noqa: E731 -- [R, ...] -> [L R, ...]
+        problem = Problem(**{f.name: rep(getattr(b.problem, f.name)) for f in dataclasses.fields(Problem)})
+        return _Rows(problem, rep(self.M), rep(self.phi_red), {n: rep(lr) for n, lr in self.gain_lrs.items()},
+                     np.tile(b.keys, L), np.repeat(np.asarray(steps, dtype=np.int64), len(b.keys)),
+                     None if phiT is None else tuple(np.concatenate([f] * L) for f in phiT))
+
+    def diagnostics(self, rows: "_Rows", pi, mu, sigma, w, theta_private, theta_shared,
+                    estimator_state=None) -> dict[str, torch.Tensor]:
         """Diagnostics at theta_t (DESIGN.md §3), each [R] (sigma_per_prompt [R, P]): J, sigma summary,
         mean ||grad J_i||, rho_t, empirical M = max_i ||Hess J_i|| / sigma_i, analytic M =
         max_i sqrt(E||d||^4), the worst ratio of the two per prompt (must be <= 1); the measured
@@ -442,43 +500,44 @@ class Recorder:
         dJ_run (the run's estimator) of the update each estimator would take from this theta, exact
         or sampled as the run, their ratio gain = dJ_grpo / dJ_reinforce with its standard error and
         gain_undefined (the reason where it is NaN); and exact_theory_step_gain, the same ratio for
-        exact steps at the theory step sizes. The Hessian is taken in the reduced features (r x r)."""
-        prob, pi, mu, sigma, w = self.batch.problem, state.pi, state.mu, state.sigma, state.w
+        exact steps at the theory step sizes. The Hessian is taken in the reduced features (r x r).
+        R here counts the rows of ``rows`` (runs, or runs at several log steps); pi, w [R, P, K] and
+        mu, sigma [R, P] are the policy statistics at theta (theory.prompt_stats)."""
+        prob = rows.problem
         g_p, g_s = theory.per_prompt_gradients(w, prob.phi_private, prob.phi_shared)  # [R,P,k], [R,P,s]
         sq_norm = (g_p * g_p).sum(-1) + (g_s * g_s).sum(-1)  # [R, P]
         sub_p, sub_s = g_p[:, self.rho_index], g_s[:, self.rho_index]
         gram = theory.block_gram(sub_p, sub_s)  # [R, P', P']
-        d, H = theory.prompt_curvature(pi, prob.rbar, mu, self.phi_red)  # [R, P, K, r], [R, P, r, r]
+        d, H = theory.prompt_curvature(pi, prob.rbar, mu, rows.phi_red)  # [R, P, K, r], [R, P, r, r]
         # eigenvalues on the CPU: cuSOLVER's batched syevd failed (internal error) for 65k 8 x 8 matrices
         floor = 1e-12 * prob.sigma_bound.unsqueeze(-1).cpu()
         emp = theory.hessian_over_sigma(H.cpu(), sigma.cpu(), floor).to(pi.device)  # [R, P]
         m_an = theory.m_fourth_moment(pi, d)  # [R, P]
         # a prompt whose features barely differ (sqrt(E||d||^4) at rounding level against the
         # problem's bound M) has a Hessian of rounding noise: its curvature is not measured
-        flat = m_an <= 1e-12 * self.M.unsqueeze(-1)
+        flat = m_an <= 1e-12 * rows.M.unsqueeze(-1)
         emp = torch.where(flat, torch.zeros_like(emp), emp)
         P = pi.shape[-2]
-        b, train = self.batch, self.batch.train
+        train = self.batch.train
         # an adaptive run's dJ_run at its state after step t - 1: its next step would also fold in
         # that step's own rho_t (grpo_phase), which the gain draws do not measure
-        states = {train.estimator: state.estimator_state}
+        states = {train.estimator: estimator_state}
         if train.mode == "exact":
-            dj = step_gain.exact_changes(mu, sigma, w, prob, state.theta_private, state.theta_shared, self.gain_lrs,
-                                         train.eps, states)
+            dj = step_gain.exact_changes(mu, sigma, w, prob, theta_private, theta_shared, rows.gain_lrs, train.eps,
+                                         states)
         elif self.compiled:
-            dj = step_gain.sampled_changes_compiled(pi, sigma, mu, g_p, g_s, prob, state.theta_private,
-                                                    state.theta_shared, b.keys, state.t, train.group_size,
-                                                    self.gain_lrs, train.ddof, train.eps, train.gain_draws,
-                                                    transposed_features(state))
+            dj = step_gain.sampled_changes_compiled(pi, sigma, mu, g_p, g_s, prob, theta_private, theta_shared,
+                                                    rows.keys, rows.step, train.group_size, rows.gain_lrs,
+                                                    train.ddof, train.eps, train.gain_draws, rows.phiT)
         else:
-            dj = step_gain.sampled_changes(pi, sigma, mu, w, prob, state.theta_private, state.theta_shared,
-                                           b.keys, state.t, train.group_size, self.gain_lrs, train.ddof, train.eps,
-                                           train.gain_draws, states=states)
+            dj = step_gain.sampled_changes(pi, sigma, mu, w, prob, theta_private, theta_shared, rows.keys, rows.step,
+                                           train.group_size, rows.gain_lrs, train.ddof, train.eps, train.gain_draws,
+                                           states=states)
         gain, gain_se, reason = step_gain.gain_from_changes(dj["grpo"], dj["reinforce"])
         step_change = {
             normalized: theory.one_step_change(
-                prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, state.theta_private, state.theta_shared,
-                theory.step_scale(normalized, self.M, prob.sigma_bound, P, sigma), stats=(mu, w))
+                prob.bias, prob.rbar, prob.phi_private, prob.phi_shared, theta_private, theta_shared,
+                theory.step_scale(normalized, rows.M, prob.sigma_bound, P, sigma), stats=(mu, w))
             for normalized in (True, False)}
         return {
             "J": mu.mean(-1), "sigma_bar": sigma.mean(-1), "sigma_min": sigma.amin(-1),
@@ -493,6 +552,7 @@ class Recorder:
 
     def result(self, state: TrainState) -> BatchResult:
         """Per-run summary and long-format step metrics (train_batch's docstring), on the CPU."""
+        self._compute_pending(state)
         self.history.flush()
         b = self.batch
         cpu = lambda x: x.cpu()  # noqa: E731 -- no-ops when training ran on the CPU

@@ -72,6 +72,16 @@ def uniforms_np(keys: np.ndarray, step: int, shape: tuple[int, ...], leading: in
     return u.reshape(len(hashes), rows, *shape[1:])
 
 
+def at_step(keys: np.ndarray, steps, shape: tuple[int, ...]) -> np.ndarray:
+    """Stream keys whose step-0 draws of ``shape`` are the step-``steps`` draws of ``keys``:
+    key + steps m GOLDEN (mod 2^64, m = ceil(n / 2) hashes per step), since the counter of
+    draw j is (step m + j) GOLDEN (``uniforms_np``). Lets one call draw rows at different steps.
+    keys [R] uint64, steps int or [R] ints -> uint64 [R]."""
+    m = np.uint64((int(np.prod(shape)) + 1) // 2)
+    with np.errstate(over="ignore"):
+        return np.asarray(keys, dtype=np.uint64) + np.asarray(steps, dtype=np.uint64) * m * GOLDEN
+
+
 def uniforms(keys: np.ndarray, step: int, shape: tuple[int, ...],
              dtype: torch.dtype = torch.float64, leading: int | None = None) -> torch.Tensor:
     """``uniforms_np`` as a torch tensor of ``dtype`` (no copy for float64): [R, *shape]. Other

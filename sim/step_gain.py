@@ -30,7 +30,7 @@ import torch
 
 import theory
 from sim import estimators
-from sim.rng import GOLDEN, mix64, uniforms
+from sim.rng import GOLDEN, at_step, mix64, uniforms
 
 #: Salt of the gain draws' stream: keys mix64(mix64(key ^ SALT) + n) for draw n (disjoint from training).
 GAIN_SALT = np.uint64(0x6A09E667F3BCC908)
@@ -43,6 +43,15 @@ def draw_keys(keys: np.ndarray, draws: int) -> np.ndarray:
     base = mix64(np.asarray(keys, dtype=np.uint64) ^ GAIN_SALT)  # [R]
     with np.errstate(over="ignore"):
         return mix64(base[:, None] + np.arange(draws, dtype=np.uint64)[None, :] * GOLDEN).reshape(-1)
+
+
+def _draw_streams(keys: np.ndarray, step, draws: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """(stream keys [R * N], step) of the gain draws at ``step``: an int, or [R] ints (rows logged at
+    different steps in one call), which sim.rng.at_step folds into the keys (step 0 then)."""
+    streams = draw_keys(keys, draws)
+    if np.ndim(step) == 0:
+        return streams, int(step)
+    return at_step(streams, np.repeat(np.asarray(step), draws), shape), 0
 
 
 def _mean_J(bias, rbar, phi_p, phi_s, theta_p, theta_s) -> torch.Tensor:
@@ -64,21 +73,23 @@ def _with_draw_dim(state):
                                          for f in dataclasses.fields(state)})
 
 
-def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, step: int, group_size: int,
+def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, step, group_size: int,
                     lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int,
                     control_variate: bool = True, states: dict | None = None) -> dict[str, torch.Tensor]:
     """dJ per draw for every estimator in ``lrs`` (name -> lr [R]): {name: [R, N]}; an adaptive
     estimator's at its state in ``states`` (name -> state, EstimatorSpec.advantages).
 
     pi, w_exact [R, P, K] (w_exact = pi (rbar - mu)), sigma, mu [R, P]; theta_p [R, P, k],
-    theta_s [R, s]. Where the estimator's expected update is known exactly
+    theta_s [R, s]; step: the logged step, an int or [R] ints. Where the estimator's expected update
+    is known exactly
     (EstimatorSpec.expected_scale: REINFORCE, Dr. GRPO, RLOO, GRPO and its presets), each draw's
     change carries the control variate grad J . (Delta - E Delta): its first-order noise, whose
     expectation is 0, is subtracted, which leaves the mean unbiased and cuts its standard error
     several-fold."""
     R, P, K = pi.shape
     G = group_size
-    u = uniforms(draw_keys(keys, draws), step, (2, P, G), pi.dtype).to(pi.device).view(R, draws, 2, P, G)
+    streams, step = _draw_streams(keys, step, draws, (2, P, G))
+    u = uniforms(streams, step, (2, P, G), pi.dtype).to(pi.device).view(R, draws, 2, P, G)
     cdf = pi.cumsum(-1)
     cdf[..., -1] = 2.0  # above every draw (sim.engine.sampled_response_weights)
     cdf = cdf.unsqueeze(1).expand(R, draws, P, K).contiguous()
@@ -114,7 +125,7 @@ def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, ste
     return out
 
 
-def sampled_changes_compiled(pi, sigma, mu, g_p, g_s, problem, theta_p, theta_s, keys, step: int, group_size: int,
+def sampled_changes_compiled(pi, sigma, mu, g_p, g_s, problem, theta_p, theta_s, keys, step, group_size: int,
                              lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int, phiT,
                              control_variate: bool = True) -> dict[str, torch.Tensor]:
     """``sampled_changes`` for stateless estimators in one compiled call (sim.kernels.gain_changes;
@@ -142,8 +153,8 @@ def sampled_changes_compiled(pi, sigma, mu, g_p, g_s, problem, theta_p, theta_s,
     out = np.empty((len(names), R, draws))
     arr = lambda x: np.ascontiguousarray(x.numpy())  # noqa: E731 -- CPU float64 tensors
     binary_q = bool(((problem.q == 0) | (problem.q == 1)).all())  # reward flips need no draws (sim.engine.Batch)
-    kernels.in_blocks(kernels.gain_changes, R, step, group_size, binary_q,
-                      draw_keys(keys, draws).reshape(R, draws),
+    streams, step = _draw_streams(keys, step, draws, (2, P, group_size))
+    kernels.in_blocks(kernels.gain_changes, R, step, group_size, binary_q, streams.reshape(R, draws),
                       arr(pi), arr(sigma), arr(problem.bias), arr(problem.rbar), arr(problem.q), arr(problem.scale),
                       arr(problem.phi_private), arr(problem.phi_shared), *phiT, arr(theta_p), arr(theta_s),
                       arr(mu.mean(-1)), arr(g_p), arr(g_s), params, flags, lr_over_p, h, out)

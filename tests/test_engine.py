@@ -1,6 +1,7 @@
 """Vectorized engine == plain per-run numpy loop; batch invariance; reproducibility."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from sim.engine import train_batch
 from sim.problems import ProblemConfig
 from sim.reference import train_one
 from sim.reference import uniforms as np_uniforms
-from sim.rng import mix64, run_keys
+from sim.rng import at_step, mix64, run_keys
 from sim.rng import uniforms as torch_uniforms
 
 
@@ -45,6 +46,11 @@ def test_rng_is_splitmix64_and_reference_draws_match():
     for shape in ((2, 3, 5), (3, 1, 1), (2, 7)):  # leading rows only: the same draws, fewer hashes
         full = torch_uniforms(run_keys(seeds), 4, shape)
         assert torch.equal(torch_uniforms(run_keys(seeds), 4, shape, leading=1), full[:, :1])
+    # at_step: keys whose step-0 draws are the given steps' (one call draws rows at different steps)
+    steps = np.array([0, 5, 2**33 + 1])
+    shifted = torch_uniforms(at_step(run_keys(seeds), steps, (3, 5)), 0, (3, 5))
+    for r, s in enumerate(steps.tolist()):
+        assert torch.equal(shifted[r], torch_uniforms(run_keys(seeds), s, (3, 5))[r])
     odd = torch_uniforms(run_keys(seeds), 3, (7,))  # odd count: the last hash gives one draw
     assert odd.shape == (3, 7) and np.array_equal(odd[1].numpy(), np_uniforms(1, 3, (7,)))
     # mean 1/2, variance 1/12 over 40k draws: the mean's standard error is sqrt(1/12/40000) = 0.0014
@@ -99,6 +105,23 @@ def test_run_alone_equals_run_in_batch_bit_for_bit(engine, estimator):
         a = alone.runs.drop(columns="run_id").iloc[0]
         b = together.runs.drop(columns="run_id").iloc[r]
         assert a.equals(b)
+
+
+@pytest.mark.parametrize("engine,mode,estimator", [("torch", "sampled", "grpo"), ("numba", "sampled", "rloo"),
+                                                   ("numba", "exact", "grpo"), ("torch", "sampled", "grpo_phase")])
+def test_log_steps_diagnosed_together_equal_them_one_by_one(engine, mode, estimator, monkeypatch):
+    """The Recorder computes several log steps' diagnostics in one call on their stacked rows (the
+    gain draws' steps folded into their keys): the same numbers, bit for bit, as one call per log
+    step (DIAGNOSTIC_ROWS 1), and with a remainder left for the end (2 log steps per call for 3 runs)."""
+    from sim import engine as eng
+
+    runs = mixed_runs(mode, estimator, steps=30)
+    together = train_batch(runs, engine=engine)
+    for rows in (1, 7):
+        monkeypatch.setattr(eng, "DIAGNOSTIC_ROWS", rows)
+        apart = train_batch(runs, engine=engine)
+        pd.testing.assert_frame_equal(together.steps, apart.steps, check_exact=True)
+        pd.testing.assert_frame_equal(together.runs, apart.runs, check_exact=True)
 
 
 @pytest.mark.parametrize("engine", ["torch", "numba"])

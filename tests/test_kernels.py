@@ -29,7 +29,10 @@ SETTINGS = settings(deadline=None, max_examples=int(__import__("os").environ.get
 #: near 0 gives them a rounding error of about 1e-16 / sigma_i (and one at the 1e-12 sigma floor
 #: drops in or out of the max), so they are compared where every sigma_i >= 1e-3 sigma_bound.
 #: rho is 1 - mean |cos| of per-prompt gradients: as a gradient vanishes its direction carries the
-#: rounding of the terms that cancel in it (relative errors up to 1e-11 seen): compared at 1e-9.
+#: rounding of the terms that cancel in it (relative errors up to 1e-11 seen): compared at 1e-9, and
+#: only where every sigma_i >= 1e-3 sigma_bound too: a converged prompt's gradient (sigma_i 2e-8, its
+#: gradient 1e-16) is rounding noise, whose direction two summation orders draw differently (rho
+#: 0.984 vs 0.996 in a random-profile example).
 TIGHT = ("J", "sigma_bar", "sigma_min", "sigma_max", "grad_norm", "analytic_M")
 PER_SIGMA = ("empirical_M", "m_bound_ratio")
 
@@ -112,9 +115,9 @@ def test_numba_engine_equals_torch_engine(estimator, mode, drawn):
     np.testing.assert_allclose(got.theta_shared.numpy(), ref.theta_shared.numpy(), rtol=1e-12, atol=1e-12 * scale)
     for col in TIGHT:
         np.testing.assert_allclose(got.steps[col], ref.steps[col], err_msg=col, **close)
-    np.testing.assert_allclose(got.steps.rho, ref.steps.rho, rtol=1e-9, atol=1e-12)
     bound = ref.steps.run_id.map(ref.runs.drop_duplicates("run_id").set_index("run_id").sigma_bound)
     live = ref.steps.sigma_min >= 1e-3 * bound
+    np.testing.assert_allclose(got.steps.rho[live], ref.steps.rho[live], rtol=1e-9, atol=1e-12)
     for col in PER_SIGMA:
         np.testing.assert_allclose(got.steps[col][live], ref.steps[col][live], err_msg=col, **close)
     np.testing.assert_allclose(np.stack(got.steps.sigma_per_prompt), np.stack(ref.steps.sigma_per_prompt), **close)
