@@ -675,10 +675,8 @@ class Recorder:
             "gain_undefined": self.gain_undefined.T.reshape(-1),
             **{name: list(logged[name].transpose(0, 1).reshape(R * L, P).numpy())
                for name in ("sigma_per_prompt", "mu_per_prompt")},
-            "phase": np.concatenate([
-                theory.label_phases(logged["sigma_bar"][:, r].numpy(), logged["rho"][:, r].numpy(),
-                                    logged["gain"][:, r].numpy(), steps=self.log_steps,
-                                    gain_se=logged["gain_se"][:, r].numpy()) for r in range(R)]),
+            "phase": theory.label_phases(*(logged[m].T.numpy() for m in ("sigma_bar", "rho", "gain")),
+                                         steps=self.log_steps, gain_se=logged["gain_se"].T.numpy()).reshape(-1),
         }
         return pd.DataFrame(columns)  # made at once, as the summary (result)
 

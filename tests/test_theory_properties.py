@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import theory
 from sim import estimators
 from sim.problems import ProblemConfig, make_problem
+from theory.phases import PHASE_NAMES, raw_phases
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # examples: tests/conftest.py
 
@@ -307,6 +308,35 @@ def test_phase_rule_reads_the_gain_with_its_standard_error():
     assert set(theory.label_phases(s, r, g, gain_se=np.full(12, 0.01))) == {"III"}
     g_nan = np.full(12, np.nan)  # undefined gain: neither I nor III by gain
     assert set(theory.label_phases(s, r, g_nan)) == {"II"}
+
+
+def _phases_one_by_one(raw, t, th):
+    """The phase rule written out step by step (theory/phases.py's docstring), for one run's raw labels."""
+    out, current = [], -1
+    for j in range(len(t)):
+        window = [raw[i] for i in range(j, len(t)) if t[i] < t[j] + max(th.persist, 1, th.persist_frac * t[j])]
+        current = max(current, min(window or [raw[j]]))
+        out.append(current)
+    return out
+
+
+@settings(deadline=None)
+@given(R=st.integers(1, 4), T=st.integers(1, 30), data=st.data())
+def test_phases_of_many_runs_at_once_equal_each_run_alone_and_the_rule(R, T, data):
+    """label_phases on [R, T] series (the engine labels a batch in one call) equals one call per run,
+    and both equal the rule applied step by step (running phase, window min over persist steps)."""
+    th = theory.PhaseThresholds()
+    values = st.floats(0.0, 3.0) | st.just(float("nan"))
+    arrays = [np.array(data.draw(st.lists(values, min_size=R * T, max_size=R * T))).reshape(R, T) for _ in range(4)]
+    sigma_bar, rho, gain, se = np.abs(arrays[0]), np.nan_to_num(arrays[1]) / 3, arrays[2], np.abs(arrays[3]) / 10
+    t = np.cumsum(np.array(data.draw(st.lists(st.integers(1, 40), min_size=T, max_size=T)), dtype=float)) - 1
+    batch = theory.label_phases(sigma_bar, rho, gain, steps=t, gain_se=se)
+    assert batch.shape == (R, T)
+    for r in range(R):
+        alone = theory.label_phases(sigma_bar[r], rho[r], gain[r], steps=t, gain_se=se[r])
+        assert list(batch[r]) == list(alone)
+        raw = raw_phases(sigma_bar[r], rho[r], gain[r], th, se[r])
+        assert list(alone) == [PHASE_NAMES[i] for i in _phases_one_by_one(list(raw), t, th)]
 
 
 def test_feature_overlap_of_tabular_problems_is_one_minus_o():

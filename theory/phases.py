@@ -40,16 +40,17 @@ class PhaseThresholds:
 
 def raw_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds(), gain_se=None) -> np.ndarray:
     """Per-step raw labels from arrays [T] (module docstring): 0 (I) if v >= sigma_hi and rho >= rho_hi
-    and gain - z se >= gain_hi, 2 (III) if rho < rho_lo or gain + z se < gain_lo, else 1 (II)."""
+    and gain - z se >= gain_hi, 2 (III) if rho < rho_lo or gain + z se < gain_lo, else 1 (II).
+    Series of several runs [R, T] give their labels [R, T] (v_t per run)."""
     s = np.asarray(sigma_bar, dtype=float)
     rho = np.asarray(rho, dtype=float)
     gain = np.asarray(gain, dtype=float)
     se = np.zeros_like(gain) if gain_se is None else np.nan_to_num(np.asarray(gain_se, dtype=float), nan=0.0)
-    if not (s.ndim == 1 and s.shape == rho.shape == gain.shape == se.shape):
-        raise ValueError(f"raw_phases: sigma_bar, rho, gain (and gain_se) must be series [T] of one length, got "
-                         f"shapes {list(s.shape)}, {list(rho.shape)}, {list(gain.shape)}, {list(se.shape)}")
-    peak = s.max() if s.size and s.max() > 0 else 1.0
-    v = s / peak
+    if not (s.ndim in (1, 2) and s.shape == rho.shape == gain.shape == se.shape):
+        raise ValueError(f"raw_phases: sigma_bar, rho, gain (and gain_se) must be series [T] (or [R, T]) of one "
+                         f"shape, got shapes {list(s.shape)}, {list(rho.shape)}, {list(gain.shape)}, {list(se.shape)}")
+    peak = s.max(-1, keepdims=True) if s.shape[-1] else np.ones(s.shape[:-1] + (1,))
+    v = s / np.where(peak > 0, peak, 1.0)
     with np.errstate(invalid="ignore"):
         high = (gain - th.z * se) >= th.gain_hi  # NaN compares False: no evidence either way
         low = (gain + th.z * se) < th.gain_lo
@@ -62,19 +63,17 @@ def raw_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds(), ga
 def label_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds(), steps=None,
                  gain_se=None) -> np.ndarray:
     """Monotone phase labels 'I' / 'II' / 'III' for the logged steps [T] (``steps``, increasing;
-    None: 0, 1, 2, ...) of the series [T] -> [T] (str). Persistence counts training steps."""
-    raw = raw_phases(sigma_bar, rho, gain, th, gain_se)
-    T = len(raw)
+    None: 0, 1, 2, ...) of the series [T] -> [T] (str); the series of R runs logged at the same
+    steps, [R, T], give [R, T] in one call. Persistence counts training steps."""
+    raw = raw_phases(sigma_bar, rho, gain, th, gain_se)  # [..., T]
+    T = raw.shape[-1]
     t = np.arange(T, dtype=float) if steps is None else np.asarray(steps, dtype=float)
-    if t.shape != raw.shape or (np.diff(t) <= 0).any():
+    if t.shape != (T,) or (np.diff(t) <= 0).any():
         raise ValueError("label_phases: steps must be increasing and match the series")
     width = np.maximum(max(th.persist, 1), th.persist_frac * t)
     ends = np.searchsorted(t, t + width, side="left")  # window j .. ends[j]-1: logged steps in [t_j, t_j + width)
-    out = np.empty(T, dtype=np.int64)
-    current = -1
-    for j in range(T):
-        target = int(raw[j:max(ends[j], j + 1)].min())
-        if target > current:
-            current = target
-        out[j] = current
+    # candidate at j: the smallest raw label of its window; the phase moves on to a later candidate
+    # and never back, so it is the running maximum of the candidates
+    candidate = np.stack([raw[..., j:max(ends[j], j + 1)].min(-1) for j in range(T)], -1) if T else raw
+    out = np.maximum.accumulate(candidate, axis=-1) if T else candidate
     return np.array(PHASE_NAMES, dtype=object)[out]
