@@ -2,7 +2,8 @@
 
 (a) both engines (torch, numba) at 1 and 2 threads on the standard workload, and their ratio to a
     per-run numpy loop (sim.reference), measured in 5 alternating rounds in one process (medians),
-    as this machine's speed drifts by tens of percent between separate measurements;
+    as this machine's speed drifts by tens of percent between separate measurements; "kernel": the
+    numba engine's training loop alone (no logged diagnostics, no summary: what the loop computes);
 (b) engine time per step / the step's unavoidable arithmetic: the logits and gradient products
     (4 P K (k + s) flops per run-step) in a plain compiled loop, with its flop rate on these shapes;
 (c) scaling of the numba engine in prompts P, group size G, responses K and runs R;
@@ -95,6 +96,22 @@ def set_engine_threads(engine: str, threads: int) -> None:
     kernels.set_threads(threads if engine == "numba" else 1)
 
 
+def kernel_alone(runs) -> None:
+    """The numba engine's training loop alone on ``runs``: init_state and one advance over all T steps
+    (sim.engine.advance_numba: the kernel, the history, the statistics at T), no logged diagnostics
+    or summary; what the per-run numpy loop computes, so its ratio is like for like."""
+    from sim.engine import StepHistory, advance_numba, init_state
+
+    with torch.no_grad():
+        state = init_state(runs)
+        prob, T = state.batch.problem, runs[0].train.steps
+        R, P, _ = prob.bias.shape
+        advance_numba(state, StepHistory(R, P, T, prob.bias.dtype, 1e-9 * prob.sigma_bound.unsqueeze(-1)), T)
+
+
+KERNEL_CASES = (("kernel", 1), ("kernel", 2))
+
+
 def time_engines(runs, rounds: int = 5, loop_runs: int = 32) -> dict:
     """Seconds per step of the whole batch for every (engine, threads) and the numpy loop, measured
     in alternating rounds (each round times every case back to back, so that the ratios of one
@@ -110,6 +127,11 @@ def time_engines(runs, rounds: int = 5, loop_runs: int = 32) -> dict:
             t0 = time.perf_counter()
             train_batch(runs, engine=engine)
             out.setdefault((engine, threads), []).append((time.perf_counter() - t0) / steps)
+        for case in KERNEL_CASES:
+            set_engine_threads("numba", case[1])
+            t0 = time.perf_counter()
+            kernel_alone(runs)
+            out.setdefault(case, []).append((time.perf_counter() - t0) / steps)
         out.setdefault("loop", []).append(time_loop(runs[:loop_runs]) * len(runs) / loop_runs)
     set_engine_threads("torch", 2)
     return out
@@ -197,9 +219,9 @@ def main() -> None:
     for mode, m in measured.items():
         loop = _median(m["loop"])
         print(f"  {mode}: numpy loop {loop * 1e3:.1f} ms/step")
-        for case in ENGINE_CASES:
+        for case in ENGINE_CASES + KERNEL_CASES:  # kernel: the training loop alone, no diagnostics
             ratios = [lp / e for lp, e in zip(m["loop"], m[case])]
-            print(f"    {case[0]:5s} {case[1]} thread{'s' if case[1] > 1 else ' '}: {_median(m[case]) * 1e3:6.3f} ms/step"
+            print(f"    {case[0]:6s} {case[1]} thread{'s' if case[1] > 1 else ' '}: {_median(m[case]) * 1e3:6.3f} ms/step"
                   f" -> x{_median(ratios):6.1f} [{min(ratios):.1f}, {max(ratios):.1f}]")
 
     print("\n(b) engine time per step / the step's unavoidable arithmetic (the logits and gradient products,"
