@@ -36,7 +36,7 @@ import torch
 
 import theory
 from sim import estimators, step_gain
-from sim.config import RunConfig, TrainConfig
+from sim.config import RUN_ARRAYS, RunConfig, TrainConfig
 from sim.results import stable_id
 from sim.problems import Problem, make_problem, stack_problems
 from sim.rng import run_keys, uniforms
@@ -393,9 +393,11 @@ def resolve_engine(engine: str, device: str | torch.device = "cpu", dtype: torch
 
 
 #: Rows (runs x log steps) the diagnostics of several log steps are computed on at once (Recorder):
-#: large enough to amortise their per-call cost on small batches, small enough for memory (their
-#: largest tensors hold N P K (k + s) numbers per row, N = gain_draws).
+#: enough to amortise their per-call cost on small batches. And at most DIAGNOSTIC_BYTES for the
+#: stacked rows beyond one log step's (sim.config.run_bytes per row, plus the sampled gain draws'
+#: arrays), so stacking adds a bounded amount to what sweep.check_memory budgets for a batch.
 DIAGNOSTIC_ROWS = 512
+DIAGNOSTIC_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -452,12 +454,17 @@ class Recorder:
         # batch of L R rows (the per-call cost of ~200 small tensor operations dominated small
         # batches); an adaptive estimator's state is not stacked: its log steps go one by one
         self.pending: list[tuple] = []
-        self.logs_per_call = 1 if batch.spec.adaptive is not None else max(1, DIAGNOSTIC_ROWS // R)
+        row_bytes = 8 * RUN_ARRAYS * P * K * self.phi_red.shape[-1]  # as sim.config.run_bytes
+        if train.mode == "sampled":  # the gain draws' [N, P, K]-sized arrays (sim.step_gain), about 8 of them
+            row_bytes += 8 * 8 * train.gain_draws * P * K
+        self.logs_per_call = 1 if batch.spec.adaptive is not None else max(
+            1, min(DIAGNOSTIC_ROWS // R, 1 + DIAGNOSTIC_BYTES // (R * row_bytes)))
 
     def log(self, state: TrainState) -> None:
-        """Log the diagnostics of a log step t (computed with the next ones, at the latest by ``result``)."""
+        """Log the diagnostics of a log step t (computed with the next ones; the last log step's call
+        computes every pending one, so a batch's progress ends when its diagnostics are done)."""
         self.pending.append((state.t, state.theta_private.clone(), state.theta_shared.clone(), state.estimator_state))
-        if len(self.pending) >= self.logs_per_call:
+        if len(self.pending) >= self.logs_per_call or state.t == int(self.log_steps[-1]):
             self._compute_pending(state)
 
     def _compute_pending(self, state: TrainState) -> None:

@@ -107,19 +107,26 @@ def test_run_alone_equals_run_in_batch_bit_for_bit(engine, estimator):
         assert a.equals(b)
 
 
-@pytest.mark.parametrize("engine,mode,estimator", [("torch", "sampled", "grpo"), ("numba", "sampled", "rloo"),
-                                                   ("numba", "exact", "grpo"), ("torch", "sampled", "grpo_phase")])
-def test_log_steps_diagnosed_together_equal_them_one_by_one(engine, mode, estimator, monkeypatch):
+@pytest.mark.parametrize("engine,mode,estimator,binary", [
+    ("torch", "sampled", "grpo", False), ("numba", "sampled", "rloo", False), ("numba", "sampled", "grpo", True),
+    ("torch", "sampled", "grpo", True), ("numba", "exact", "grpo", False)])
+def test_log_steps_diagnosed_together_equal_them_one_by_one(engine, mode, estimator, binary, monkeypatch):
     """The Recorder computes several log steps' diagnostics in one call on their stacked rows (the
-    gain draws' steps folded into their keys): the same numbers, bit for bit, as one call per log
-    step (DIAGNOSTIC_ROWS 1), and with a remainder left for the end (2 log steps per call for 3 runs)."""
+    gain draws' steps folded into their keys; ``binary``: no reward noise, so the draws' second half
+    is never made): the same numbers, bit for bit, as one call per log step (DIAGNOSTIC_ROWS 1, or
+    DIAGNOSTIC_BYTES 0: the memory cap), and with a remainder (2 log steps per call for 3 runs)."""
+    import dataclasses
+
     from sim import engine as eng
 
     runs = mixed_runs(mode, estimator, steps=30)
+    if binary:
+        runs = [RunConfig(dataclasses.replace(r.problem, reward_noise=0.0), r.train) for r in runs]
     together = train_batch(runs, engine=engine)
-    for rows in (1, 7):
-        monkeypatch.setattr(eng, "DIAGNOSTIC_ROWS", rows)
-        apart = train_batch(runs, engine=engine)
+    for name, value in (("DIAGNOSTIC_ROWS", 1), ("DIAGNOSTIC_ROWS", 7), ("DIAGNOSTIC_BYTES", 0)):
+        with monkeypatch.context() as m:
+            m.setattr(eng, name, value)
+            apart = train_batch(runs, engine=engine)
         pd.testing.assert_frame_equal(together.steps, apart.steps, check_exact=True)
         pd.testing.assert_frame_equal(together.runs, apart.runs, check_exact=True)
 
