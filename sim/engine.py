@@ -415,6 +415,16 @@ class _Rows:
     phiT: tuple | None
 
 
+def _stacked_state(states: list):
+    """L adaptive-estimator states (dataclasses of [R, ...] tensors, EstimatorSpec.adaptive) as one of
+    [L R, ...] (row l R + r: run r's at the l-th); None (before the first step, or no adaptive
+    estimator) stays None. One state is copied: the Recorder keeps it while training goes on."""
+    if states[0] is None:
+        return None
+    fields = [f.name for f in dataclasses.fields(states[0])]
+    return dataclasses.replace(states[0], **{n: torch.cat([getattr(s, n) for s in states]) for n in fields})
+
+
 class Recorder:
     """Everything a batch logs: J_t and sigma_bar_t at every step (StepHistory), the diagnostics of
     DESIGN.md §3 at log-spaced steps, and at the end the per-run summary (``result``)."""
@@ -450,20 +460,22 @@ class Recorder:
         self.logged["sigma_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
         self.logged["mu_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
         # log steps whose diagnostics are not computed yet: (t, theta_private, theta_shared, estimator
-        # state). They are functions of theta, so several log steps are computed in one call, as a
-        # batch of L R rows (the per-call cost of ~200 small tensor operations dominated small
-        # batches); an adaptive estimator's state is not stacked: its log steps go one by one
+        # state). They are functions of theta (and of an adaptive estimator's state), so several log
+        # steps are computed in one call, as a batch of L R rows (the per-call cost of ~200 small
+        # tensor operations dominated small batches)
         self.pending: list[tuple] = []
         row_bytes = 8 * RUN_ARRAYS * P * K * self.phi_red.shape[-1]  # as sim.config.run_bytes
         if train.mode == "sampled":  # the gain draws' [N, P, K]-sized arrays (sim.step_gain), about 8 of them
             row_bytes += 8 * 8 * train.gain_draws * P * K
-        self.logs_per_call = 1 if batch.spec.adaptive is not None else max(
-            1, min(DIAGNOSTIC_ROWS // R, 1 + DIAGNOSTIC_BYTES // (R * row_bytes)))
+        self.logs_per_call = max(1, min(DIAGNOSTIC_ROWS // R, 1 + DIAGNOSTIC_BYTES // (R * row_bytes)))
 
     def log(self, state: TrainState) -> None:
         """Log the diagnostics of a log step t (computed with the next ones; the last log step's call
         computes every pending one, so a batch's progress ends when its diagnostics are done)."""
-        self.pending.append((state.t, state.theta_private.clone(), state.theta_shared.clone(), state.estimator_state))
+        if self.pending and (self.pending[-1][3] is None) != (state.estimator_state is None):
+            self._compute_pending(state)  # step 0 has no adaptive state yet: not stacked with later ones
+        self.pending.append((state.t, state.theta_private.clone(), state.theta_shared.clone(),
+                             _stacked_state([state.estimator_state])))
         if len(self.pending) >= self.logs_per_call or state.t == int(self.log_steps[-1]):
             self._compute_pending(state)
 
@@ -479,7 +491,8 @@ class Recorder:
         rows = self._rows(state, steps)
         z = theory.logits(rows.problem.bias, rows.problem.phi_private, rows.problem.phi_shared, theta_p, theta_s)
         stats = theory.prompt_stats(z, rows.problem.rbar)  # as _with_stats: the state's own numbers
-        diag = self.diagnostics(rows, *stats, theta_p, theta_s, self.pending[0][3])
+        estimator_state = _stacked_state([s for *_, s in self.pending])  # [L R, ...] or None
+        diag = self.diagnostics(rows, *stats, theta_p, theta_s, estimator_state)
         index = [self.log_index[t] for t in steps]
         self.gain_undefined[index] = diag.pop("gain_undefined").reshape(L, R)
         for name, value in diag.items():

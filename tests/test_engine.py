@@ -109,12 +109,14 @@ def test_run_alone_equals_run_in_batch_bit_for_bit(engine, estimator):
 
 @pytest.mark.parametrize("engine,mode,estimator,binary", [
     ("torch", "sampled", "grpo", False), ("numba", "sampled", "rloo", False), ("numba", "sampled", "grpo", True),
-    ("torch", "sampled", "grpo", True), ("numba", "exact", "grpo", False)])
+    ("torch", "sampled", "grpo", True), ("numba", "exact", "grpo", False), ("torch", "sampled", "grpo_phase", False),
+    ("torch", "exact", "grpo_phase", False), ("torch", "sampled", "grpo_finite", False)])
 def test_log_steps_diagnosed_together_equal_them_one_by_one(engine, mode, estimator, binary, monkeypatch):
     """The Recorder computes several log steps' diagnostics in one call on their stacked rows (the
     gain draws' steps folded into their keys; ``binary``: no reward noise, so the draws' second half
-    is never made): the same numbers, bit for bit, as one call per log step (DIAGNOSTIC_ROWS 1, or
-    DIAGNOSTIC_BYTES 0: the memory cap), and with a remainder (2 log steps per call for 3 runs)."""
+    is never made; adaptive estimators: their states stacked too): the same numbers, bit for bit, as
+    one call per log step (DIAGNOSTIC_ROWS 1, or DIAGNOSTIC_BYTES 0: the memory cap), and with a
+    remainder (2 log steps per call for 3 runs)."""
     import dataclasses
 
     from sim import engine as eng
