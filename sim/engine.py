@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -415,6 +415,18 @@ class _Rows:
     phiT: tuple | None
 
 
+class _Logged(NamedTuple):
+    """A log step whose diagnostics are pending (Recorder.log): theta_t (copies: the engines update
+    theta in place), the policy statistics at it (pi, mu, sigma, w: each step makes new ones) and an
+    adaptive estimator's state (a copy, or None)."""
+
+    t: int
+    theta_private: torch.Tensor
+    theta_shared: torch.Tensor
+    stats: tuple
+    estimator_state: object
+
+
 def _stacked_state(states: list):
     """L adaptive-estimator states (dataclasses of [R, ...] tensors, EstimatorSpec.adaptive) as one of
     [L R, ...] (row l R + r: run r's at the l-th); None (before the first step, or no adaptive
@@ -459,11 +471,10 @@ class Recorder:
         self.logged = {m: torch.zeros(len(self.log_steps), R, **on) for m in STEP_METRICS}
         self.logged["sigma_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
         self.logged["mu_per_prompt"] = torch.zeros(len(self.log_steps), R, P, **on)
-        # log steps whose diagnostics are not computed yet: (t, theta_private, theta_shared, estimator
-        # state). They are functions of theta (and of an adaptive estimator's state), so several log
-        # steps are computed in one call, as a batch of L R rows (the per-call cost of ~200 small
-        # tensor operations dominated small batches)
-        self.pending: list[tuple] = []
+        # log steps whose diagnostics are not computed yet. They are functions of theta (and of an
+        # adaptive estimator's state), so several log steps are computed in one call, as a batch of
+        # L R rows (the per-call cost of ~200 small tensor operations dominated small batches)
+        self.pending: list[_Logged] = []
         row_bytes = 8 * RUN_ARRAYS * P * K * self.phi_red.shape[-1]  # as sim.config.run_bytes
         if train.mode == "sampled":  # the gain draws' [N, P, K]-sized arrays (sim.step_gain), about 8 of them
             row_bytes += 8 * 8 * train.gain_draws * P * K
@@ -472,10 +483,11 @@ class Recorder:
     def log(self, state: TrainState) -> None:
         """Log the diagnostics of a log step t (computed with the next ones; the last log step's call
         computes every pending one, so a batch's progress ends when its diagnostics are done)."""
-        if self.pending and (self.pending[-1][3] is None) != (state.estimator_state is None):
+        if self.pending and (self.pending[-1].estimator_state is None) != (state.estimator_state is None):
             self._compute_pending(state)  # step 0 has no adaptive state yet: not stacked with later ones
-        self.pending.append((state.t, state.theta_private.clone(), state.theta_shared.clone(),
-                             _stacked_state([state.estimator_state])))
+        self.pending.append(_Logged(state.t, state.theta_private.clone(), state.theta_shared.clone(),
+                                    (state.pi, state.mu, state.sigma, state.w),
+                                    _stacked_state([state.estimator_state])))
         if len(self.pending) >= self.logs_per_call or state.t == int(self.log_steps[-1]):
             self._compute_pending(state)
 
@@ -484,15 +496,14 @@ class Recorder:
         (row l R + r: run r at the l-th pending step)."""
         if not self.pending:
             return
-        steps = [t for t, *_ in self.pending]
+        steps = [logged.t for logged in self.pending]
         L, R = len(steps), state.theta_private.shape[0]
-        theta_p = torch.cat([th for _, th, _, _ in self.pending])  # [L R, P, k]
-        theta_s = torch.cat([th for _, _, th, _ in self.pending])  # [L R, s]
-        rows = self._rows(state, steps)
-        z = theory.logits(rows.problem.bias, rows.problem.phi_private, rows.problem.phi_shared, theta_p, theta_s)
-        stats = theory.prompt_stats(z, rows.problem.rbar)  # as _with_stats: the state's own numbers
-        estimator_state = _stacked_state([s for *_, s in self.pending])  # [L R, ...] or None
-        diag = self.diagnostics(rows, *stats, theta_p, theta_s, estimator_state)
+        stack = lambda tensors: tensors[0] if L == 1 else torch.cat(tensors)  # noqa: E731 -- [L R, ...]
+        theta_p = stack([logged.theta_private for logged in self.pending])  # [L R, P, k]
+        theta_s = stack([logged.theta_shared for logged in self.pending])  # [L R, s]
+        stats = [stack([logged.stats[j] for logged in self.pending]) for j in range(4)]  # pi, mu, sigma, w
+        estimator_state = _stacked_state([logged.estimator_state for logged in self.pending])  # [L R, ...] or None
+        diag = self.diagnostics(self._rows(state, steps), *stats, theta_p, theta_s, estimator_state)
         index = [self.log_index[t] for t in steps]
         self.gain_undefined[index] = diag.pop("gain_undefined").reshape(L, R)
         for name, value in diag.items():
