@@ -314,6 +314,8 @@ def batch_cost(batch: list[RunConfig]) -> int:
 def _warm_worker() -> None:
     """Import what a batch needs and load the compiled kernels (when numba is there), so a worker's
     start-up overlaps the driver's preparations."""
+    import pyarrow.parquet  # noqa: F401  (a worker writes its parts)
+
     import sim.engine  # noqa: F401
 
     try:
@@ -438,11 +440,26 @@ def _death_of(pool: ProcessPoolExecutor, seen: dict) -> str:
 
 
 def _run_batch_in_worker(rows: list[dict], device: str = "cpu", engine: str = "torch"):
-    """One batch in a worker process (local pool or Ray task): one thread for torch and numba, the
-    parallelism being across workers."""
+    """One batch in a Ray task: one thread for torch and numba, the parallelism being across
+    workers. Returns (runs, steps), which the driver writes."""
     set_threads(1)
     res = train_batch([RunConfig.from_flat_dict(r) for r in rows], device=device, engine=engine)
     return res.runs, res.steps
+
+
+#: The most bytes a local worker's reply may take: POSIX's PIPE_BUF, below which a pipe write is
+#: atomic. A worker killed while it sent a larger reply (a batch's frames, MBs) left half a message in
+#: the result pipe, and ProcessPoolExecutor's manager thread then waited for the rest forever: the
+#: sweep never learnt its pool broke, and an interrupted one hung at exit, after its one line.
+REPLY_BYTES = 4096
+
+
+def _commit_batch_in_worker(out: str, rows: list[dict], device: str = "cpu", engine: str = "torch") -> int:
+    """One batch in a local worker, committed there (results.write_part: atomic, each part written
+    by one process); returns its run count, a reply of a few bytes (REPLY_BYTES)."""
+    runs, steps = _run_batch_in_worker(rows, device, engine)
+    results.write_part(Path(out), runs, steps)
+    return len(runs)
 
 
 def set_threads(numba_threads: int | None, torch_threads: int | None = 1) -> tuple[int, int | None]:
@@ -599,7 +616,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
 
     backend "local": in this process (workers = 1) or a pool of ``workers`` processes; "ray":
     Ray tasks on the cluster at ``address`` (a local instance with ``workers`` CPUs when None).
-    Only this process writes results. ``on_progress(steps_done, steps_total)`` is called as
+    Each part is written by one process: a local worker commits the batch it ran, a Ray task returns
+    its frames to this process, which writes them. ``on_progress(steps_done, steps_total)`` is called as
     batches advance (steps summed over runs). ``device`` "cuda" trains each batch on the GPU
     (local backend); runs then agree with CPU ones to rounding, not bit for bit. ``engine``
     (prepare_engine): numba or torch, recorded per run (column ``engine``); the two agree to
@@ -648,8 +666,10 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             if on_batch:
                 on_batch(runs_done[0], runs_total[0])
 
-        def commit(b, runs_df, steps_df):
-            results.write_part(out, runs_df, steps_df)
+        def commit(b, runs_df=None, steps_df=None):
+            """A batch is committed: by this process (its frames given) or by the worker that ran it."""
+            if runs_df is not None:
+                results.write_part(out, runs_df, steps_df)
             advance(b[0].train.steps * len(b))
             batch_committed(b)
 
@@ -667,25 +687,23 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                     results.write_part(out, res.runs, res.steps)
                     batch_committed(b)
             else:
-                futs = {pool.submit(_run_batch_in_worker, [r.as_flat_dict() for r in b], device,
+                futs = {pool.submit(_commit_batch_in_worker, str(out), [r.as_flat_dict() for r in b], device,
                                     batch_engine(engine, b)): b
                         for b in batches}
                 seen_workers.update(getattr(pool, "_processes", None) or {})
-                committed = set()
                 try:
                     for fut in as_completed(futs):
                         seen_workers.update(getattr(pool, "_processes", None) or {})
-                        commit(futs[fut], *fut.result())
-                        committed.add(fut)
+                        fut.result()
+                        commit(futs[fut])
                 except BrokenProcessPool:
-                    for f, b in futs.items():  # keep what finished before the pool broke
-                        if f not in committed and f.done() and not f.cancelled() and f.exception() is None:
-                            commit(b, *f.result())
-                            committed.add(f)
-                    lost = sum(len(b) for f, b in futs.items() if f not in committed)
+                    # what a worker committed before the pool broke stays (on disk, whether or not
+                    # its reply came back)
+                    done = results.committed_run_ids(out)
+                    lost = sum(r.run_id not in done for b in batches for r in b)
                     raise SweepFailure(f"a worker process died ({_death_of(pool, seen_workers)}); "
-                                       f"{lost} run(s) of the running batches were "
-                                       "lost") from None
+                                       f"{lost} run(s) of this sweep's batches were not "
+                                       "committed") from None
 
         run_all(pending)
         if spec.lr == "tuned":  # extend the grid where the best rate is at its edge (module docstring)

@@ -178,6 +178,32 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, capsys):
     pd.testing.assert_frame_equal(a_steps, b_steps)
 
 
+def test_a_local_worker_commits_its_batch_and_replies_in_one_atomic_pipe_write(tmp_path):
+    """A local worker writes its part itself and replies with a few bytes: a pipe write of at most
+    PIPE_BUF (4096) bytes is atomic, so a worker killed at any moment cannot leave half a reply in
+    the pool's result pipe (a batch's frames, sent back whole, could; the pool's manager thread then
+    waited for the rest forever and an interrupted sweep hung at exit). The worker's part holds
+    exactly what train_batch makes."""
+    import pickle
+    from concurrent.futures.process import _ResultItem
+
+    from sim import results
+    from sim.engine import train_batch
+
+    spec = S.SweepSpec.build({"num_prompts": [4], "num_responses": [3], "estimator": ["grpo"], "steps": [200]},
+                            seeds=3)
+    runs = S.expand(spec)
+    results.open_results_dir(tmp_path, spec.as_dict(), [r.as_flat_dict() for r in runs], False)
+    reply = S._commit_batch_in_worker(str(tmp_path), [r.as_flat_dict() for r in runs], "cpu", "torch")
+    sent = pickle.dumps(_ResultItem(2**40, result=reply))  # what the pool sends: a work id and the reply
+    assert reply == 3 and len(sent) + 8 <= S.REPLY_BYTES  # + the connection's length header
+    direct = train_batch(runs, engine="torch")
+    assert len(pickle.dumps((direct.runs, direct.steps))) > S.REPLY_BYTES  # what the reply used to be
+    got_runs, got_steps = results.read_parts(tmp_path)
+    pd.testing.assert_frame_equal(got_runs, direct.runs.sort_values("run_id").reset_index(drop=True))
+    pd.testing.assert_frame_equal(got_steps, direct.steps.sort_values(["run_id", "step"]).reset_index(drop=True))
+
+
 def test_two_workers_equal_one_worker_bit_for_bit(tmp_path):
     spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "estimator": ["reinforce", "grpo"],
                               "steps": [60]}, seeds=2)
