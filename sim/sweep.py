@@ -327,16 +327,27 @@ def _warm_worker() -> None:
 
 
 def worker_context():
-    """Start method of the local workers: a fork server that has imported the engine once (each
-    worker is then a fork of it: no second torch import, no OpenMP state from this process), or
-    spawn where fork servers do not exist."""
+    """Start method of the local workers: a fork server that has imported the engine and loaded the
+    cached kernels once (sim._worker_preload; each worker is then a fork of it: no second torch
+    import or kernel load, no OpenMP state from this process), or spawn where fork servers do not
+    exist."""
     import multiprocessing as mp
 
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["sim._forkserver_guard", "sim.engine"])  # the guard first: dies with us
+    ctx.set_forkserver_preload(["sim._forkserver_guard", "sim._worker_preload"])  # the guard first: dies with us
     return ctx
+
+
+def _start_fork_server() -> None:
+    """Start the workers' fork server now (it imports the engine, then loads the kernels when they
+    are cached: sim._worker_preload) rather than when the pool's first worker starts."""
+    ctx = worker_context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _die_with_parent() -> None:
@@ -631,12 +642,14 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     if backend == "ray" and address:
         check_ray_address(address)  # before anything is written: an unreachable cluster is one line
     runs = expand(spec)  # validates the whole sweep before any process starts
-    engine = prepare_engine(engine, device, on_compile,  # compiled (or loaded) before workers need it
-                            dict(spec.axes).get("estimator", ()))
-    _interrupts.release()  # a Ctrl-C held over the imports and the kernels' loading takes effect here
     # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
     workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
     local_workers = workers if backend == "local" else 1
+    if local_workers > 1:
+        _start_fork_server()  # its imports (~3 s) overlap the kernels' loading here
+    engine = prepare_engine(engine, device, on_compile,  # compiled (or loaded) before workers need it
+                            dict(spec.axes).get("estimator", ()))
+    _interrupts.release()  # a Ctrl-C held over the imports and the kernels' loading takes effect here
     # one process: numba's blocks of runs on every CPU, torch (diagnostics only) on one thread, as
     # its OpenMP threads oversubscribe a busy machine (one default sweep with the torch engine took
     # 36.5 s against 6.1 s with one thread there); the torch engine alone keeps torch's threads

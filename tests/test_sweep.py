@@ -204,6 +204,27 @@ def test_a_local_worker_commits_its_batch_and_replies_in_one_atomic_pipe_write(t
     pd.testing.assert_frame_equal(got_steps, direct.steps.sort_values(["run_id", "step"]).reset_index(drop=True))
 
 
+def test_workers_start_with_the_kernels_their_fork_server_loaded():
+    """sim._worker_preload: the fork server loads the cached kernels once and each worker, its fork,
+    starts with them (a worker loading them itself costs ~0.7 s). In a fresh interpreter: this
+    process's fork server may have started before the kernels were cached."""
+    pytest.importorskip("numba")
+    loaded = ("(len(__import__('sim.kernels').kernels.advance.overloads), "
+              "len(__import__('sim.kernels').kernels.gain_changes.overloads))")  # evaluated in the worker
+    code = ("from concurrent.futures import ProcessPoolExecutor\n"
+            "from sim import kernels, sweep\n"
+            "if __name__ == '__main__':\n"
+            "    kernels.warm_up()  # compiled into the cache if it is not there yet\n"
+            "    sweep._start_fork_server()\n"
+            "    with ProcessPoolExecutor(1, mp_context=sweep.worker_context()) as pool:\n"
+            f"        print(*pool.submit(eval, {loaded!r}).result())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    n_advance, n_gain = map(int, out.stdout.split())
+    assert n_advance >= 1 and n_gain >= 1, out.stdout  # 0 0 when the worker would load them itself
+
+
 def test_two_workers_equal_one_worker_bit_for_bit(tmp_path):
     spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "estimator": ["reinforce", "grpo"],
                               "steps": [60]}, seeds=2)
