@@ -341,13 +341,46 @@ def worker_context():
 
 
 def _start_fork_server() -> None:
-    """Start the workers' fork server now (it imports the engine, then loads the kernels when they
-    are cached: sim._worker_preload) rather than when the pool's first worker starts."""
-    ctx = worker_context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    """Start the workers' fork server now, if it is not running (it imports the engine, then loads
+    the kernels when they are cached: sim._worker_preload), rather than when the pool's first
+    worker starts.
 
+    It starts with SIGINT ignored: an ignored signal stays ignored across exec, and Python then
+    installs no KeyboardInterrupt handler. A Ctrl-C to the process group in the fork server's first
+    ~100 ms, before sim._forkserver_guard ignores it, printed a KeyboardInterrupt traceback or
+    "Fatal Python error: init_import_site" from it (CI, stop 23). Meanwhile SIGINT is blocked in
+    this thread, so a Ctrl-C that reaches it waits (Linux keeps a blocked signal pending whatever
+    its handler) for the handler put back after; one taken by another thread of this process in
+    that millisecond (the spawn) is lost."""
+    from multiprocessing import forkserver
+
+    if worker_context().get_start_method() != "forkserver":
+        return
+    if getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None) is not None:
+        return  # running (ensure_running restarts one that died, unprotected: a rare case)
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
         forkserver.ensure_running()
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # first: its own start unblocks SIGINT (the signal then lost)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _kernels_cached() -> bool:
+    """True when no kernel compile is due (compiled kernels cached, or no numba): the fork server may
+    then start before the driver loads them (it would otherwise see a half-written cache)."""
+    try:
+        from sim import kernels
+    except ImportError:
+        return True
+    return kernels.is_cached()
 
 
 def _die_with_parent() -> None:
@@ -419,6 +452,7 @@ def _started_pool(workers: int):
     if workers <= 1:
         yield None
         return
+    _start_fork_server()  # (when run_sweep has not: its start is protected from Ctrl-C there)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
     try:
         for _ in range(workers):
@@ -645,7 +679,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
     workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
     local_workers = workers if backend == "local" else 1
-    if local_workers > 1:
+    if local_workers > 1 and _kernels_cached():  # (else it starts after the compile, as the pool does)
         _start_fork_server()  # its imports (~3 s) overlap the kernels' loading here
     engine = prepare_engine(engine, device, on_compile,  # compiled (or loaded) before workers need it
                             dict(spec.axes).get("estimator", ()))
