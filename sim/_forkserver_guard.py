@@ -9,11 +9,13 @@ pipe close while a worker runs, and a worker never sees its parent go.
 It also ignores SIGINT from here on, as multiprocessing's fork server does only once its preloads
 are imported: a Ctrl-C to the terminal's process group reaches the fork server too, and while it
 imported the engine it printed a KeyboardInterrupt traceback beside the sweep's one line. The
-sweep process alone acts on Ctrl-C; the workers it forks start with SIGINT ignored."""
+sweep process alone acts on Ctrl-C; the workers it forks start with SIGINT ignored. (Before this
+runs, SIGINT is blocked: the sweep started the fork server so.)"""
 
 import signal
 
 from sim._parent_death import die_with_parent
 
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # (discards a Ctrl-C pending since the start)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by sim.sweep._start_fork_server
 die_with_parent()

@@ -341,35 +341,26 @@ def worker_context():
 
 
 def _start_fork_server() -> None:
-    """Start the workers' fork server now, if it is not running (it imports the engine, then loads
-    the kernels when they are cached: sim._worker_preload), rather than when the pool's first
-    worker starts.
+    """Make sure the workers' fork server runs (it imports the engine, then loads the kernels when
+    they are cached: sim._worker_preload), started now rather than when the pool's first worker
+    starts, with SIGINT blocked from its first instruction.
 
-    It starts with SIGINT ignored: an ignored signal stays ignored across exec, and Python then
-    installs no KeyboardInterrupt handler. A Ctrl-C to the process group in the fork server's first
-    ~100 ms, before sim._forkserver_guard ignores it, printed a KeyboardInterrupt traceback or
-    "Fatal Python error: init_import_site" from it (CI, stop 23). Meanwhile SIGINT is blocked in
-    this thread, so a Ctrl-C that reaches it waits (Linux keeps a blocked signal pending whatever
-    its handler) for the handler put back after; one taken by another thread of this process in
-    that millisecond (the spawn) is lost."""
-    from multiprocessing import forkserver
+    A Ctrl-C to the process group in the fork server's first ~100 ms, before sim._forkserver_guard
+    ignores it, printed a KeyboardInterrupt traceback or "Fatal Python error: init_import_site" from
+    it (CI, stop 23). A blocked signal mask is inherited across fork and exec: the fork server
+    starts with SIGINT blocked, a Ctrl-C stays pending there until the guard ignores it (which
+    discards it) and unblocks it. Here only this thread blocks it for the spawn; a Ctrl-C to this
+    process is taken by another of its threads meanwhile, or waits for this one (either way it
+    reaches the handler). The resource tracker starts first: its own start unblocks SIGINT."""
+    from multiprocessing import forkserver, resource_tracker
 
     if worker_context().get_start_method() != "forkserver":
         return
-    if getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None) is not None:
-        return  # running (ensure_running restarts one that died, unprotected: a rare case)
-    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
-        forkserver.ensure_running()
-        return
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()  # first: its own start unblocks SIGINT (the signal then lost)
+    resource_tracker.ensure_running()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        forkserver.ensure_running()
+        forkserver.ensure_running()  # (a running one: a WNOHANG wait; a dead one is started again)
     finally:
-        signal.signal(signal.SIGINT, previous)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
@@ -452,7 +443,7 @@ def _started_pool(workers: int):
     if workers <= 1:
         yield None
         return
-    _start_fork_server()  # (when run_sweep has not: its start is protected from Ctrl-C there)
+    _start_fork_server()  # (when run_sweep has not started it: started there, it ignores Ctrl-C at once)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
     try:
         for _ in range(workers):
@@ -556,12 +547,12 @@ def check_engine(engine: str) -> None:
 
 
 def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], None] | None = None,
-                   estimator_names: Sequence[str] = ()) -> str:
+                   estimator_names: Sequence[str] = (), load: bool = True) -> str:
     """Resolve ``engine`` (sim.engine.resolve_engine) with a one-line ConfigError for a bad choice
     (numba asked for with an adaptive estimator among ``estimator_names`` is one);
-    for numba, load the compiled kernels, compiling them first when they are not cached yet
-    (``on_compile()`` is called before that, e.g. to say so). Returns "numba" or "torch"; the
-    batches of adaptive estimators then train with torch (``batch_engine``)."""
+    for numba (and ``load``), load the compiled kernels, compiling them first when they are not
+    cached yet (``on_compile()`` is called before that, e.g. to say so). Returns "numba" or
+    "torch"; the batches of adaptive estimators then train with torch (``batch_engine``)."""
     check_engine(engine)
     try:
         for name in estimator_names:
@@ -569,7 +560,7 @@ def prepare_engine(engine: str, device: str = "cpu", on_compile: Callable[[], No
         name = resolve_engine(engine, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if name == "numba":
+    if name == "numba" and load:
         from sim import kernels
 
         if on_compile is not None and not kernels.is_cached():
@@ -679,10 +670,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     # no more workers than batches (a worker is 0.2-0.35 GB; a 2-batch sweep needs 2)
     workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
     local_workers = workers if backend == "local" else 1
-    if local_workers > 1 and _kernels_cached():  # (else it starts after the compile, as the pool does)
+    names = dict(spec.axes).get("estimator", ())
+    engine = prepare_engine(engine, device, estimator_names=names, load=False)  # a bad choice: no process yet
+    if local_workers > 1 and (engine == "torch" or _kernels_cached()):  # (else it starts after the compile)
         _start_fork_server()  # its imports (~3 s) overlap the kernels' loading here
-    engine = prepare_engine(engine, device, on_compile,  # compiled (or loaded) before workers need it
-                            dict(spec.axes).get("estimator", ()))
+    prepare_engine(engine, device, on_compile, names)  # compiled (or loaded) before workers need them
     _interrupts.release()  # a Ctrl-C held over the imports and the kernels' loading takes effect here
     # one process: numba's blocks of runs on every CPU, torch (diagnostics only) on one thread, as
     # its OpenMP threads oversubscribe a busy machine (one default sweep with the torch engine took
@@ -734,7 +726,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                     results.write_part(out, res.runs, res.steps)
                     batch_committed(b)
             else:
-                futs = {pool.submit(_commit_batch_in_worker, str(out), [r.as_flat_dict() for r in b], device,
+                where = str(Path(out).absolute())  # (the fork server's working directory may be another)
+                futs = {pool.submit(_commit_batch_in_worker, where, [r.as_flat_dict() for r in b], device,
                                     batch_engine(engine, b)): b
                         for b in batches}
                 seen_workers.update(getattr(pool, "_processes", None) or {})

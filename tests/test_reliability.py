@@ -488,31 +488,35 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay, sig, tmp_path):
 
 
 def test_the_fork_server_ignores_ctrl_c_from_its_first_instruction():
-    """sim.sweep._start_fork_server: the fork server starts with SIGINT ignored (a SIGINT in its first
+    """sim.sweep._start_fork_server: the fork server starts with SIGINT blocked (a SIGINT in its first
     ~100 ms, before sim._forkserver_guard ran, printed a KeyboardInterrupt traceback or "Fatal Python
-    error" from it: CI failed on it), and a SIGINT that reaches the sweep's main thread while the
-    fork server is spawned is delivered after, not lost."""
-    code = ("import os, signal, threading, time\n"
+    error" from it: CI failed on it), the guard then ignores and unblocks it, and a Ctrl-C to the
+    sweep process while the fork server is spawned still reaches the sweep's handler."""
+    code = ("import os, signal, time\n"
             "from multiprocessing import forkserver\n"
             "from sim import sweep\n"
+            "def sig(pid, field):\n"
+            "    line = [ln for ln in open(f'/proc/{pid}/status') if ln.startswith(field)][0]\n"
+            "    return int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1\n"
             "if __name__ == '__main__':\n"
             "    got = []\n"
             "    signal.signal(signal.SIGINT, lambda s, f: got.append(s))\n"
             "    real = forkserver.ensure_running\n"
-            "    def ensure_running():  # a Ctrl-C to this thread while the fork server starts\n"
-            "        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)\n"
+            "    def ensure_running():  # a Ctrl-C to this process while the fork server starts\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
             "        real()\n"
             "    forkserver.ensure_running = ensure_running\n"
             "    sweep._start_fork_server()\n"
             "    pid = forkserver._forkserver._forkserver_pid\n"
-            "    ign = [ln for ln in open(f'/proc/{pid}/status') if ln.startswith('SigIgn')][0].split()[1]\n"
+            "    at_birth = sig(pid, 'SigBlk')\n"
             "    for delay in (0.01, 0.02, 0.03, 0.05, 0.1):\n"
             "        time.sleep(delay)\n"
             "        os.kill(pid, signal.SIGINT)\n"
             "    time.sleep(1.0)\n"
-            "    print(int(ign, 16) >> (signal.SIGINT - 1) & 1, got == [signal.SIGINT])\n")
+            "    print(at_birth, sig(pid, 'SigBlk'), sig(pid, 'SigIgn'), got == [signal.SIGINT])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.split() == ["1", "True"], (out.stdout, out.stderr)
+    # blocked at birth; after the guard: unblocked and ignored; the sweep's own Ctrl-C not lost
+    assert out.returncode == 0 and out.stdout.split() == ["1", "0", "1", "True"], (out.stdout, out.stderr)
     assert "KeyboardInterrupt" not in out.stderr and "Fatal Python error" not in out.stderr, out.stderr
 
 

@@ -194,7 +194,16 @@ def test_a_local_worker_commits_its_batch_and_replies_in_one_atomic_pipe_write(t
                             seeds=3)
     runs = S.expand(spec)
     results.open_results_dir(tmp_path, spec.as_dict(), [r.as_flat_dict() for r in runs], False)
-    reply = S._commit_batch_in_worker(str(tmp_path), [r.as_flat_dict() for r in runs], "cpu", "torch")
+    import torch
+
+    from sim import kernels
+
+    threads = torch.get_num_threads(), kernels.get_threads()  # a worker's function sets them to 1
+    try:
+        reply = S._commit_batch_in_worker(str(tmp_path), [r.as_flat_dict() for r in runs], "cpu", "torch")
+    finally:
+        torch.set_num_threads(threads[0])
+        kernels.set_threads(threads[1])
     sent = pickle.dumps(_ResultItem(2**40, result=reply))  # what the pool sends: a work id and the reply
     assert reply == 3 and len(sent) + 8 <= S.REPLY_BYTES  # + the connection's length header
     direct = train_batch(runs, engine="torch")
@@ -218,11 +227,35 @@ def test_workers_start_with_the_kernels_their_fork_server_loaded():
             "    sweep._start_fork_server()\n"
             "    with ProcessPoolExecutor(1, mp_context=sweep.worker_context()) as pool:\n"
             f"        print(*pool.submit(eval, {loaded!r}).result())\n")
+    from sim import kernels
+
+    kernels.warm_up()
+    if not kernels.is_cached():
+        pytest.skip("the numba cache is not writable here: nothing for the fork server to load")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     n_advance, n_gain = map(int, out.stdout.split())
     assert n_advance >= 1 and n_gain >= 1, out.stdout  # 0 0 when the worker would load them itself
+
+
+def test_with_workers_the_parts_are_written_by_the_workers(tmp_path, monkeypatch):
+    """run_all with a pool: the workers commit their parts (the sweep process writing none, it only
+    reads them back), the same numbers as one process. A sweep process that still wrote them, or a
+    worker that sent its frames back for it, fails here."""
+    from sim import results
+
+    spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "estimator": ["reinforce", "grpo"],
+                              "steps": [40]}, seeds=2)
+    one = S.run_sweep(spec, tmp_path / "one", workers=1)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the sweep process wrote a part")
+
+    monkeypatch.setattr(results, "write_part", not_here)  # in this process only: the workers fork elsewhere
+    two = S.run_sweep(spec, tmp_path / "two", workers=2)
+    pd.testing.assert_frame_equal(one[0], two[0])
+    pd.testing.assert_frame_equal(one[1], two[1])
 
 
 def test_two_workers_equal_one_worker_bit_for_bit(tmp_path):
