@@ -443,7 +443,7 @@ def _started_pool(workers: int):
     if workers <= 1:
         yield None
         return
-    _start_fork_server()  # (when run_sweep has not started it: started there, it ignores Ctrl-C at once)
+    _start_fork_server()  # (unless run_sweep started it already): SIGINT blocked from its start
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
     try:
         for _ in range(workers):
