@@ -36,7 +36,7 @@ import torch
 
 import theory
 from sim import estimators, step_gain
-from sim.config import RUN_ARRAYS, RunConfig, TrainConfig
+from sim.config import RunConfig, TrainConfig, run_bytes
 from sim.results import stable_id
 from sim.problems import Problem, make_problem, stack_problems
 from sim.rng import run_keys, uniforms
@@ -475,7 +475,7 @@ class Recorder:
         # adaptive estimator's state), so several log steps are computed in one call, as a batch of
         # L R rows (the per-call cost of ~200 small tensor operations dominated small batches)
         self.pending: list[_Logged] = []
-        row_bytes = 8 * RUN_ARRAYS * P * K * self.phi_red.shape[-1]  # as sim.config.run_bytes
+        row_bytes = run_bytes(batch.runs[0].problem)  # (one shape per batch)
         if train.mode == "sampled":  # the gain draws' [N, P, K]-sized arrays (sim.step_gain), about 8 of them
             row_bytes += 8 * 8 * train.gain_draws * P * K
         self.logs_per_call = max(1, min(DIAGNOSTIC_ROWS // R, 1 + DIAGNOSTIC_BYTES // (R * row_bytes)))
