@@ -74,6 +74,8 @@ def label_phases(sigma_bar, rho, gain, th: PhaseThresholds = PhaseThresholds(), 
     ends = np.searchsorted(t, t + width, side="left")  # window j .. ends[j]-1: logged steps in [t_j, t_j + width)
     # candidate at j: the smallest raw label of its window; the phase moves on to a later candidate
     # and never back, so it is the running maximum of the candidates
-    candidate = np.stack([raw[..., j:max(ends[j], j + 1)].min(-1) for j in range(T)], -1) if T else raw
-    out = np.maximum.accumulate(candidate, axis=-1) if T else candidate
+    out = raw  # (no logged steps: nothing to label)
+    if T:
+        candidate = np.stack([raw[..., j:max(ends[j], j + 1)].min(-1) for j in range(T)], -1)
+        out = np.maximum.accumulate(candidate, axis=-1)
     return np.array(PHASE_NAMES, dtype=object)[out]
