@@ -313,17 +313,10 @@ def batch_cost(batch: list[RunConfig]) -> int:
 
 def _warm_worker() -> None:
     """Import what a batch needs and load the compiled kernels (when numba is there), so a worker's
-    start-up overlaps the driver's preparations."""
-    import pyarrow.parquet  # noqa: F401  (a worker writes its parts)
+    start-up overlaps the driver's preparations (about 1 ms in a fork of a fork server that did it)."""
+    from sim import _worker_preload
 
-    import sim.engine  # noqa: F401
-
-    try:
-        from sim import kernels
-    except ImportError:
-        return
-    if kernels.is_cached():  # never compile here: the driver compiles first (prepare_engine)
-        kernels.warm_up()
+    _worker_preload.load()
 
 
 def worker_context():
