@@ -21,6 +21,7 @@ from sim.llm import data as data_mod  # noqa: E402
 from sim.llm import model as model_mod  # noqa: E402
 from sim.llm import rewards as R  # noqa: E402
 from sim.llm import trainer as T  # noqa: E402
+from helpers import run_cli  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
@@ -261,12 +262,9 @@ def test_an_adaptive_estimator_keeps_its_state_per_prompt_across_steps(tiny_dir,
 
 
 def _cli(args, capsys):
-    from sim.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, err
+    """(exit code, stderr) of ``sim <args>`` in this process (helpers.run_cli)."""
+    code, _, err = run_cli(args, capsys)
+    return code, err
 
 
 def test_missing_or_corrupt_model_and_bad_data_are_one_line_errors(tiny_dir, tmp_path, capsys):
