@@ -322,12 +322,15 @@ def advance_torch(state: TrainState, history: StepHistory, t1: int) -> TrainStat
 
 
 def transposed_features(state: TrainState) -> tuple[np.ndarray, np.ndarray]:
-    """The features transposed, phi_private [R, P, k, K] and phi_shared [R, P, s, K] (C order), as
-    the kernels take them (sim.kernels.advance): made once per batch, kept in state.cache."""
+    """The features in the layouts the kernels take them (sim.kernels.advance): phi_private
+    transposed, [R, P, k, K], and phi_shared with its dimension b outermost, [R, s, P K] (C order);
+    made once per batch, kept in state.cache."""
     if "phiT" not in state.cache:
         prob = state.batch.problem
-        state.cache["phiT"] = tuple(np.ascontiguousarray(f.numpy().transpose(0, 1, 3, 2))
-                                    for f in (prob.phi_private, prob.phi_shared))
+        phi_p, phi_s = prob.phi_private.numpy(), prob.phi_shared.numpy()
+        R, P, K, s = phi_s.shape
+        state.cache["phiT"] = (np.ascontiguousarray(phi_p.transpose(0, 1, 3, 2)),
+                               np.ascontiguousarray(phi_s.transpose(0, 3, 1, 2)).reshape(R, s, P * K))
     return state.cache["phiT"]
 
 
@@ -343,7 +346,7 @@ def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainStat
     arr = lambda x: x.numpy()  # noqa: E731 -- CPU float64 tensors: views, no copies
     kernels.run(state.t, t1, 0 if state.t == 0 else state.t + 1, arr(state.theta_private),
                     arr(state.theta_shared), arr(prob.bias), arr(prob.rbar), arr(prob.q), arr(prob.scale),
-                    arr(prob.phi_private), arr(prob.phi_shared), *transposed_features(state), arr(b.lr_over_p), b.keys,
+                    arr(prob.phi_private), *transposed_features(state), arr(b.lr_over_p), b.keys,
                     train.mode == "exact",
                     code, ddof, eps, whiten, w_ddof, w_floor, w_eps, train.group_size, b.binary_q,
                     np.ascontiguousarray(arr(history.floor[:, 0])), arr(history.J), arr(history.sigma_bar), arr(history.min_sigma_ratio))
