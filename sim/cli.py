@@ -339,6 +339,7 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
                 runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
                                                  backend=backend, address=address, device=device, engine=engine,
                                                  on_compile=_say_compiling, on_notice=on_notice, on_batch=on_batch)
+            print_summary(runs_df, spec, out)  # (a Ctrl-C meanwhile: every run committed, says the line)
         except KeyboardInterrupt:
             name = signal.Signals(got["signal"]).name
             if not (out / results.MANIFEST).exists():
@@ -355,7 +356,6 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
             if not (out / results.MANIFEST).exists():
                 raise RuntimeFailure(msg) from None
             raise RuntimeFailure(stopped(msg, "free space, then " if e.errno == errno.ENOSPC else "")) from None
-    print_summary(runs_df, spec, out)
 
 
 def _make_command(name: str, list_valued: bool, doc: str):

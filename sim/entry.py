@@ -1,8 +1,10 @@
 """The `sim` console script. Ctrl-C and SIGTERM are held while the command line imports (sim._interrupts:
 raised inside an import's callbacks they are lost, or end the interpreter by SIGINT with nothing
-said) and take effect when sim.cli.main starts: one line, exit 130 / 143, never a traceback."""
+said) and take effect when sim.cli.main starts: one line, exit 130 / 143, never a traceback. Once the
+command has ended, they are ignored while the interpreter exits."""
 
 import os
+import signal
 import sys
 
 
@@ -18,7 +20,14 @@ def main() -> None:
         # PyRun_* call while importing marks itself unhandled, and the interpreter would then end
         # by SIGINT (exit -2) even though it was caught here
         os._exit(130)
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        # the command has ended (its line or its output given, its exit code set): a signal during
+        # the interpreter's exit (the workers' pool, the fork server and numba's threads stopping)
+        # would end it by SIGINT / SIGTERM with nothing said, or as "Exception ignored" lines
+        for sig in _interrupts.HELD:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

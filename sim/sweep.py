@@ -437,15 +437,22 @@ def _started_pool(workers: int):
         yield None
         return
     _start_fork_server()  # (unless run_sweep started it already): SIGINT blocked from its start
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
+    pool = None
     try:
-        for _ in range(workers):
-            pool.submit(_warm_worker)
+        # held: a Ctrl-C inside a submit, which spawns a worker, could leave one started that the
+        # pool never registered; _stop_pool would miss it, and it printed a traceback once the
+        # sweep had exited (its queue's semaphore gone). The signal takes effect after the block.
+        with _interrupts.held():
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
+            for _ in range(workers):
+                pool.submit(_warm_worker)
         yield pool
     except BaseException:
-        _stop_pool(pool)
+        if pool is not None:
+            _stop_pool(pool)
         raise
-    pool.shutdown(wait=True)
+    with _interrupts.held():  # the pool's threads and queues end here: a KeyboardInterrupt raised in
+        pool.shutdown(wait=True)  # their weakref callbacks was swallowed ("Exception ignored")
 
 
 #: The exit code multiprocessing gives a fork-server child whose status the fork server could not

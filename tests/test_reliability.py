@@ -487,6 +487,34 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay, sig, tmp_path):
     assert _session_left(p.pid) == []
 
 
+SHORT = ["sweep", "--num-prompts", "6,7", "--num-responses", "8", "--steps", "300", "--seeds", "2",
+         "--estimators", "reinforce,grpo", "--workers", "2"]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4])
+def test_ctrl_c_as_the_sweep_ends_is_one_line_or_nothing(delay, tmp_path):
+    """SIGINT to the process group ``delay`` s after the last batch is committed (the pool shutting
+    down, the results finalized, the summary printed, the interpreter exiting): either exit 130 with
+    one line saying every run is committed, or, once the command has ended, exit 0 with nothing on
+    stderr. Before, it ended by SIGINT with nothing said (exit -2: the interpreter's exit restores
+    the default handler), or printed "Exception ignored ... KeyboardInterrupt" (raised in a weakref
+    callback of the pool's shutdown, swallowed) and went on."""
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "sim.entry", *SHORT, "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:  # a pipe: a line per committed batch, "HH:MM:SS done/total runs committed"
+        if line.split()[1:2] == ["8/8"]:
+            break
+    time.sleep(delay)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert (p.returncode == 0 and lines == []) or (
+        p.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted (SIGINT); 8 of 8 runs")), err
+    assert _session_left(p.pid) == []
+
+
 def test_the_fork_server_ignores_ctrl_c_from_its_first_instruction():
     """sim.sweep._start_fork_server: the fork server starts with SIGINT blocked (a SIGINT in its first
     ~100 ms, before sim._forkserver_guard ran, printed a KeyboardInterrupt traceback or "Fatal Python
