@@ -137,31 +137,14 @@ def time_engines(runs, rounds: int = 5, loop_runs: int = 32) -> dict:
     return out
 
 
-@njit(fastmath={"reassoc", "contract", "nsz"})
-def _products(theta_p, theta_s, phiT_p, phiT_s, phi_p, phi_s, w, z, gp, gs):  # pragma: no cover - benchmark
+@njit
+def _products(theta_p, theta_s, phiT_p, phiS, phi_p, w, bias, z, gp, gs):  # pragma: no cover - benchmark
     """The step's unavoidable arithmetic alone: the logits z = phi . theta and the gradient blocks
-    sum_y w_iy phi(x_i, y), 4 P K (k + s) flops per run, in a plain compiled loop."""
-    R, P, K = z.shape
-    k, s = theta_p.shape[2], theta_s.shape[1]
-    for r in range(R):
-        for b in range(s):
-            gs[r, b] = 0.0
-        for p in range(P):
-            for y in range(K):
-                z[r, p, y] = 0.0
-            for a in range(k):
-                for y in range(K):
-                    z[r, p, y] += phiT_p[r, p, a, y] * theta_p[r, p, a]
-            for b in range(s):
-                for y in range(K):
-                    z[r, p, y] += phiT_s[r, p, b, y] * theta_s[r, b]
-            for a in range(k):
-                gp[r, p, a] = 0.0
-            for y in range(K):
-                for a in range(k):
-                    gp[r, p, a] += w[r, p, y] * phi_p[r, p, y, a]
-                for b in range(s):
-                    gs[r, b] += w[r, p, y] * phi_s[r, p, y, b]
+    sum_y w_iy phi(x_i, y), 4 P K (k + s) flops per run, by the kernels' own loops
+    (sim.kernels._logits, _grad_blocks) and nothing else."""
+    for r in range(z.shape[0]):
+        kernels._logits(bias[r], phiT_p[r], phiS[r], theta_p[r], theta_s[r], z[r])
+        kernels._grad_blocks(w[r], phi_p[r], phiS[r], gp[r], gs[r])
 
 
 def product_floor(runs, reps: int = 200) -> tuple[float, float]:
@@ -172,8 +155,10 @@ def product_floor(runs, reps: int = 200) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     phi_p, phi_s = prob.phi_private.numpy(), prob.phi_shared.numpy()
     args = (rng.standard_normal((R, P, k)), rng.standard_normal((R, s)),
-            np.ascontiguousarray(phi_p.transpose(0, 1, 3, 2)), np.ascontiguousarray(phi_s.transpose(0, 1, 3, 2)),
-            phi_p, phi_s, rng.standard_normal((R, P, K)), np.empty((R, P, K)), np.empty((R, P, k)), np.empty((R, s)))
+            np.ascontiguousarray(phi_p.transpose(0, 1, 3, 2)),
+            np.ascontiguousarray(phi_s.transpose(0, 3, 1, 2)).reshape(R, s, P * K),  # engine.transposed_features
+            phi_p, rng.standard_normal((R, P, K)), np.zeros((R, P, K)), np.empty((R, P, K)), np.empty((R, P, k)),
+            np.empty((R, s)))
     _products(*args)
     t0 = time.perf_counter()
     for _ in range(reps):
