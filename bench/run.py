@@ -138,13 +138,13 @@ def time_engines(runs, rounds: int = 5, loop_runs: int = 32) -> dict:
 
 
 @njit
-def _products(theta_p, theta_s, phiT_p, phiS, phi_p, w, bias, z, gp, gs):  # pragma: no cover - benchmark
+def _products(thT, theta_s, phi, phiS, w, bias, z, gpT, gs):  # pragma: no cover - benchmark
     """The step's unavoidable arithmetic alone: the logits z = phi . theta and the gradient blocks
     sum_y w_iy phi(x_i, y), 4 P K (k + s) flops per run, by the kernels' own loops
-    (sim.kernels._logits, _grad_blocks) and nothing else."""
+    (sim.kernels._logits, _grad_blocks, lane layout) and nothing else."""
     for r in range(z.shape[0]):
-        kernels._logits(bias[r], phiT_p[r], phiS[r], theta_p[r], theta_s[r], z[r])
-        kernels._grad_blocks(w[r], phi_p[r], phiS[r], gp[r], gs[r])
+        kernels._logits(bias[r], phi[r], phiS[r], thT[r], theta_s[r], z[r])
+        kernels._grad_blocks(w[r], phi[r], phiS[r], gpT[r], gs[r])
 
 
 def product_floor(runs, reps: int = 200) -> tuple[float, float]:
@@ -154,10 +154,10 @@ def product_floor(runs, reps: int = 200) -> tuple[float, float]:
     k, s = prob.phi_private.shape[-1], prob.phi_shared.shape[-1]
     rng = np.random.default_rng(0)
     phi_p, phi_s = prob.phi_private.numpy(), prob.phi_shared.numpy()
-    args = (rng.standard_normal((R, P, k)), rng.standard_normal((R, s)),
-            np.ascontiguousarray(phi_p.transpose(0, 1, 3, 2)),
-            np.ascontiguousarray(phi_s.transpose(0, 3, 1, 2)).reshape(R, s, P * K),  # engine.transposed_features
-            phi_p, rng.standard_normal((R, P, K)), np.zeros((R, P, K)), np.empty((R, P, K)), np.empty((R, P, k)),
+    args = (rng.standard_normal((R, k, P)), rng.standard_normal((R, s)),
+            np.ascontiguousarray(phi_p.transpose(0, 3, 2, 1)),  # sim.engine.lane_layout
+            np.ascontiguousarray(phi_s.transpose(0, 3, 2, 1)).reshape(R, s, K * P),
+            rng.standard_normal((R, K, P)), np.zeros((R, K, P)), np.empty((R, K, P)), np.empty((R, k, P)),
             np.empty((R, s)))
     _products(*args)
     t0 = time.perf_counter()

@@ -321,17 +321,18 @@ def advance_torch(state: TrainState, history: StepHistory, t1: int) -> TrainStat
     return state
 
 
-def transposed_features(state: TrainState) -> tuple[np.ndarray, np.ndarray]:
-    """The features in the layouts the kernels take them (sim.kernels.advance): phi_private
-    transposed, [R, P, k, K], and phi_shared with its dimension b outermost, [R, s, P K] (C order);
-    made once per batch, kept in state.cache."""
-    if "phiT" not in state.cache:
+def lane_layout(state: TrainState) -> tuple[np.ndarray, ...]:
+    """The problem in the kernels' lane layout (sim.kernels: responses outer, prompts inner, so that
+    their per-prompt loops run along the prompts): (bias, rbar, q) [R, K, P], phi_private as
+    [R, k, K, P] and phi_shared as [R, s, K P] (C order); made once per batch, kept in state.cache."""
+    if "lanes" not in state.cache:
         prob = state.batch.problem
-        phi_p, phi_s = prob.phi_private.numpy(), prob.phi_shared.numpy()
-        R, P, K, s = phi_s.shape
-        state.cache["phiT"] = (np.ascontiguousarray(phi_p.transpose(0, 1, 3, 2)),
-                               np.ascontiguousarray(phi_s.transpose(0, 3, 1, 2)).reshape(R, s, P * K))
-    return state.cache["phiT"]
+        lane = lambda x, *axes: np.ascontiguousarray(x.numpy().transpose(*axes))  # noqa: E731
+        R, P, K, s = prob.phi_shared.shape
+        state.cache["lanes"] = (lane(prob.bias, 0, 2, 1), lane(prob.rbar, 0, 2, 1), lane(prob.q, 0, 2, 1),
+                                lane(prob.phi_private, 0, 3, 2, 1),
+                                lane(prob.phi_shared, 0, 3, 2, 1).reshape(R, s, K * P))
+    return state.cache["lanes"]
 
 
 def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainState:
@@ -344,9 +345,9 @@ def advance_numba(state: TrainState, history: StepHistory, t1: int) -> TrainStat
     prob = b.problem
     code, ddof, eps, whiten, w_ddof, w_floor, w_eps = kernels.estimator_params(b.spec, train.ddof, train.eps)
     arr = lambda x: x.numpy()  # noqa: E731 -- CPU float64 tensors: views, no copies
+    bias, rbar, q, phi, phi_s = lane_layout(state)
     kernels.run(state.t, t1, 0 if state.t == 0 else state.t + 1, arr(state.theta_private),
-                    arr(state.theta_shared), arr(prob.bias), arr(prob.rbar), arr(prob.q), arr(prob.scale),
-                    arr(prob.phi_private), *transposed_features(state), arr(b.lr_over_p), b.keys,
+                    arr(state.theta_shared), bias, rbar, q, arr(prob.scale), phi, phi_s, arr(b.lr_over_p), b.keys,
                     train.mode == "exact",
                     code, ddof, eps, whiten, w_ddof, w_floor, w_eps, train.group_size, b.binary_q,
                     np.ascontiguousarray(arr(history.floor[:, 0])), arr(history.J), arr(history.sigma_bar), arr(history.min_sigma_ratio))
@@ -406,8 +407,8 @@ DIAGNOSTIC_BYTES = 256 * 2**20
 @dataclass(frozen=True)
 class _Rows:
     """Per-row inputs of Recorder.diagnostics: the batch's, or those of its runs at L log steps stacked
-    ([L R, ...]). step: the log step (int) or the rows' steps [L R]; phiT: the transposed features
-    (numba engine) or None."""
+    ([L R, ...]). step: the log step (int) or the rows' steps [L R]; lanes: the problem in the
+    kernels' lane layout (numba engine: lane_layout) or None."""
 
     problem: Problem
     M: torch.Tensor
@@ -415,7 +416,7 @@ class _Rows:
     gain_lrs: dict
     keys: np.ndarray
     step: object
-    phiT: tuple | None
+    lanes: tuple | None
 
 
 class _Logged(NamedTuple):
@@ -516,14 +517,14 @@ class Recorder:
     def _rows(self, state: TrainState, steps: list[int]) -> "_Rows":
         """What the diagnostics read per row, for the runs at each of ``steps`` (L of them) stacked."""
         L, b = len(steps), self.batch
-        phiT = transposed_features(state) if self.compiled else None
+        lanes = lane_layout(state) if self.compiled else None
         if L == 1:
-            return _Rows(b.problem, self.M, self.phi_red, self.gain_lrs, b.keys, steps[0], phiT)
+            return _Rows(b.problem, self.M, self.phi_red, self.gain_lrs, b.keys, steps[0], lanes)
         rep = lambda x: x.repeat(L, *(1,) * (x.dim() - 1))  # noqa: E731 -- [R, ...] -> [L R, ...]
         problem = Problem(**{f.name: rep(getattr(b.problem, f.name)) for f in dataclasses.fields(Problem)})
         return _Rows(problem, rep(self.M), rep(self.phi_red), {n: rep(lr) for n, lr in self.gain_lrs.items()},
                      np.tile(b.keys, L), np.repeat(np.asarray(steps, dtype=np.int64), len(b.keys)),
-                     None if phiT is None else tuple(np.concatenate([f] * L) for f in phiT))
+                     None if lanes is None else tuple(np.concatenate([f] * L) for f in lanes))
 
     def diagnostics(self, rows: "_Rows", pi, mu, sigma, w, theta_private, theta_shared,
                     estimator_state=None) -> dict[str, torch.Tensor]:
@@ -562,7 +563,7 @@ class Recorder:
         elif self.compiled:
             dj = step_gain.sampled_changes_compiled(pi, sigma, mu, g_p, g_s, prob, theta_private, theta_shared,
                                                     rows.keys, rows.step, train.group_size, rows.gain_lrs,
-                                                    train.ddof, train.eps, train.gain_draws, rows.phiT)
+                                                    train.ddof, train.eps, train.gain_draws, rows.lanes)
         else:
             dj = step_gain.sampled_changes(pi, sigma, mu, w, prob, theta_private, theta_shared, rows.keys, rows.step,
                                            train.group_size, rows.gain_lrs, train.ddof, train.eps, train.gain_draws,

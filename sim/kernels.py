@@ -146,48 +146,43 @@ def _exp_nonpositive(x):
     return e if x == x else x
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _logits(bias, phiT_p, phiS, theta_p, theta_s, z):
-    """z [P, K] = b_iy + phi_private[i, y] . theta_i + phi_shared[i, y] . theta_sh for one run:
-    bias [P, K], phiT_p [P, k, K], phiS [s, P K] (the shared features, b outermost), theta_p
-    [P, k], theta_s [s]. Every accumulation runs along a whole row of independent entries (no
-    dependency chain through memory on an 8-entry vector, which cost 1.5x)."""
-    P, K = z.shape
-    k = theta_p.shape[1]
-    for p in range(P):
-        for y in range(K):
-            z[p, y] = bias[p, y]
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _logits(bias, phi, phiS, thT, th_s, z):
+    """z [K, P] = b_iy + phi_private[i, y] . theta_i + phi_shared[i, y] . theta_sh for one run, in
+    the kernels' lane layout (responses outer, prompts inner: every loop runs along the prompts):
+    bias [K, P], phi [k, K, P] (phi_private), phiS [s, K P] (phi_shared), thT [k, P] (theta_private
+    transposed), th_s [s]."""
+    K, P = z.shape
+    k = thT.shape[0]
+    zf, bf = z.reshape(K * P), bias.reshape(K * P)
+    for j in range(K * P):
+        zf[j] = bf[j]
     for a in range(k):
-        for p in range(P):
-            th = theta_p[p, a]
-            for y in range(K):
-                z[p, y] += phiT_p[p, a, y] * th
-    zf = z.reshape(P * K)
-    for b in range(theta_s.shape[0]):
-        th = theta_s[b]
-        for j in range(P * K):
+        for y in range(K):
+            for p in range(P):
+                z[y, p] += phi[a, y, p] * thT[a, p]
+    for b in range(th_s.shape[0]):
+        th = th_s[b]
+        for j in range(K * P):
             zf[j] += phiS[b, j] * th
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _grad_blocks(w, phi_p, phiS, gp, gs):
-    """The update directions of one run from the response weights w [P, K]: gp [P, k] =
-    sum_y w_iy phi_private[i, y] and gs [s] = sum_i sum_y w_iy phi_shared[i, y] (phi_p [P, K, k],
-    phiS [s, P K]); the shared block as s dot products of length P K."""
-    P, K = w.shape
-    k = gp.shape[1]
-    for p in range(P):
-        for a in range(k):
-            gp[p, a] = 0.0
-    for y in range(K):
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _grad_blocks(w, phi, phiS, gpT, gs):
+    """The update directions of one run from the response weights w [K, P] (lane layout, as
+    ``_logits``): gpT [k, P] = sum_y w_iy phi_private[i, y] (transposed) and gs [s] = sum_i sum_y
+    w_iy phi_shared[i, y], the shared block as s dot products of length K P."""
+    K, P = w.shape
+    for a in range(gpT.shape[0]):
         for p in range(P):
-            wy = w[p, y]
-            for a in range(k):
-                gp[p, a] += wy * phi_p[p, y, a]
-    wf = w.reshape(P * K)
+            gpT[a, p] = 0.0
+        for y in range(K):
+            for p in range(P):
+                gpT[a, p] += w[y, p] * phi[a, y, p]
+    wf = w.reshape(K * P)
     for b in range(gs.shape[0]):
         g = 0.0
-        for j in range(P * K):
+        for j in range(K * P):
             g += wf[j] * phiS[b, j]
         gs[b] = g
 
@@ -272,43 +267,44 @@ def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w
 def _sample_rewards(key, step, binary_q, pi, q, scale_c, u, cdf, ys, rewards):
     """One step's draws (sim.engine.sample_rewards): the [2, P, G] counter draws of stream ``key``
     into u (only the first half for binary q), y_ig by inverse CDF from pi_i into ys, and
-    R_ig = c_i q_i(y_ig) (binary q) or c_i 1[u'_ig < q_i(y_ig)] into rewards. pi, q [P, K];
-    scale_c [P]; scratch cdf [K]."""
+    R_ig = c_i q_i(y_ig) (binary q) or c_i 1[u'_ig < q_i(y_ig)] into rewards. pi, q [K, P] (lane
+    layout); scale_c [P]; ys, rewards [P, G]; scratch cdf [K]."""
     P, G = ys.shape
-    K = pi.shape[1]
+    K = pi.shape[0]
     m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
     _fill_uniforms(key, step, m, m if binary_q else 2 * m, u)
     for p in range(P):
         c = 0.0
         for y in range(K):
-            c += pi[p, y]
+            c += pi[y, p]
             cdf[y] = c
         cdf[K - 1] = 2.0  # above every draw (rounding may leave the sum below 1)
         for g in range(G):
             i = p * G + g
-            y = 0
-            while cdf[y] <= u[i]:
-                y += 1
+            ui = u[i]
+            y = 0  # y = #{y' < K-1: cdf_y' <= u} (cdf nondecreasing): a count, without a mispredicted branch per draw
+            for j in range(K - 1):
+                y += np.int64(cdf[j] <= ui)
             ys[p, g] = y
-            hit = q[p, y] if binary_q else (1.0 if u[m + i] < q[p, y] else 0.0)
+            hit = q[y, p] if binary_q else (1.0 if u[m + i] < q[y, p] else 0.0)
             rewards[p, g] = scale_c[p] * hit
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _response_weights(adv, ys, pi, w):
-    """w [P, K] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from advantages adv and responses ys [P, G],
-    pi [P, K] (the sampled update's response weights, sim.engine.sampled_response_weights)."""
+    """w [K, P] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from advantages adv and responses ys [P, G],
+    pi [K, P] (the sampled update's response weights, sim.engine.sampled_response_weights)."""
     P, G = adv.shape
-    K = pi.shape[1]
+    K = pi.shape[0]
     for p in range(P):
         total = 0.0
         for y in range(K):
-            w[p, y] = 0.0
+            w[y, p] = 0.0
         for g in range(G):
-            w[p, ys[p, g]] += adv[p, g]
+            w[ys[p, g], p] += adv[p, g]
             total += adv[p, g]
         for y in range(K):
-            w[p, y] = (w[p, y] - pi[p, y] * total) / G
+            w[y, p] = (w[y, p] - pi[y, p] * total) / G
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -343,68 +339,88 @@ def _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps):
             scale[p] *= f
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _policy_stats(z, rbar, pi, w, mu, sigma):
-    """From the logits z [P, K] of one run: pi = softmax(z), mu_i = E_pi rbar, w_iy = pi_iy
-    (rbar_iy - mu_i), sigma_i = sqrt(sum_y w_iy (rbar_iy - mu_i)); rbar, pi, w [P, K], mu, sigma [P]."""
-    P, K = z.shape
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _softmax_mean(z, rbar, pi, mu, scratch):
+    """pi = softmax(z) per prompt and mu_i = E_pi rbar from the logits z [K, P] of one run (lane
+    layout: rbar, pi [K, P]; mu, scratch [P]), vectorized over the prompts."""
+    K, P = z.shape
     for p in range(P):
-        zmax = -np.inf
-        for y in range(K):
-            zmax = max(zmax, z[p, y])
-        total = 0.0
-        for y in range(K):
-            e = _exp_nonpositive(z[p, y] - zmax)
-            pi[p, y] = e
-            total += e
-        mean = 0.0
-        for y in range(K):
-            pi[p, y] /= total
-            mean += pi[p, y] * rbar[p, y]
-        mu[p] = mean
-        var = 0.0
-        for y in range(K):
-            dev = rbar[p, y] - mean
-            w[p, y] = pi[p, y] * dev
-            var += w[p, y] * dev
-        sigma[p] = math.sqrt(max(var, 0.0))
+        mu[p] = -np.inf  # max_y z_iy first
+    for y in range(K):
+        for p in range(P):
+            mu[p] = max(mu[p], z[y, p])
+    for p in range(P):
+        scratch[p] = 0.0
+    for y in range(K):
+        for p in range(P):
+            e = _exp_nonpositive(z[y, p] - mu[p])
+            pi[y, p] = e
+            scratch[p] += e
+    for p in range(P):
+        mu[p] = 0.0
+        scratch[p] = 1.0 / scratch[p]
+    for y in range(K):
+        for p in range(P):
+            pi[y, p] *= scratch[p]
+            mu[p] += pi[y, p] * rbar[y, p]
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _policy_stats(z, rbar, pi, w, mu, sigma):
+    """From the logits z [K, P] of one run: pi = softmax(z), mu_i = E_pi rbar, w_iy = pi_iy
+    (rbar_iy - mu_i), sigma_i = sqrt(sum_y w_iy (rbar_iy - mu_i)); rbar, pi, w [K, P] (lane
+    layout), mu, sigma [P]."""
+    K, P = z.shape
+    _softmax_mean(z, rbar, pi, mu, sigma)
+    for p in range(P):
+        sigma[p] = 0.0
+    for y in range(K):
+        for p in range(P):
+            dev = rbar[y, p] - mu[p]
+            w[y, p] = pi[y, p] * dev
+            sigma[p] += w[y, p] * dev
+    for p in range(P):
+        sigma[p] = math.sqrt(max(sigma[p], 0.0))
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi_p, phiT_p, phiS,
-            lr_over_p, keys,
+def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_c, phi, phiS, lr_over_p, keys,
             exact, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, G, binary_q, sigma_floor,
             J_hist, sigma_bar_hist, min_ratio):
     """Advance every run from step t0 to t1 (theta updated in place), recording the history of the
     steps t in [record_from, t1] (module docstring).
 
-    theta_p [R, P, k], theta_s [R, s]; bias, rbar, q [R, P, K]; scale_c [R, P]; phi_p [R, P, K, k];
-    phiT_p [R, P, k, K] the private features transposed and phiS [R, s, P K] the shared ones with b
-    outermost (sim.engine.transposed_features: the logits and the gradient then run along contiguous
-    rows); lr_over_p [R]; keys [R] uint64; sigma_floor [R]; J_hist, sigma_bar_hist [R, T+1] and
-    min_ratio [R] (updated). Runs r0 <= r < r1 only."""
-    R, P, K = bias.shape
-    k = phi_p.shape[3]
+    theta_p [R, P, k], theta_s [R, s]; scale_c [R, P]; the problem in the lane layout
+    (sim.engine.lane_layout: responses outer, prompts inner, so that every per-prompt loop runs
+    along the prompts): bias, rbar, q [R, K, P], phi [R, k, K, P] (phi_private), phiS [R, s, K P]
+    (phi_shared); lr_over_p [R]; keys [R] uint64; sigma_floor [R]; J_hist, sigma_bar_hist [R, T+1]
+    and min_ratio [R] (updated). Runs r0 <= r < r1 only."""
+    R, K, P = bias.shape
+    k = phi.shape[1]
     s = theta_s.shape[1]
     for r in range(r0, r1):
-        z = np.empty((P, K))
-        pi = np.empty((P, K))
+        z = np.empty((K, P))
+        pi = np.empty((K, P))
+        w = np.empty((K, P))
         mu = np.empty(P)
         sigma = np.empty(P)
         prev = np.empty(P)
-        w = np.empty((P, K))
         scale = np.empty(P)
         gs = np.empty(s)
-        gp = np.empty((P, k))
+        gpT = np.empty((k, P))
+        thT = np.empty((k, P))  # theta_private of this run, transposed while it trains
         rewards = np.empty((P, G))
         adv = np.empty((P, G))
         ys = np.empty((P, G), dtype=np.int64)
         cdf = np.empty(K)
         u = np.empty(2 * P * G)
         lr = lr_over_p[r]
-        th_p, th_s = theta_p[r], theta_s[r]
+        th_s = theta_s[r]
+        for p in range(P):
+            for a in range(k):
+                thT[a, p] = theta_p[r, p, a]
         for t in range(t0, t1 + 1):
-            _logits(bias[r], phiT_p[r], phiS[r], th_p, th_s, z)  # policy statistics at theta_t
+            _logits(bias[r], phi[r], phiS[r], thT, th_s, z)  # policy statistics at theta_t
             _policy_stats(z, rbar[r], pi, w, mu, sigma)
             if t >= record_from:
                 J_hist[r, t] = mu.sum() / P
@@ -419,23 +435,26 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                 break
             if exact:
                 _exact_scale(mu, sigma, scale, code, eps, whiten, w_floor, w_eps)
-                for p in range(P):
-                    for y in range(K):
-                        w[p, y] *= scale[p]
+                for y in range(K):
+                    for p in range(P):
+                        w[y, p] *= scale[p]
             else:
                 _sample_rewards(keys[r], t, binary_q, pi, q[r], scale_c[r], u, cdf, ys, rewards)
                 _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps)
                 _response_weights(adv, ys, pi, w)
-            _grad_blocks(w, phi_p[r], phiS[r], gp, gs)  # the update
-            for p in range(P):
-                for a in range(k):
-                    th_p[p, a] += lr * gp[p, a]
+            _grad_blocks(w, phi[r], phiS[r], gpT, gs)  # the update
+            for a in range(k):
+                for p in range(P):
+                    thT[a, p] += lr * gpT[a, p]
             for b in range(s):
                 th_s[b] += lr * gs[b]
+        for p in range(P):
+            for a in range(k):
+                theta_p[r, p, a] = thT[a, p]
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q, scale_c, phi_p, phiT_p, phiS,
+def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q, scale_c, phi, phiS,
                  theta_p, theta_s, J0, g_p, g_s, params, flags, lr_over_p, h, out):
     """dJ per draw of sim.step_gain.sampled_changes for E stateless estimators (runs r0 <= r < r1).
 
@@ -449,11 +468,11 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
 
     E Delta the same blocks with w_iy replaced by h[e, r, i] pi_iy (rbar_iy - mu_i), i.e.
     h_i grad J_i (grad J_i = (g_p, g_s) [R, P, k], [R, P, s]; grad J = (1/P) sum_i grad J_i).
-    params [E, 6] = (code, ddof, eps, w_ddof, w_floor, w_eps), flags [E, 2] = (whiten, control
-    variate); lr_over_p [E, R]; h [E, R, P]; draw_keys [R, N] uint64; out [E, R, N]; the features
-    as ``advance`` takes them."""
-    R, P, K = bias.shape
-    k = phi_p.shape[3]
+    pi [R, P, K], sigma [R, P]; params [E, 6] = (code, ddof, eps, w_ddof, w_floor, w_eps), flags
+    [E, 2] = (whiten, control variate); lr_over_p [E, R]; h [E, R, P]; draw_keys [R, N] uint64;
+    out [E, R, N]; the problem (bias, rbar, q, phi, phiS) in the lane layout, as ``advance`` takes it."""
+    R, K, P = bias.shape
+    k = phi.shape[1]
     s = theta_s.shape[1]
     E = params.shape[0]
     N = draw_keys.shape[1]
@@ -463,41 +482,41 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
         ys = np.empty((P, G), dtype=np.int64)
         rewards = np.empty((P, G))
         adv = np.empty((P, G))
-        w = np.empty((P, K))
-        d_p = np.empty((P, k))
+        w = np.empty((K, P))
+        piT = np.empty((K, P))  # pi of this run in the lane layout
+        d_pT = np.empty((k, P))
         d_s = np.empty(s)
-        th_p = np.empty((P, k))
+        th0T = np.empty((k, P))
+        th_pT = np.empty((k, P))
         th_s = np.empty(s)
-        z = np.empty((P, K))
+        z = np.empty((K, P))
+        pi_new = np.empty((K, P))
+        mu = np.empty(P)
+        scratch = np.empty(P)
+        for p in range(P):
+            for y in range(K):
+                piT[y, p] = pi[r, p, y]
+            for a in range(k):
+                th0T[a, p] = theta_p[r, p, a]
         for n in range(N):
-            _sample_rewards(draw_keys[r, n], step, binary_q, pi[r], q[r], scale_c[r], u, cdf, ys, rewards)
+            _sample_rewards(draw_keys[r, n], step, binary_q, piT, q[r], scale_c[r], u, cdf, ys, rewards)
             for e in range(E):
                 code, ddof, eps = int(params[e, 0]), int(params[e, 1]), params[e, 2]
                 _advantages(rewards, adv, sigma[r], code, ddof, eps, flags[e, 0], int(params[e, 3]),
                             params[e, 4], params[e, 5])
-                _response_weights(adv, ys, pi[r], w)
+                _response_weights(adv, ys, piT, w)
                 a = lr_over_p[e, r]
-                _grad_blocks(w, phi_p[r], phiS[r], d_p, d_s)
-                for p in range(P):
-                    for j in range(k):
-                        d_p[p, j] *= a
-                        th_p[p, j] = theta_p[r, p, j] + d_p[p, j]
+                _grad_blocks(w, phi[r], phiS[r], d_pT, d_s)
+                for j in range(k):
+                    for p in range(P):
+                        d_pT[j, p] *= a
+                        th_pT[j, p] = th0T[j, p] + d_pT[j, p]
                 for b in range(s):
                     d_s[b] *= a
                     th_s[b] = theta_s[r, b] + d_s[b]
-                _logits(bias[r], phiT_p[r], phiS[r], th_p, th_s, z)  # J at theta + Delta
-                J = 0.0
-                for p in range(P):
-                    zmax = -np.inf
-                    for y in range(K):
-                        zmax = max(zmax, z[p, y])
-                    total, mean = 0.0, 0.0
-                    for y in range(K):
-                        ez = _exp_nonpositive(z[p, y] - zmax)
-                        total += ez
-                        mean += ez * rbar[r, p, y]
-                    J += mean / total
-                dJ = J / P - J0[r]
+                _logits(bias[r], phi[r], phiS[r], th_pT, th_s, z)  # J at theta + Delta
+                _softmax_mean(z, rbar[r], pi_new, mu, scratch)
+                dJ = mu.sum() / P - J0[r]
                 if flags[e, 1]:  # control variate grad J . (Delta - E Delta)
                     lin = 0.0
                     for b in range(s):
@@ -508,7 +527,7 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
                         lin += gsum * (d_s[b] - a * expected)
                     for p in range(P):
                         for j in range(k):
-                            lin += g_p[r, p, j] * (d_p[p, j] - a * h[e, r, p] * g_p[r, p, j])
+                            lin += g_p[r, p, j] * (d_pT[j, p] - a * h[e, r, p] * g_p[r, p, j])
                     dJ -= lin / P
                 out[e, r, n] = dJ
 
@@ -609,8 +628,8 @@ def _warm_advance() -> None:
     R, P, K, k, s, G = _TINY
     f = np.zeros
     for exact in (True, False):
-        advance(0, R, 0, 1, 0, f((R, P, k)), f((R, s)), f((R, P, K)), f((R, P, K)), f((R, P, K)), f((R, P)),
-                f((R, P, K, k)), f((R, P, k, K)), f((R, s, P * K)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
+        advance(0, R, 0, 1, 0, f((R, P, k)), f((R, s)), f((R, K, P)), f((R, K, P)), f((R, K, P)), f((R, P)),
+                f((R, k, K, P)), f((R, s, K * P)), f(R), np.zeros(R, dtype=np.uint64), exact, GRPO, 1, 1e-4, False,
                 0, 0.0, 0.0, G, True, f(R), f((R, 2)), f((R, 2)), np.full(R, np.inf))
 
 
@@ -618,8 +637,8 @@ def _warm_gain() -> None:
     R, P, K, k, s, G = _TINY
     f = np.zeros
     N, E = 2, 1  # the sampled per-step gain's draws (sim.step_gain.sampled_changes_compiled)
-    gain_changes(0, R, 0, G, True, np.zeros((R, N), dtype=np.uint64), f((R, P, K)), f((R, P)), f((R, P, K)), f((R, P, K)),
-                 f((R, P, K)), f((R, P)), f((R, P, K, k)), f((R, P, k, K)), f((R, s, P * K)),
+    gain_changes(0, R, 0, G, True, np.zeros((R, N), dtype=np.uint64), f((R, P, K)), f((R, P)), f((R, K, P)), f((R, K, P)),
+                 f((R, K, P)), f((R, P)), f((R, k, K, P)), f((R, s, K * P)),
                  f((R, P, k)), f((R, s)), f(R), f((R, P, k)), f((R, P, s)), f((E, 6)), np.zeros((E, 2), dtype=np.bool_),
                  f((E, R)), f((E, R, P)), f((E, R, N)))
 

@@ -126,12 +126,13 @@ def sampled_changes(pi, sigma, mu, w_exact, problem, theta_p, theta_s, keys, ste
 
 
 def sampled_changes_compiled(pi, sigma, mu, g_p, g_s, problem, theta_p, theta_s, keys, step, group_size: int,
-                             lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int, phiT,
+                             lrs: dict[str, torch.Tensor], ddof: int, eps: float, draws: int, lanes,
                              control_variate: bool = True) -> dict[str, torch.Tensor]:
     """``sampled_changes`` for stateless estimators in one compiled call (sim.kernels.gain_changes;
     CPU float64): the same draws and formulas, sums in another order, so equal to rounding.
     g_p [R, P, k], g_s [R, P, s]: grad J_i's blocks (theory.per_prompt_gradients of pi (rbar - mu));
-    phiT: the features as kernels.advance takes them (sim.engine.transposed_features)."""
+    lanes: the problem (bias, rbar, q, phi_private, phi_shared) in the kernels' lane layout
+    (sim.engine.lane_layout)."""
     from sim import kernels
 
     R, P, K = pi.shape
@@ -155,8 +156,7 @@ def sampled_changes_compiled(pi, sigma, mu, g_p, g_s, problem, theta_p, theta_s,
     binary_q = bool(((problem.q == 0) | (problem.q == 1)).all())  # reward flips need no draws (sim.engine.Batch)
     streams, step = _draw_streams(keys, step, draws, (2, P, group_size))
     kernels.in_blocks(kernels.gain_changes, R, step, group_size, binary_q, streams.reshape(R, draws),
-                      arr(pi), arr(sigma), arr(problem.bias), arr(problem.rbar), arr(problem.q), arr(problem.scale),
-                      arr(problem.phi_private), *phiT, arr(theta_p), arr(theta_s),
+                      arr(pi), arr(sigma), *lanes[:3], arr(problem.scale), *lanes[3:], arr(theta_p), arr(theta_s),
                       arr(mu.mean(-1)), arr(g_p), arr(g_s), params, flags, lr_over_p, h, out)
     return {name: torch.from_numpy(out[e]) for e, name in enumerate(names)}
 

@@ -244,7 +244,7 @@ def test_compiled_gain_draws_equal_the_torch_ones(control_variate, ddof, eps, dr
     # sim.step_gain's per-draw one-step changes dJ, every stateless estimator at once, from one theta
     # reached by a few torch steps: the kernel and the torch code draw the same responses and rewards
     from sim import step_gain
-    from sim.engine import init_state, step, transposed_features
+    from sim.engine import init_state, step, lane_layout
 
     runs = _runs(drawn, "grpo", "sampled")
     state = init_state(runs)
@@ -259,14 +259,14 @@ def test_compiled_gain_draws_equal_the_torch_ones(control_variate, ddof, eps, dr
     args = (prob, state.theta_private, state.theta_shared, state.batch.keys, t, G, lrs, ddof, eps, draws)
     ref = step_gain.sampled_changes(state.pi, state.sigma, state.mu, state.w, *args, control_variate=control_variate)
     got = step_gain.sampled_changes_compiled(state.pi, state.sigma, state.mu, g_p, g_s, *args,
-                                             transposed_features(state), control_variate=control_variate)
+                                             lane_layout(state), control_variate=control_variate)
     assert set(got) == set(names)
     for n in names:
         assert got[n].shape == (R, draws)
         np.testing.assert_allclose(got[n].numpy(), ref[n].numpy(), rtol=1e-9, atol=1e-13, err_msg=n)
     with pytest.raises(ValueError, match="grpo_phase is adaptive"):
         step_gain.sampled_changes_compiled(state.pi, state.sigma, state.mu, g_p, g_s, *args[:6],
-                                           {"grpo_phase": lrs["grpo"]}, *args[7:], transposed_features(state))
+                                           {"grpo_phase": lrs["grpo"]}, *args[7:], lane_layout(state))
 
 
 def test_a_stale_cache_does_not_count_as_cached(monkeypatch):
