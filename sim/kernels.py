@@ -189,87 +189,94 @@ def _grad_blocks(w, phi, phiS, gpT, gs):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _batch_mean_var(x, ddof):
-    """(mean, variance with ``ddof``) of all P*G entries of x [P, G], two-pass; variance 0 when
-    P*G - ddof <= 0 (torch's std / var over the flattened batch)."""
-    P, G = x.shape
-    n = P * G
+    """(mean, variance with ``ddof``) of all entries of the 2-d x, two-pass; variance 0 when
+    x.size - ddof <= 0 (torch's std / var over the flattened batch)."""
+    n = x.size
+    xf = x.reshape(n)
     total = 0.0
-    for p in range(P):
-        for g in range(G):
-            total += x[p, g]
+    for j in range(n):
+        total += xf[j]
     mean = total / n
     if n - ddof <= 0:
         return mean, 0.0
     ss = 0.0
-    for p in range(P):
-        for g in range(G):
-            ss += (x[p, g] - mean) ** 2
+    for j in range(n):
+        ss += (xf[j] - mean) ** 2
     return mean, ss / (n - ddof)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps):
-    """adv [P, G] from rewards [P, G] (sim.estimators formulas; sigma [P] for grpo_oracle)."""
-    P, G = rewards.shape
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, mean, den):
+    """adv [G, P] from rewards [G, P] (lane layout: groups outer, prompts inner; sim.estimators
+    formulas; sigma [P] for grpo_oracle; scratch mean, den [P])."""
+    G, P = rewards.shape
     if code == REINFORCE:
-        for p in range(P):
-            for g in range(G):
-                adv[p, g] = rewards[p, g]
+        for g in range(G):
+            for p in range(P):
+                adv[g, p] = rewards[g, p]
     else:
         for p in range(P):  # R - mean R as d - mean d, d = R - R_1: exactly 0 for a constant group
-            r0 = rewards[p, 0]
-            total = 0.0
-            for g in range(G):
-                adv[p, g] = rewards[p, g] - r0
-                total += adv[p, g]
-            mean = total / G
-            for g in range(G):
-                adv[p, g] -= mean
+            mean[p] = 0.0
+        for g in range(G):
+            for p in range(P):
+                adv[g, p] = rewards[g, p] - rewards[0, p]
+                mean[p] += adv[g, p]
+        for p in range(P):
+            mean[p] /= G
+        for g in range(G):
+            for p in range(P):
+                adv[g, p] -= mean[p]
         if code == RLOO:
             f = G / (G - 1)
-            for p in range(P):
-                for g in range(G):
-                    adv[p, g] *= f
-        elif code == GRPO or code == GRPO_ORACLE:
-            for p in range(P):
-                if code == GRPO:
-                    std = 0.0
-                    if G - ddof > 0:
-                        ss = 0.0
-                        for g in range(G):
-                            ss += adv[p, g] * adv[p, g]
-                        std = math.sqrt(ss / (G - ddof))
-                    den = std + eps
-                else:
-                    den = sigma[p] + eps
-                if eps > 0:
-                    for g in range(G):
-                        adv[p, g] /= den
-                else:
-                    inv = _safe_reciprocal(den)
-                    for g in range(G):
-                        adv[p, g] *= inv
-        elif code == GRPO_BATCH:
-            den = math.sqrt(_batch_mean_var(rewards, ddof)[1]) + eps
-            inv = 1.0 / den if eps > 0 else _safe_reciprocal(den)
-            for p in range(P):
-                for g in range(G):
-                    adv[p, g] = adv[p, g] / den if eps > 0 else adv[p, g] * inv
-    if whiten:
-        mean, var = _batch_mean_var(adv, w_ddof)
-        f = 1.0 / math.sqrt(max(var, w_floor) + w_eps)
-        for p in range(P):
             for g in range(G):
-                adv[p, g] = (adv[p, g] - mean) * f
+                for p in range(P):
+                    adv[g, p] *= f
+        elif code == GRPO or code == GRPO_ORACLE:
+            if code == GRPO:
+                for p in range(P):
+                    den[p] = 0.0
+                if G - ddof > 0:
+                    for g in range(G):
+                        for p in range(P):
+                            den[p] += adv[g, p] * adv[g, p]
+                    for p in range(P):
+                        den[p] = math.sqrt(den[p] / (G - ddof))
+                for p in range(P):
+                    den[p] += eps
+            else:
+                for p in range(P):
+                    den[p] = sigma[p] + eps
+            if eps > 0:
+                for g in range(G):
+                    for p in range(P):
+                        adv[g, p] /= den[p]
+            else:
+                for p in range(P):
+                    den[p] = _safe_reciprocal(den[p])
+                for g in range(G):
+                    for p in range(P):
+                        adv[g, p] *= den[p]
+        elif code == GRPO_BATCH:
+            d = math.sqrt(_batch_mean_var(rewards, ddof)[1]) + eps
+            inv = 1.0 / d if eps > 0 else _safe_reciprocal(d)
+            for g in range(G):
+                for p in range(P):
+                    adv[g, p] = adv[g, p] / d if eps > 0 else adv[g, p] * inv
+    if whiten:
+        m, var = _batch_mean_var(adv, w_ddof)
+        f = 1.0 / math.sqrt(max(var, w_floor) + w_eps)
+        for g in range(G):
+            for p in range(P):
+                adv[g, p] = (adv[g, p] - m) * f
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")  # a call per step costs ~15% (measured)
 def _sample_rewards(key, step, binary_q, pi, q, scale_c, u, cdf, ys, rewards):
     """One step's draws (sim.engine.sample_rewards): the [2, P, G] counter draws of stream ``key``
     into u (only the first half for binary q), y_ig by inverse CDF from pi_i into ys, and
-    R_ig = c_i q_i(y_ig) (binary q) or c_i 1[u'_ig < q_i(y_ig)] into rewards. pi, q [K, P] (lane
-    layout); scale_c [P]; ys, rewards [P, G]; scratch cdf [K]."""
-    P, G = ys.shape
+    R_ig = c_i q_i(y_ig) (binary q) or c_i 1[u'_ig < q_i(y_ig)] into rewards. pi, q [K, P] and
+    ys, rewards [G, P] (lane layout; draw i = p G + g as in sim.rng); scale_c [P]; scratch cdf [K]."""
+    G, P = ys.shape
     K = pi.shape[0]
     m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
     _fill_uniforms(key, step, m, m if binary_q else 2 * m, u)
@@ -285,26 +292,30 @@ def _sample_rewards(key, step, binary_q, pi, q, scale_c, u, cdf, ys, rewards):
             y = 0  # y = #{y' < K-1: cdf_y' <= u} (cdf nondecreasing): a count, without a mispredicted branch per draw
             for j in range(K - 1):
                 y += np.int64(cdf[j] <= ui)
-            ys[p, g] = y
+            ys[g, p] = y
             hit = q[y, p] if binary_q else (1.0 if u[m + i] < q[y, p] else 0.0)
-            rewards[p, g] = scale_c[p] * hit
+            rewards[g, p] = scale_c[p] * hit
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _response_weights(adv, ys, pi, w):
-    """w [K, P] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from advantages adv and responses ys [P, G],
-    pi [K, P] (the sampled update's response weights, sim.engine.sampled_response_weights)."""
-    P, G = adv.shape
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _response_weights(adv, ys, pi, w, total):
+    """w [K, P] = (1/G) sum_g A_ig (e_(y_ig) - pi_i) from advantages adv and responses ys [G, P],
+    pi [K, P] (lane layout; the sampled update's response weights, sim.engine.sampled_response_weights);
+    scratch total [P]."""
+    G, P = adv.shape
     K = pi.shape[0]
-    for p in range(P):
-        total = 0.0
-        for y in range(K):
+    for y in range(K):
+        for p in range(P):
             w[y, p] = 0.0
-        for g in range(G):
-            w[ys[p, g], p] += adv[p, g]
-            total += adv[p, g]
-        for y in range(K):
-            w[y, p] = (w[y, p] - pi[y, p] * total) / G
+    for p in range(P):
+        total[p] = 0.0
+    for g in range(G):
+        for p in range(P):
+            w[ys[g, p], p] += adv[g, p]
+            total[p] += adv[g, p]
+    for y in range(K):
+        for p in range(P):
+            w[y, p] = (w[y, p] - pi[y, p] * total[p]) / G
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -409,9 +420,10 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
         gs = np.empty(s)
         gpT = np.empty((k, P))
         thT = np.empty((k, P))  # theta_private of this run, transposed while it trains
-        rewards = np.empty((P, G))
-        adv = np.empty((P, G))
-        ys = np.empty((P, G), dtype=np.int64)
+        scratch = np.empty(P)
+        rewards = np.empty((G, P))
+        adv = np.empty((G, P))
+        ys = np.empty((G, P), dtype=np.int64)
         cdf = np.empty(K)
         u = np.empty(2 * P * G)
         lr = lr_over_p[r]
@@ -440,8 +452,8 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                         w[y, p] *= scale[p]
             else:
                 _sample_rewards(keys[r], t, binary_q, pi, q[r], scale_c[r], u, cdf, ys, rewards)
-                _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps)
-                _response_weights(adv, ys, pi, w)
+                _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, scale, scratch)
+                _response_weights(adv, ys, pi, w, scale)
             _grad_blocks(w, phi[r], phiS[r], gpT, gs)  # the update
             for a in range(k):
                 for p in range(P):
@@ -479,9 +491,9 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
     for r in range(r0, r1):
         u = np.empty(2 * P * G)
         cdf = np.empty(K)
-        ys = np.empty((P, G), dtype=np.int64)
-        rewards = np.empty((P, G))
-        adv = np.empty((P, G))
+        ys = np.empty((G, P), dtype=np.int64)
+        rewards = np.empty((G, P))
+        adv = np.empty((G, P))
         w = np.empty((K, P))
         piT = np.empty((K, P))  # pi of this run in the lane layout
         d_pT = np.empty((k, P))
@@ -503,8 +515,8 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
             for e in range(E):
                 code, ddof, eps = int(params[e, 0]), int(params[e, 1]), params[e, 2]
                 _advantages(rewards, adv, sigma[r], code, ddof, eps, flags[e, 0], int(params[e, 3]),
-                            params[e, 4], params[e, 5])
-                _response_weights(adv, ys, piT, w)
+                            params[e, 4], params[e, 5], mu, scratch)
+                _response_weights(adv, ys, piT, w, mu)
                 a = lr_over_p[e, r]
                 _grad_blocks(w, phi[r], phiS[r], d_pT, d_s)
                 for j in range(k):
