@@ -137,7 +137,7 @@ def time_engines(runs, rounds: int = 5, loop_runs: int = 32) -> dict:
     return out
 
 
-@njit
+@njit(fastmath=kernels.FASTMATH)  # the kernels' flags: their inlined loops compile in this function
 def _products(thT, theta_s, phi, phiS, w, bias, z, gpT, gs):  # pragma: no cover - benchmark
     """The step's unavoidable arithmetic alone: the logits z = phi . theta and the gradient blocks
     sum_y w_iy phi(x_i, y), 4 P K (k + s) flops per run, by the kernels' own loops
