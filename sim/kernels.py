@@ -154,6 +154,14 @@ def _exp_nonpositive(x):
     return e if x == x else x
 
 
+@njit(cache=True, inline="always")
+def _transpose(src, dst):
+    """dst [n, m] = src [m, n] transposed (one run's theta_private or pi into the lane layout and back)."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[j, i] = src[i, j]
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _logits(bias, phi, phiS, thT, th_s, z):
     """z [K, P] = b_iy + phi_private[i, y] . theta_i + phi_shared[i, y] . theta_sh for one run, in
@@ -283,21 +291,24 @@ def _sample_rewards(key, step, binary_q, pi, q, scale_c, u, cdf, ys, rewards):
     """One step's draws (sim.engine.sample_rewards): the [2, P, G] counter draws of stream ``key``
     into u (only the first half for binary q), y_ig by inverse CDF from pi_i into ys, and
     R_ig = c_i q_i(y_ig) (binary q) or c_i 1[u'_ig < q_i(y_ig)] into rewards. pi, q [K, P] and
-    ys, rewards [G, P] (lane layout; draw i = p G + g as in sim.rng); scale_c [P]; scratch cdf [K]."""
+    ys, rewards [G, P] (lane layout; draw i = p G + g as in sim.rng); scale_c [P]; scratch cdf [K]
+    (its first K - 1 entries used)."""
     G, P = ys.shape
     K = pi.shape[0]
     m = P * G  # hashes per step of the full [2, P, G] draw (sim.rng: ceil(2PG / 2))
     _fill_uniforms(key, step, m, m if binary_q else 2 * m, u)
     for p in range(P):
         c = 0.0
-        for y in range(K):
+        for y in range(K - 1):
             c += pi[y, p]
             cdf[y] = c
-        cdf[K - 1] = 2.0  # above every draw (rounding may leave the sum below 1)
         for g in range(G):
             i = p * G + g
             ui = u[i]
-            y = 0  # y = #{y' < K-1: cdf_y' <= u} (cdf nondecreasing): a count, without a mispredicted branch per draw
+            # y = #{y' < K-1: cdf_y' <= u} (cdf nondecreasing; torch's searchsorted with cdf_K set to 2,
+            # above every draw, so y <= K-1 even where rounding leaves the sum below 1): a count,
+            # without a mispredicted branch per draw
+            y = 0
             for j in range(K - 1):
                 y += np.int64(cdf[j] <= ui)
             ys[g, p] = y
@@ -436,9 +447,7 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
         u = np.empty(2 * P * G)
         lr = lr_over_p[r]
         th_s = theta_s[r]
-        for p in range(P):
-            for a in range(k):
-                thT[a, p] = theta_p[r, p, a]
+        _transpose(theta_p[r], thT)
         for t in range(t0, t1 + 1):
             _logits(bias[r], phi[r], phiS[r], thT, th_s, z)  # policy statistics at theta_t
             _policy_stats(z, rbar[r], pi, w, mu, sigma)
@@ -460,6 +469,7 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                         w[y, p] *= scale[p]
             else:
                 _sample_rewards(keys[r], t, binary_q, pi, q[r], scale_c[r], u, cdf, ys, rewards)
+                # scale (an exact-mode array) and scratch as the advantages' per-prompt scratch
                 _advantages(rewards, adv, sigma, code, ddof, eps, whiten, w_ddof, w_floor, w_eps, scale, scratch)
                 _response_weights(adv, ys, pi, w, scale)
             _grad_blocks(w, phi[r], phiS[r], gpT, gs)  # the update
@@ -468,9 +478,7 @@ def advance(r0, r1, t0, t1, record_from, theta_p, theta_s, bias, rbar, q, scale_
                     thT[a, p] += lr * gpT[a, p]
             for b in range(s):
                 th_s[b] += lr * gs[b]
-        for p in range(P):
-            for a in range(k):
-                theta_p[r, p, a] = thT[a, p]
+        _transpose(thT, theta_p[r])
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -513,17 +521,14 @@ def gain_changes(r0, r1, step, G, binary_q, draw_keys, pi, sigma, bias, rbar, q,
         pi_new = np.empty((K, P))
         mu = np.empty(P)
         scratch = np.empty(P)
-        for p in range(P):
-            for y in range(K):
-                piT[y, p] = pi[r, p, y]
-            for a in range(k):
-                th0T[a, p] = theta_p[r, p, a]
+        _transpose(pi[r], piT)
+        _transpose(theta_p[r], th0T)
         for n in range(N):
             _sample_rewards(draw_keys[r, n], step, binary_q, piT, q[r], scale_c[r], u, cdf, ys, rewards)
             for e in range(E):
                 code, ddof, eps = int(params[e, 0]), int(params[e, 1]), params[e, 2]
                 _advantages(rewards, adv, sigma[r], code, ddof, eps, flags[e, 0], int(params[e, 3]),
-                            params[e, 4], params[e, 5], mu, scratch)
+                            params[e, 4], params[e, 5], mu, scratch)  # mu, scratch: set below
                 _response_weights(adv, ys, piT, w, mu)
                 a = lr_over_p[e, r]
                 _grad_blocks(w, phi[r], phiS[r], d_pT, d_s)
