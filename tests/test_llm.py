@@ -425,6 +425,117 @@ def test_combined_gradients_fall_back_when_a_layer_output_changes_in_place(monke
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
+def _grouped_batch(vocab: int, P: int, G: int, gen, layout: str):
+    """P prompts of different lengths with G completions each (of different lengths), prompt-major,
+    laid out as the TRL callback does ("right": prompt + completion, right-padded) or as the native
+    runner's generate() does ("left": prompts left-padded to one width): (seqs, attn, mask)."""
+    prompts = [torch.randint(3, vocab, (5 + 2 * i,), generator=gen) for i in range(P)]
+    comps = [torch.randint(3, vocab, (1 + (k * 5) % 6,), generator=gen) for k in range(P * G)]
+    pw, cw = max(len(x) for x in prompts), max(len(c) for c in comps)
+    L = pw + cw
+    seqs = torch.zeros(P * G, L, dtype=torch.long)
+    attn = torch.zeros(P * G, L, dtype=torch.long)
+    mask = torch.zeros(P * G, L - 1, dtype=torch.bool)
+    for k, c in enumerate(comps):
+        x = prompts[k // G]
+        start = 0 if layout == "right" else pw - len(x)
+        end = start + len(x) + len(c)
+        seqs[k, start:end] = torch.cat([x, c])
+        attn[k, start:end] = 1
+        mask[k, start + len(x) - 1:end - 1] = True
+    return seqs, attn, mask
+
+
+@pytest.mark.parametrize("layout", ["right", "left"])
+@pytest.mark.parametrize("spec, shared", [("last-mlp", True), ("lm_head", True), ("mlp", False)])
+def test_shared_prefix_forward_gives_the_whole_sequence_gradients(spec, shared, layout, monkeypatch):
+    """Each distinct prompt run once into a KV cache for its group, then the completions' windows:
+    the same log-probs and rows as the whole sequences, in both layouts; taken where the cache does
+    not depend on the subset (the last MLP; an untied lm_head), refused where it does (every MLP:
+    earlier layers' MLPs feed later layers' keys and values)."""
+    model, tok = _qwen_with_biases()
+    model.eval()
+    gen = torch.Generator().manual_seed(4)
+    P, G = 3, 4
+    seqs, attn, mask = _grouped_batch(len(tok), P, G, gen, layout)
+    coeffs = torch.randn(4, P * G, generator=gen, dtype=torch.float64)
+    ref = -torch.rand(P * G, generator=gen, dtype=torch.float64) - 10.0
+    params = [p for _, p in T.diag_parameters(model, spec)]
+    taken = []
+    real = T._shared_prefix_logp
+    monkeypatch.setattr(T, "_shared_prefix_logp", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.enable_grad():
+        got, logp = T.combined_gradients(model, params, seqs, attn, mask, coeffs, 0.8, ref)
+        want, logp_whole = T.combined_gradients(model, params, seqs, attn, mask, coeffs, 0.8, ref, shared_prefix=False)
+    assert len(taken) == 1 and (taken[0] is not None) == shared
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(logp, logp_whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_sequences_without_a_coefficient_are_not_run(tiny_dir, monkeypatch):
+    """A zero-std group's sequences (every coefficient 0) and a sequence with no predicted token add
+    nothing to a row: they are left out of the forward (their log-probs NaN: not computed; 0 with no
+    token), and the rows equal the definition sum_k C_jk grad log pi(y_k) over all sequences."""
+    model, tok = model_mod.load(str(tiny_dir), device="cpu")
+    model.eval()
+    gen = torch.Generator().manual_seed(5)
+    P, G = 3, 4
+    seqs, attn, mask = _grouped_batch(len(tok), P, G, gen, "right")
+    coeffs = torch.randn(2, P * G, generator=gen, dtype=torch.float64)
+    coeffs[:, G:2 * G] = 0.0  # prompt 1: a zero-std group
+    mask[0] = False  # no predicted token
+    params = [p for _, p in T.diag_parameters(model, "last-mlp")]
+    batch = []
+    real = T._shared_prefix_logp
+    monkeypatch.setattr(T, "_shared_prefix_logp", lambda model, modules, s, *a: batch.append(s.shape[0]) or
+                        real(model, modules, s, *a))
+    with torch.enable_grad():
+        rows, logp = T.combined_gradients(model, params, seqs, attn, mask, coeffs)
+        whole = (T.token_logprobs(model, seqs, attn) * mask).sum(-1)
+        want = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad((c.float() * whole).sum(), params,
+                                                                                  retain_graph=True)])
+                            for c in coeffs])
+    assert batch == [P * G - G - 1]
+    assert logp[0] == 0 and bool(logp[G:2 * G].isnan().all())
+    live = torch.ones(P * G, dtype=torch.bool)
+    live[0], live[G:2 * G] = False, False
+    torch.testing.assert_close(logp[live], whole.detach()[live], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="ref_logp"):  # a reference that was not computed, where it is needed
+        T.combined_gradients(model, params, seqs, attn, mask, torch.ones(1, P * G), ref_logp=logp)
+
+
+def test_a_model_that_ignores_the_cache_falls_back_to_whole_sequences(tiny_dir):
+    """The shared-prefix forward is checked once per model against the whole sequences: a model
+    whose forward drops the KV cache (its windows then miss the prompt) fails the check, is marked,
+    and gets the whole-sequence numbers."""
+    inner, tok = model_mod.load(str(tiny_dir), device="cpu")
+
+    class DropsCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+            if past_key_values is not None:  # the window alone, numbered from 0
+                attention_mask, position_ids = attention_mask[:, -input_ids.shape[1]:], None
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache)
+
+    model = DropsCache().eval()
+    gen = torch.Generator().manual_seed(6)
+    seqs, attn, mask = _grouped_batch(len(tok), 2, 3, gen, "right")
+    coeffs = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    params = [p for _, p in T.diag_parameters(model, "last-mlp")]
+    with torch.enable_grad():
+        got, logp = T.combined_gradients(model, params, seqs, attn, mask, coeffs)
+        want, logp_whole = T.combined_gradients(model, params, seqs, attn, mask, coeffs, shared_prefix=False)
+    assert T._PREFIX_AGREES.get(model) is False
+    torch.testing.assert_close(logp, logp_whole)
+    torch.testing.assert_close(got, want)
+
+
 def test_half_group_rows_give_the_gain_of_separate_passes_on_the_two_halves(tiny_dir):
     """gain_from_rows(combined_gradients(half_group_rows)) against the gain computed from three
     separate autograd passes on the half-groups alone (the definition: g_B from the second half with

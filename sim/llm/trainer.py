@@ -29,10 +29,13 @@ keeps its own rows; DDP averages the gradients.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import math
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -195,11 +198,138 @@ def _linear_owners(model, params) -> list[tuple[torch.nn.Linear, str]] | None:
     return out
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (no dropout in a diagnostic) for the duration, its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _autograd_from(modules):
+    """Autograd records nothing until the first call of one of ``modules`` and everything from it
+    on (a forward pre-hook switches grad mode on; the caller's mode is restored after). With
+    parameters that only their own module uses (``_linear_owners``) nothing computed before that
+    call depends on them, so gradients to their outputs or to them are those of a fully recorded
+    forward, without the graph of the layers before."""
+    def switch_on(mod, args) -> None:  # (a pre-hook's return value would replace the module's input)
+        torch.set_grad_enabled(True)
+
+    hooks = [m.register_forward_pre_hook(switch_on) for m in modules]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _cache_argument(model) -> str | None:
+    """The name under which ``model``'s forward takes a KV cache (transformers 5: ``cache``, 4:
+    ``past_key_values``); None when its signature names neither."""
+    names = inspect.signature(model.forward).parameters
+    return next((n for n in ("cache", "past_key_values") if n in names), None)
+
+
+#: Models on which the shared-prefix forward was checked against the whole-sequence one (True: they
+#: agree), so the check costs one extra forward per model (``_shared_prefix_logp``).
+_PREFIX_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _sequence_logp(model, seqs, attn, mask, temperature: float) -> torch.Tensor:
+    """sum_j mask_kj log pi(y_k,j+1 | y_k,<=j) of every sequence, one whole-sequence forward: [N]."""
+    return (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)
+
+
+def _shared_prefix_logp(model, modules, seqs, attn, mask, temperature: float, record):
+    """The sequence log-probs sum_j mask_kj log pi(y_k,j+1 | y_k,<=j) [N] from a forward that runs
+    each distinct prefix once: every sequence's tokens before its first predicted position j0_k (the
+    prompt but its last token, shared by the G completions of a group) go through the model once
+    per distinct prefix without autograd, into a KV cache that is gathered to the N sequences; a
+    second forward on the windows seq[k, j0_k : j0_k + W] (W the widest span of predicted
+    positions) with that cache gives the log-probs, ``record`` (a context manager) around it alone.
+    Positions and attention are those of the whole-sequence forward (position = number of attended
+    tokens before), so the log-probs are equal up to float rounding. Exact gradients to ``modules``
+    need the cache not to depend on them: the prefix pass runs under ``_autograd_from(modules)``,
+    and a cache tensor that requires grad (a prefix token that passed one of them before feeding a
+    later attention layer) refuses the path. Returns (log-probs [N] with their graph, the window
+    shape (N, W)), or None where the path does not apply (no prefix, a model in training mode or
+    without a KV cache of key / value tensors, or one on which the check of ``_PREFIX_AGREES``
+    failed); the caller then runs the whole sequences."""
+    cache_arg = _cache_argument(model)
+    if cache_arg is None or model.training or _PREFIX_AGREES.get(model) is False:
+        return None  # (in training mode dropout or gradient checkpointing would make the two forwards differ)
+    N, L = seqs.shape
+    first = mask.to(torch.int8).argmax(-1)  # j0_k: the first predicted position
+    last = (L - 2) - mask.flip(-1).to(torch.int8).argmax(-1)
+    if int(first.min()) < 1:
+        return None
+    W = int((last - first).max()) + 1
+    seqs_c, attn_c, first_c = seqs.cpu(), attn.cpu(), first.cpu().tolist()
+    index: dict[tuple, int] = {}
+    owner = []  # owner[k]: the distinct prefix of sequence k
+    for k, j0 in enumerate(first_c):
+        key = (seqs_c[k, :j0].numpy().tobytes(), attn_c[k, :j0].numpy().tobytes())
+        owner.append(index.setdefault(key, len(index)))
+    reps = {u: k for k, u in reversed(list(enumerate(owner)))}  # a sequence of every prefix
+    width = max(first_c)
+    U = len(index)
+    pre_ids = torch.zeros(U, width, dtype=seqs.dtype)
+    pre_attn = torch.zeros(U, width, dtype=attn.dtype)
+    for u, k in reps.items():  # left-padded, as generate() batches prompts
+        j0 = first_c[k]
+        pre_ids[u, width - j0:], pre_attn[u, width - j0:] = seqs_c[k, :j0], attn_c[k, :j0]
+    dev = seqs.device
+    pre_ids, pre_attn = pre_ids.to(dev), pre_attn.to(dev)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with _autograd_from(modules):
+        out = model(input_ids=pre_ids, attention_mask=pre_attn,
+                    position_ids=(pre_attn.long().cumsum(-1) - 1).clamp_min(0), use_cache=True, **keep)
+    cache = out.get("cache", out.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if not layers or not hasattr(cache, "batch_select_indices") or not all(
+            isinstance(getattr(x, "keys", None), torch.Tensor) and isinstance(getattr(x, "values", None), torch.Tensor)
+            and x.keys.shape[0] == U and not (x.keys.requires_grad or x.values.requires_grad) for x in layers):
+        return None
+    owner_t = torch.tensor(owner, device=dev)
+    cache.batch_select_indices(owner_t)
+    span = first[:, None] + torch.arange(W, device=dev)  # [N, W] predicted positions
+    pad = lambda x, fill: torch.cat([x, torch.full((N, W + 1), fill, dtype=x.dtype, device=dev)], 1)
+    ids_p, attn_p, mask_p = pad(seqs, 0), pad(attn, 0), pad(mask, False)
+    win_ids, targets = ids_p.gather(1, span), ids_p.gather(1, span + 1)
+    win_attn, win_mask = attn_p.gather(1, span), mask_p.gather(1, span)
+    before = pre_attn[owner_t]  # [N, width]
+    position_ids = (before.long().sum(-1, keepdim=True) + win_attn.long().cumsum(-1) - 1).clamp_min(0)
+    with record, _autograd_from(modules):
+        logits = model(input_ids=win_ids, attention_mask=torch.cat([before, win_attn], 1), position_ids=position_ids,
+                       use_cache=True, **{cache_arg: cache}).logits.float() / temperature
+        seq_logp = (torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) * win_mask).sum(-1)
+    if model not in _PREFIX_AGREES:  # once per model: the whole-sequence forward gives the same numbers
+        with torch.no_grad():
+            whole = _sequence_logp(model, seqs, attn, mask, temperature)
+        dtype = next(model.parameters()).dtype  # rounding of the coarser of the model's and float32's
+        tol = math.sqrt(max(torch.finfo(dtype).eps if dtype.is_floating_point else 0.0, torch.finfo(torch.float32).eps))
+        _PREFIX_AGREES[model] = bool((seq_logp.detach() - whole).abs().max() <= tol * (1 + float(whole.abs().max())))
+        if not _PREFIX_AGREES[model]:
+            return None
+    return seq_logp, (N, W)
+
+
 def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, temperature: float = 1.0,
-                       ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       ref_logp: torch.Tensor | None = None,
+                       shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows sum_k coeffs[j, k] grad w_k on ``params``, w_k = exp(log pi(y_k) - ref_k), log pi(y_k)
     the sequence log-probability at ``temperature`` (ref = log pi at the current theta by default,
     where grad w_k = grad log pi(y_k)): ([J, n] float32, sequence log-probs [N]). coeffs [J, N].
+
+    Only the sequences with a non-zero coefficient in some row are run (the others add nothing to
+    any row: a group whose rewards are all equal); their log-probs are returned as NaN (not
+    computed; 0 for a sequence with no predicted position), and a ``ref_logp`` must be finite
+    where a coefficient is not 0.
 
     One forward pass. When every parameter is the weight or bias of an nn.Linear called once, on
     [N, L, in] activations of the N sequences (the last-mlp subset of the runner's models), one
@@ -209,28 +339,57 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
     delta_k,t = d w_k / d out_k,t, grad_W w_k = sum_t delta_k,t x_k,t^T and grad_b w_k = sum_t
     delta_k,t, and the rows are their coeffs-weighted sums. Otherwise (tied weights, a layer called
     twice or on another layout, its input or output changed in place after the call) one backward
-    pass per row."""
+    pass per row. With such layers, autograd records from their first call on (``_autograd_from``),
+    and with ``shared_prefix`` the forward runs each prompt once for its group
+    (``_shared_prefix_logp``, where the prompt's KV cache does not depend on them: the last-mlp
+    subset), L then the span of the completions."""
+    C_all = coeffs.to(seqs.device, torch.float32)
+    n_params = sum(p.numel() for p in params)
+    has_tokens = mask.any(-1)
+    live = (C_all != 0).any(0) & has_tokens  # [N] the sequences a row depends on
+    logp_out = torch.where(has_tokens, torch.nan, 0.0).to(seqs.device, torch.float32)
+    if ref_logp is not None and not bool(torch.isfinite(ref_logp.to(live.device)[live]).all()):
+        raise ValueError("ref_logp: not finite for a sequence with a non-zero coefficient")
+    if not bool(live.any()):
+        return torch.zeros(C_all.shape[0], n_params, device=seqs.device), logp_out
+    keep = live.nonzero().squeeze(-1)
+    seqs, attn, mask, C = seqs[keep], attn[keep], mask[keep], C_all[:, keep]
+    ref_logp = None if ref_logp is None else ref_logp.to(seqs.device)[keep]
     owners = _linear_owners(model, params)
     modules = list({id(m): m for m, _ in owners}.values()) if owners is not None else []
     seen: dict[int, list] = {id(m): [] for m in modules}
-    hooks = [m.register_forward_hook(
-        lambda mod, inputs, output: seen[id(mod)].append((inputs[0], output, inputs[0]._version, output._version)))
-        for m in modules]
-    try:
-        seq_logp = (token_logprobs(model, seqs, attn, temperature) * mask).sum(-1)  # [N]
-    finally:
-        for h in hooks:
-            h.remove()
+
+    @contextlib.contextmanager
+    def record():  # every call of the subset's layers: (input, output, their versions at the call)
+        hooks = [m.register_forward_hook(lambda mod, inputs, output: seen[id(mod)].append(
+            (inputs[0], output, inputs[0]._version, output._version))) for m in modules]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    got = _shared_prefix_logp(model, modules, seqs, attn, mask, temperature, record()) \
+        if shared_prefix and owners is not None else None
+    if got is None:
+        for v in seen.values():
+            v.clear()
+        with record(), (_autograd_from(modules) if owners is not None else contextlib.nullcontext()):
+            seq_logp = _sequence_logp(model, seqs, attn, mask, temperature)  # [N]
+        shape = tuple(seqs.shape)
+    else:
+        seq_logp, shape = got
     ref = seq_logp.detach() if ref_logp is None else ref_logp
     weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
-    C = coeffs.to(seq_logp.device, torch.float32)
     N = weight.shape[0]
+    logp_out[keep] = seq_logp.detach().to(logp_out.dtype)
+
     def per_sequence(calls) -> bool:  # one call on [N, L, .] activations, neither changed in place since
         if len(calls) != 1:
             return False
         inp, out, v_in, v_out = calls[0]
-        return (out.requires_grad and inp.dim() == out.dim() == 3 and inp.shape[:2] == out.shape[:2] == seqs.shape
-                and inp._version == v_in and out._version == v_out)
+        return (out.requires_grad and inp.dim() == out.dim() == 3 and tuple(inp.shape[:2]) == tuple(out.shape[:2])
+                == shape and inp._version == v_in and out._version == v_out)
 
     once = owners is not None and all(per_sequence(v) for v in seen.values())
     if once:
@@ -255,14 +414,14 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
                 xs = x.flatten(0, 1)  # [N L, in]
                 blocks.append(torch.stack([((C[j][:, None, None] * d).flatten(0, 1).T @ xs).flatten()
                                            for j in range(C.shape[0])]))
-        return torch.cat(blocks, 1), seq_logp.detach()
+        return torch.cat(blocks, 1), logp_out
     rows = []
     for j in range(C.shape[0]):
         g = torch.autograd.grad((C[j].to(weight.dtype) * weight).sum(), params, retain_graph=j < C.shape[0] - 1,
                                 allow_unused=True)
         rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
                                for x, p in zip(g, params)]))
-    return torch.stack(rows), seq_logp.detach()
+    return torch.stack(rows), logp_out
 
 
 def prompt_rows(coeff: torch.Tensor) -> torch.Tensor:
@@ -475,8 +634,9 @@ class Trainer:
         model, params = self.acc.unwrap_model(self.model), [p for _, p in self.diag]
         if diagnose or needs_rho:
             td = time.perf_counter()
-            g_raw, logp_before, gain = prompt_and_gain_gradients(model, params, seqs, attn, mask, rewards_local,
-                                                                 cfg.ddof, cfg.eps, cfg.temperature, gain=diagnose)
+            with eval_mode(model):
+                g_raw, logp_before, gain = prompt_and_gain_gradients(model, params, seqs, attn, mask, rewards_local,
+                                                                     cfg.ddof, cfg.eps, cfg.temperature, gain=diagnose)
             g_before = self._projected(g_raw)
             if needs_rho:  # every rank's prompts (gathered: every pair counts, and all ranks take one
                 # alpha), over the pairs of non-zero gradients
@@ -510,8 +670,9 @@ class Trainer:
                "diagnosed": bool(diagnose)}
         if diagnose:
             td = time.perf_counter()
-            g_after = self._projected(per_prompt_gradients(model, params, seqs, attn, mask, centred, cfg.temperature,
-                                                           ref_logp=logp_before)[0])
+            with eval_mode(model):
+                g_after = self._projected(per_prompt_gradients(model, params, seqs, attn, mask, centred,
+                                                               cfg.temperature, ref_logp=logp_before)[0])
             dtheta = (self._param_vector() - theta_before).norm()
             gram = (g_before.double() @ g_before.double().T)
             row["rho"] = float(theory.gradient_orthogonality(gram))

@@ -42,7 +42,6 @@ after the update), sim.llm.trainer.combined_gradients.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -52,17 +51,8 @@ import torch
 from transformers import TrainerCallback
 
 import theory
+from sim.llm.trainer import eval_mode
 from sim.results import stable_id, write_manifest, write_parquet
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """The model in eval mode (no dropout in a diagnostic) for the duration, its mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 #: The TRL versions this module is tested with (the hooks it uses: reward kwargs log_metric and
@@ -190,7 +180,7 @@ class GrpoSimDiagnostics(TrainerCallback):
         reads it, from the same gradients; all from one forward and one backward pass
         (sim.llm.trainer.prompt_and_gain_gradients). On a ``gain`` step it also keeps what the empirical M
         needs after the update (``on_step_end``)."""
-        from sim.llm.trainer import completion_mask, diag_parameters, prompt_and_gain_gradients
+        from sim.llm.trainer import diag_parameters, prompt_and_gain_gradients
 
         n = (len(local) // self.G) * self.G
         if n < 2 * self.G or self.model is None or self.tokenizer is None or not isinstance(prompts[0], str):
@@ -199,25 +189,26 @@ class GrpoSimDiagnostics(TrainerCallback):
         params = [p for _, p in diag_parameters(model, self.diag_params)]
         tok = self.tokenizer
         device = next(model.parameters()).device
-        seqs, prompt_lens = [], []
-        for p, c in zip(prompts[:n], completion_ids[:n]):
-            ids = tok(p, add_special_tokens=False)["input_ids"]
-            prompt_lens.append(len(ids))
-            seqs.append(list(ids) + list(c))
-        width = max(len(x) for x in seqs)
+        distinct = list(dict.fromkeys(prompts[:n]))  # a group's G completions share their prompt: tokenized once
+        prompt_ids = dict(zip(distinct, tok(distinct, add_special_tokens=False)["input_ids"]))
+        completions = [list(c) for c in completion_ids[:n]]
+        lengths = [len(prompt_ids[p]) + len(c) for p, c in zip(prompts[:n], completions)]
+        width = max(lengths)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((n, width), pad, dtype=torch.long)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else -1
+        rows = np.full((n, width), pad, dtype=np.int64)
         attn = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width - 1), dtype=torch.bool)
-        eos = tok.eos_token_id if tok.eos_token_id is not None else -1
-        for k, (x, pl) in enumerate(zip(seqs, prompt_lens)):
-            ids[k, :len(x)] = torch.tensor(x)
-            attn[k, :len(x)] = 1
-            m = completion_mask(ids[k:k + 1, :len(x)], pl, eos)[0]  # up to the first eos, as TRL
-            mask[k, :len(x) - 1] = m
+        for k, (p, c) in enumerate(zip(prompts[:n], completions)):
+            x, pl = prompt_ids[p], len(prompt_ids[p])
+            rows[k, :pl], rows[k, pl:lengths[k]] = x, c
+            attn[k, :lengths[k]] = 1
+            counted = c.index(eos) + 1 if eos in c else len(c)  # up to and including the first eos, as TRL
+            mask[k, pl - 1:pl - 1 + counted] = True
+        ids = torch.from_numpy(rows)
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
         r = torch.tensor(local[:n], dtype=torch.float64).reshape(-1, self.G)
-        with _eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model), torch.enable_grad():
             g, logp, measured = prompt_and_gain_gradients(model, params, ids, attn, mask, r, self.ddof, self.eps,
                                                           self.temperature, gain=gain)
         if gain:  # the empirical M of this step is measured after the update, on the same samples
@@ -245,7 +236,7 @@ class GrpoSimDiagnostics(TrainerCallback):
 
             ids, attn, mask, centred, logp = pending["inputs"]
             params = [p for _, p in diag_parameters(self.model, self.diag_params)]
-            with _eval_mode(self.model), torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad():
                 g_after, _ = per_prompt_gradients(self.model, params, ids, attn, mask, centred, self.temperature,
                                                   ref_logp=logp)
             theta_before = pending["theta_before"]
