@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Optional, get_args
 
 import typer
 from rich.console import Console

@@ -1,15 +1,12 @@
 """CLI: every bad option gives one line naming it, exit code 2, no traceback, no results."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import sim
-from sim.cli import main
 from helpers import run_cli
 
 SMALL = ["--num-prompts", "3", "--num-responses", "3", "--steps", "30", "--seeds", "2"]

@@ -3,7 +3,6 @@ phases in one run (experiments/fig5_phases.toml)."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

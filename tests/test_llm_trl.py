@@ -279,6 +279,63 @@ def test_empirical_m_is_the_change_of_the_per_prompt_gradients_over_the_update(m
     assert math.isnan(row["empirical_M"]) and diag.last_empirical_M is None
 
 
+def test_the_empirical_m_pass_deferred_to_the_next_rewards_gives_the_same_numbers(tmp_path):
+    """Where TRL generates before every update (accumulation 1, steps_per_generation 1: defer_m),
+    on_step_end leaves the empirical M's pass at theta_t+1 to the next training reward call, which
+    runs it in the same forward as that step's diagnostics: the same empirical M (logged with the
+    next step's metrics), rho and gain as a callback that runs the pass in on_step_end; the last
+    step's is computed at the end and written with its row."""
+    import types
+
+    import pandas as pd
+    import torch
+
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    model.train()  # TRL's training mode: the reward calls are training steps
+    deferring = GrpoSimDiagnostics(num_generations=4, out=tmp_path / "res")
+    deferring.on_train_begin(types.SimpleNamespace(temperature=0.7, gradient_accumulation_steps=1,
+                                                   steps_per_generation=1, num_iterations=1), None, None,
+                             model=model, processing_class=tok)
+    direct = GrpoSimDiagnostics(num_generations=4)
+    direct.on_train_begin(types.SimpleNamespace(temperature=0.7, gradient_accumulation_steps=1,
+                                                steps_per_generation=2, num_iterations=1), None, None,
+                          model=model, processing_class=tok)
+    # (one generation per two updates: the update between them has no reward call to wait for)
+    assert deferring.defer_m and not direct.defer_m
+    gen = torch.Generator().manual_seed(7)
+    logged = {id(deferring): [], id(direct): []}
+
+    def step(t):
+        prompts = [f"{t}{i}+{i}=" for i in range(3) for _ in range(4)]
+        completions = [torch.randint(3, len(tok), (2 + (k % 4),), generator=gen).tolist() for k in range(12)]
+        rewards = [float(x) for x in torch.rand(12, generator=gen).round()]
+        rewards[:4] = [1.0, 0.0, 1.0, 0.0]  # a spread in group 0
+        for diag in (deferring, direct):
+            kw = {"trainer_state": types.SimpleNamespace(global_step=t),
+                  "log_metric": lambda name, value, d=diag: logged[id(d)].append((t, name, value))}
+            diag._measure(prompts, completions, rewards, kw)
+        with torch.no_grad():  # the update
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        for diag in (deferring, direct):
+            diag.on_step_end(None, None, None)
+
+    step(0)
+    assert "empirical_M" not in deferring.rows[0] and deferring._pending_m["updated"]
+    assert direct.rows[0]["empirical_M"] > 0
+    step(1)
+    assert deferring.rows[0]["empirical_M"] == pytest.approx(direct.rows[0]["empirical_M"], rel=1e-4)
+    for name in ("rho", "gain"):
+        assert deferring.rows[1][name] == pytest.approx(direct.rows[1][name], rel=1e-4, abs=1e-6)
+    m_logged = [(t, v) for t, n, v in logged[id(deferring)] if n == "grpo_sim/empirical_M"]
+    assert m_logged == [(1, deferring.rows[0]["empirical_M"])]
+    deferring.on_train_end(None, types.SimpleNamespace(is_world_process_zero=True), None)
+    written = pd.read_parquet(tmp_path / "res" / "steps.parquet")
+    assert written["empirical_M"].tolist() == pytest.approx([direct.rows[0]["empirical_M"],
+                                                              direct.rows[1]["empirical_M"]], rel=1e-4)
+
+
 def test_an_evaluation_call_is_not_diagnosed_and_keeps_the_training_rho():
     # TRL's evaluate calls the reward functions with the model in eval mode: no row, no pending M,
     # the rewards recorded (SimGRPOTrainer reads them) and rho_t left at the last training step's

@@ -1,7 +1,6 @@
 """Numerical edge cases never give NaN or inf: huge logits, constant-reward groups, sigma -> 0."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

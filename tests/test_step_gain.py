@@ -3,7 +3,6 @@ sampled update and theory's J, its control variate's unbiasedness, and its NaN r
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -342,19 +341,57 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
     pass per row. With such layers, autograd records from their first call on (``_autograd_from``),
     and with ``shared_prefix`` the forward runs each prompt once for its group
     (``_shared_prefix_logp``, where the prompt's KV cache does not depend on them: the last-mlp
-    subset), L then the span of the completions."""
-    C_all = coeffs.to(seqs.device, torch.float32)
+    subset), L then the span of the completions. ``batched_gradients`` does several such calls in
+    one forward."""
+    (rows, logp), = batched_gradients(model, params, [(seqs, attn, mask, coeffs, ref_logp)], temperature,
+                                      shared_prefix)
+    return rows, logp
+
+
+def batched_gradients(model, params, batches, temperature: float = 1.0,
+                      shared_prefix: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``combined_gradients`` of several batches (seqs [N_b, L_b], attn, mask [N_b, L_b - 1],
+    coeffs [J_b, N_b], ref_logp [N_b] or None) from one forward over all their sequences (right-
+    padded to one length: padding after a sequence's last token changes no causal log-prob) and one
+    backward, the coefficients block-diagonal: the same numbers as one call per batch, with one
+    model call's fixed cost (the TRL callback runs the empirical M's pass at theta_t+1 with the
+    next step's diagnostics at the same theta). [(rows [J_b, n], log-probs [N_b])] in order."""
+    device = batches[0][0].device
+    width = max(b[0].shape[1] for b in batches)
+
+    def right_pad(x, n, fill):  # [N_b, n - pad] -> [N_b, n]
+        return torch.cat([x, torch.full((x.shape[0], n - x.shape[1]), fill, dtype=x.dtype, device=x.device)], 1)
+
+    seqs = torch.cat([right_pad(b[0], width, 0) for b in batches]).to(device)
+    attn = torch.cat([right_pad(b[1], width, 0) for b in batches]).to(device)
+    mask = torch.cat([right_pad(b[2], width - 1, False) for b in batches]).to(device)
+    C_all = torch.block_diag(*[b[3].to(device, torch.float32) for b in batches])  # [J, N]
+    current = torch.cat([torch.full((b[0].shape[0],), b[4] is None, device=device) for b in batches])  # [N]
+    ref_all = torch.cat([torch.zeros(b[0].shape[0], device=device) if b[4] is None else b[4].to(device, torch.float32)
+                         for b in batches])
+    rows, logp = _combined(model, params, seqs, attn, mask, C_all, ref_all, current, temperature, shared_prefix)
+    out, j, k = [], 0, 0
+    for b in batches:
+        J, N = b[3].shape
+        out.append((rows[j:j + J], logp[k:k + N]))
+        j, k = j + J, k + N
+    return out
+
+
+def _combined(model, params, seqs, attn, mask, C_all, ref_all, current, temperature: float, shared_prefix: bool):
+    """The body of ``batched_gradients`` on one concatenated batch: coefficients C_all [J, N],
+    reference log-probs ref_all [N], used where ``current`` [N] is False (else the current log-prob)."""
     n_params = sum(p.numel() for p in params)
     has_tokens = mask.any(-1)
     live = (C_all != 0).any(0) & has_tokens  # [N] the sequences a row depends on
     logp_out = torch.where(has_tokens, torch.nan, 0.0).to(seqs.device, torch.float32)
-    if ref_logp is not None and not bool(torch.isfinite(ref_logp.to(live.device)[live]).all()):
+    if not bool(torch.isfinite(ref_all[live & ~current]).all()):
         raise ValueError("ref_logp: not finite for a sequence with a non-zero coefficient")
     if not bool(live.any()):
         return torch.zeros(C_all.shape[0], n_params, device=seqs.device), logp_out
     keep = live.nonzero().squeeze(-1)
     seqs, attn, mask, C = seqs[keep], attn[keep], mask[keep], C_all[:, keep]
-    ref_logp = None if ref_logp is None else ref_logp.to(seqs.device)[keep]
+    ref_all, current = ref_all[keep], current[keep]
     owners = _linear_owners(model, params)
     modules = list({id(m): m for m, _ in owners}.values()) if owners is not None else []
     seen: dict[int, list] = {id(m): [] for m in modules}
@@ -379,7 +416,7 @@ def combined_gradients(model, params, seqs, attn, mask, coeffs: torch.Tensor, te
         shape = tuple(seqs.shape)
     else:
         seq_logp, shape = got
-    ref = seq_logp.detach() if ref_logp is None else ref_logp
+    ref = torch.where(current, seq_logp.detach(), ref_all.to(seq_logp.dtype))
     weight = torch.exp(seq_logp - ref)  # 1 at the current theta, with gradient grad log pi
     N = weight.shape[0]
     logp_out[keep] = seq_logp.detach().to(logp_out.dtype)
@@ -484,17 +521,20 @@ def gain_from_rows(rows: torch.Tensor | None) -> tuple[float, str]:
 
 
 def prompt_and_gain_gradients(model, params, seqs, attn, mask, rewards: torch.Tensor, ddof: int, eps: float,
-                              temperature: float = 1.0, gain: bool = True):
+                              temperature: float = 1.0, gain: bool = True, also=()):
     """The diagnostics' gradients at theta_t from one ``combined_gradients`` call (rewards [P, G] of
     the N = P G sequences, prompt-major): (g [P, n], the per-prompt estimates of
     ``per_prompt_gradients`` with the mean baseline; sequence log-probs [N]; and with ``gain`` the
-    measured gain ``gain_from_rows(half_group_rows)`` as (gain, reason), else None)."""
+    measured gain ``gain_from_rows(half_group_rows)`` as (gain, reason), else None), followed by
+    the (rows, log-probs) of every batch in ``also``, run in the same forward (``batched_gradients``)."""
     halves = half_group_rows(rewards, ddof, eps) if gain else None
     coeffs = prompt_rows(rewards - rewards.mean(-1, keepdim=True))
-    rows, seq_logp = combined_gradients(model, params, seqs, attn, mask,
-                                        coeffs if halves is None else torch.cat([coeffs, halves]), temperature)
+    (rows, seq_logp), *others = batched_gradients(
+        model, params, [(seqs, attn, mask, coeffs if halves is None else torch.cat([coeffs, halves]), None), *also],
+        temperature)
     P = rewards.shape[0]
-    return rows[:P], seq_logp, (gain_from_rows(rows[P:] if halves is not None else None) if gain else None)
+    return (rows[:P], seq_logp, (gain_from_rows(rows[P:] if halves is not None else None) if gain else None),
+            *others)
 
 
 def empirical_m(smooth: torch.Tensor, sigma: torch.Tensor, dtheta: float, theta_norm: float) -> float:

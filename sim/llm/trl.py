@@ -36,8 +36,9 @@ statistics use every group, gathered); under DeepSpeed ZeRO-3 or FSDP the parame
 and the gradient diagnostics are refused (``rho``/``gain``/``empirical_M`` are not logged) rather than computed on
 shards. With several reward functions only the wrapped one is measured (wrap the sum yourself to
 measure the total). Conversational prompts are not supported by the gradient diagnostics. The
-gradients of a diagnosed step take one forward and one backward pass (two more for the empirical M
-after the update), sim.llm.trainer.combined_gradients.
+gradients of a diagnosed step take one forward and one backward pass, and the empirical M one
+more at theta_t+1, which runs with the next step's diagnostics when TRL generates before every
+update (sim.llm.trainer.combined_gradients, batched_gradients).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class GrpoSimDiagnostics(TrainerCallback):
         self.refused = ""
         self.rho_every_step = False  # set by SimGRPOTrainer for an estimator that reads rho_t (grpo_phase)
         self.last_rho: float | None = None
-        self._pending_m: dict | None = None  # what on_step_end needs for the empirical M of a diagnosed step
+        self._pending_m: dict | None = None  # what the empirical M of a diagnosed step needs after its update
+        self.defer_m = False  # its pass waits for the next step's reward call (on_train_begin)
         self.last_empirical_M: float | None = None  # logged at the next step's rewards
 
     # -- TrainerCallback ------------------------------------------------------------------------
@@ -88,12 +90,23 @@ class GrpoSimDiagnostics(TrainerCallback):
         self.tokenizer = processing_class if processing_class is not None else kwargs.get("tokenizer")
         self.temperature = float(getattr(args, "temperature", 1.0) or 1.0)
         self.args = args
+        # TRL generates (and calls the reward functions) every steps_per_generation * num_iterations
+        # micro-steps; when that divides the accumulation steps, the first training reward call after an
+        # optimizer step comes before the next one, at theta_t+1, and the empirical M's pass runs there,
+        # in the same forward as that step's diagnostics (sim.llm.trainer.batched_gradients)
+        accumulate = getattr(args, "gradient_accumulation_steps", None) or 0
+        generate_every = (getattr(args, "steps_per_generation", None) or accumulate) * \
+            (getattr(args, "num_iterations", None) or 1)
+        self.defer_m = bool(accumulate and generate_every) and accumulate % generate_every == 0
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             self.refused = "sharded parameters (DeepSpeed / FSDP): gradient diagnostics are not computed"
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.out is None or not state.is_world_process_zero or not self.rows:
             return
+        if self._pending_m is not None and self._pending_m.get("updated"):  # the last step's, at the final theta
+            pending, self._pending_m = self._pending_m, None
+            self._finish_m(pending)
         out = Path(self.out)
         out.mkdir(parents=True, exist_ok=True)
         steps = pd.DataFrame(self.rows)
@@ -144,6 +157,9 @@ class GrpoSimDiagnostics(TrainerCallback):
         self.last_prompts = gather_object([str(p) for p in prompts])  # their prompts (adaptive estimators' keys)
         if len(every) % self.G or evaluating:
             return  # an evaluation is not diagnosed: the diagnostics describe training steps
+        deferred = None  # the last diagnosed step's empirical M, its update done (on_step_end): theta_t+1 now
+        if self._pending_m is not None and self._pending_m.get("updated"):
+            deferred, self._pending_m = self._pending_m, None
         groups = every.reshape(-1, self.G)  # TRL's layout: each prompt's G completions consecutive
         sigma = groups.std(-1)
         row = {"step": step, "J": float(np.nanmean(groups)), "sigma_bar": float(np.nanmean(sigma)),
@@ -156,12 +172,14 @@ class GrpoSimDiagnostics(TrainerCallback):
         diagnose = bool(self.every) and step % self.every == 0 and measurable
         mine = None  # this process's rho_t for an adaptive estimator that reads it at every step
         if diagnose or (self.rho_every_step and measurable):  # one pass of per-prompt gradients for both
-            measured = self._gradient_diagnostics(prompts, completion_ids, local, gain=diagnose)
+            measured = self._gradient_diagnostics(prompts, completion_ids, local, gain=diagnose, after=deferred)
             mine = measured.pop("rho_live", None)
             if self._pending_m is not None and "row" not in self._pending_m:
                 self._pending_m["row"] = row  # the empirical M, measured after the update, goes to this row
             if diagnose:
                 row.update(measured)
+        if deferred is not None and not deferred.get("done"):  # no diagnostics to share the pass with
+            self._finish_m(deferred)
         if self.rho_every_step:  # the processes' mean; None where none could measure it
             got = [x for x in gather_object([mine]) if x is not None]
             # NaN where no process had two live prompts: the rule keeps its state (phase_aware_alpha)
@@ -174,12 +192,14 @@ class GrpoSimDiagnostics(TrainerCallback):
             self.last_empirical_M = None
         self.rows.append(row)
 
-    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True) -> dict:
+    def _gradient_diagnostics(self, prompts, completion_ids, local: list[float], gain: bool = True,
+                              after: dict | None = None) -> dict:
         """rho and the measured gain (``gain``) on this process's whole groups (module docstring), and
         rho_live, rho over the pairs of non-zero gradients (NaN without one) as the adaptive rule
         reads it, from the same gradients; all from one forward and one backward pass
-        (sim.llm.trainer.prompt_and_gain_gradients). On a ``gain`` step it also keeps what the empirical M
-        needs after the update (``on_step_end``)."""
+        (sim.llm.trainer.prompt_and_gain_gradients), which also runs the empirical M's pass of the
+        last diagnosed step (``after``, deferred by on_step_end) at this theta, and finishes it. On a
+        ``gain`` step it keeps what this step's empirical M needs after the update."""
         from sim.llm.trainer import diag_parameters, prompt_and_gain_gradients
 
         n = (len(local) // self.G) * self.G
@@ -208,13 +228,16 @@ class GrpoSimDiagnostics(TrainerCallback):
         ids = torch.from_numpy(rows)
         ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
         r = torch.tensor(local[:n], dtype=torch.float64).reshape(-1, self.G)
+        also = [self._after_batch(after)] if after is not None else []
         with eval_mode(self.model), torch.enable_grad():
-            g, logp, measured = prompt_and_gain_gradients(model, params, ids, attn, mask, r, self.ddof, self.eps,
-                                                          self.temperature, gain=gain)
+            g, logp, measured, *others = prompt_and_gain_gradients(model, params, ids, attn, mask, r, self.ddof,
+                                                                   self.eps, self.temperature, gain=gain, also=also)
+        theta = self._finish_m(after, others[0][0]) if others else None  # (this theta: the last step's after)
         if gain:  # the empirical M of this step is measured after the update, on the same samples
             centred = r - r.mean(-1, keepdim=True)
-            self._pending_m = {"inputs": (ids, attn, mask, centred, logp), "g_before": g, "sigma": r.std(-1, correction=0),
-                               "theta_before": self._trainable_vector().cpu()}  # on the CPU: not beside the model
+            self._pending_m = {"inputs": (ids, attn, mask, centred, logp), "g_before": g,
+                               "sigma": r.std(-1, correction=0),
+                               "theta_before": theta if theta is not None else self._trainable_vector()}
         gram = g.double() @ g.double().T
         return {"rho": float(theory.gradient_orthogonality(gram)),
                 "rho_live": float(theory.gradient_orthogonality(gram, live_only=True)),
@@ -225,33 +248,63 @@ class GrpoSimDiagnostics(TrainerCallback):
         max_i ||g_i(theta_t+1) - g_i(theta_t)|| / ||theta_t+1 - theta_t|| / sigma_i over prompts with
         sigma_i > 0, g_i the per-prompt estimate on the diagnostic subset, at theta_t+1 on the same
         samples importance-weighted (the native runner's definition, sim.llm.trainer.empirical_m; NaN
-        where the update did not move theta beyond rounding). It is logged as grpo_sim/empirical_M
-        at the next step's rewards (TRL's metrics of a step are gathered before its update), so the
-        last step's reaches only the results directory, where it is written with its own row."""
-        pending, self._pending_m = self._pending_m, None
+        where the update did not move theta beyond rounding). Where TRL's schedule brings the next
+        reward call before the next update (``defer_m``) its pass runs there, with that step's
+        diagnostics, else here. It is logged as grpo_sim/empirical_M at the next step's rewards (TRL's
+        metrics of a step are gathered before its update), so the last step's reaches only the
+        results directory, where it is written with its own row."""
+        pending = self._pending_m
         if pending is None or self.model is None:
             return
-        try:
-            from sim.llm.trainer import diag_parameters, empirical_m, per_prompt_gradients
+        if self.defer_m and not pending.get("updated"):
+            pending["updated"] = True  # theta_t+1 stays the model's until the next reward call
+            return
+        self._pending_m = None
+        if pending.get("updated"):  # a second update came before any reward call: theta_t+1 is gone
+            if "row" in pending:
+                pending["row"]["empirical_M"] = math.nan
+            return
+        self._finish_m(pending)
 
-            ids, attn, mask, centred, logp = pending["inputs"]
-            params = [p for _, p in diag_parameters(self.model, self.diag_params)]
-            with eval_mode(self.model), torch.enable_grad():
-                g_after, _ = per_prompt_gradients(self.model, params, ids, attn, mask, centred, self.temperature,
-                                                  ref_logp=logp)
+    def _after_batch(self, pending: dict) -> tuple:
+        """The empirical M's batch for sim.llm.trainer.batched_gradients: the diagnosed step's samples,
+        the per-prompt rows of their centred rewards, importance-weighted from their log-probs then."""
+        from sim.llm.trainer import prompt_rows
+
+        ids, attn, mask, centred, logp = pending["inputs"]
+        return ids, attn, mask, prompt_rows(centred), logp
+
+    def _finish_m(self, pending: dict, g_after: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The empirical M of ``pending`` at the model's theta (on_step_end's formula), from the
+        per-prompt estimates there (``g_after`` [P, n]; computed here when None); it sets
+        last_empirical_M and the diagnosed step's row, and returns that theta (on the CPU; None if
+        the diagnostics failed)."""
+        pending["done"] = True
+        theta = None
+        try:
+            from sim.llm.trainer import batched_gradients, diag_parameters, empirical_m
+
+            if g_after is None:
+                params = [p for _, p in diag_parameters(self.model, self.diag_params)]
+                with eval_mode(self.model), torch.enable_grad():
+                    (g_after, _), = batched_gradients(self.model, params, [self._after_batch(pending)],
+                                                      self.temperature)
             theta_before = pending["theta_before"]
-            dtheta = float((self._trainable_vector().cpu() - theta_before).norm())
+            theta = self._trainable_vector()
+            dtheta = float((theta - theta_before).norm())
             smooth = (g_after - pending["g_before"]).norm(dim=-1).double().cpu() / max(dtheta, 1e-30)  # [P]
             value = empirical_m(smooth, pending["sigma"], dtheta, float(theta_before.norm()))
         except Exception as e:  # a diagnostic must never stop a training run
             self.refused = f"diagnostics failed: {type(e).__name__}: {e}"
-            return
+            return None
         self.last_empirical_M = value if value == value else None
         if "row" in pending:
             pending["row"]["empirical_M"] = value
+        return theta
 
     def _trainable_vector(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.model.parameters() if p.requires_grad])
+        """theta, the trainable parameters flattened in float32, on the CPU (not beside the model)."""
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.model.parameters() if p.requires_grad])
 
 
 #: LLMConfig.loss_agg -> TRL's loss_type (DESIGN.md §4).
