@@ -1,5 +1,5 @@
 """LLM step time, native runner vs TRL's GRPOTrainer, with and without grpo-sim's diagnostics (not part of
-the test suite). Run: python bench/llm_backends.py [--model DIR] [--steps N] [--rounds R]
+the test suite). Run: python bench/llm_backends.py [--model DIR] [--steps N] [--rounds R] [--reward coin|task]
 
 Same model, batch (P prompts x G completions), completion length and optimizer in every case; each
 case is timed over N steps after one warm-up step, in R alternating rounds (medians), as this
