@@ -336,6 +336,71 @@ def test_the_empirical_m_pass_deferred_to_the_next_rewards_gives_the_same_number
                                                               direct.rows[1]["empirical_M"]], rel=1e-4)
 
 
+def test_a_deferred_empirical_m_runs_alone_on_an_undiagnosed_step_and_is_nan_when_lost(tmp_path, monkeypatch):
+    """Deferred (defer_m) with every=2: step 1 is not diagnosed, so step 0's empirical M runs alone at
+    step 1's reward call and equals the direct callback's; a second update before any reward call
+    leaves theta_t+1 behind (NaN, not a stale value); a merged pass that fails leaves NaN too."""
+    import types
+
+    import torch
+
+    from sim.llm import trainer as T
+
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    model.train()
+    args = dict(temperature=0.7, gradient_accumulation_steps=1, num_iterations=1)
+    deferring, direct = GrpoSimDiagnostics(num_generations=4, every=2), GrpoSimDiagnostics(num_generations=4, every=2)
+    deferring.on_train_begin(types.SimpleNamespace(steps_per_generation=1, **args), None, None,
+                             model=model, processing_class=tok)
+    direct.on_train_begin(types.SimpleNamespace(steps_per_generation=2, **args), None, None,
+                          model=model, processing_class=tok)
+    assert deferring.defer_m and not direct.defer_m
+    gen = torch.Generator().manual_seed(3)
+    prompts = [f"{i}+{i}=" for i in range(3) for _ in range(4)]
+
+    def measure(t, diags):
+        completions = [torch.randint(3, len(tok), (3 + (k % 3),), generator=gen).tolist() for k in range(12)]
+        rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+        for diag in diags:
+            diag._measure(prompts, completions, rewards, {"trainer_state": types.SimpleNamespace(global_step=t)})
+
+    def update(diags):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        for diag in diags:
+            diag.on_step_end(None, None, None)
+
+    both = (deferring, direct)
+    measure(0, both)
+    update(both)
+    assert "empirical_M" not in deferring.rows[0] and direct.rows[0]["empirical_M"] > 0
+    measure(1, both)  # not diagnosed (every=2): the deferred pass runs alone
+    assert "rho" not in deferring.rows[1] and deferring.refused == ""
+    assert deferring.rows[0]["empirical_M"] == pytest.approx(direct.rows[0]["empirical_M"], rel=1e-4)
+    update(both)
+    measure(2, [deferring])  # diagnosed again: its M waits for the next reward call ...
+    update([deferring])
+    update([deferring])  # ... but a second update comes first: theta_t+1 is gone
+    assert math.isnan(deferring.rows[2]["empirical_M"]) and deferring._pending_m is None
+    measure(4, [deferring])
+    update([deferring])
+    assert "empirical_M" not in deferring.rows[3] and deferring._pending_m["updated"]
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(T, "prompt_and_gain_gradients", broken)
+    completions = [torch.randint(3, len(tok), (4,), generator=gen).tolist() for _ in range(12)]
+    reward = deferring.wrap(lambda prompts, completions, completion_ids, **kw: [1.0, 0.0] * 6)
+    # the merged pass (step 6 is diagnosed) fails inside TRL's reward call: training goes on, the
+    # rewards come back unchanged, step 4's M is unknown
+    assert reward(prompts, ["x"] * 12, completion_ids=completions,
+                  trainer_state=types.SimpleNamespace(global_step=6)) == [1.0, 0.0] * 6
+    assert math.isnan(deferring.rows[3]["empirical_M"]) and "out of memory" in deferring.refused
+
+
 def test_an_evaluation_call_is_not_diagnosed_and_keeps_the_training_rho():
     # TRL's evaluate calls the reward functions with the model in eval mode: no row, no pending M,
     # the rewards recorded (SimGRPOTrainer reads them) and rho_t left at the last training step's

@@ -37,8 +37,9 @@ and the gradient diagnostics are refused (``rho``/``gain``/``empirical_M`` are n
 shards. With several reward functions only the wrapped one is measured (wrap the sum yourself to
 measure the total). Conversational prompts are not supported by the gradient diagnostics. The
 gradients of a diagnosed step take one forward and one backward pass, and the empirical M one
-more at theta_t+1, which runs with the next step's diagnostics when TRL generates before every
-update (sim.llm.trainer.combined_gradients, batched_gradients).
+more at theta_t+1, which runs in the same pass as the next step's diagnostics when TRL generates
+before every update and that next step is itself diagnosed (or needs rho_t for an adaptive
+estimator); otherwise it runs alone (sim.llm.trainer.combined_gradients, batched_gradients).
 """
 
 from __future__ import annotations
@@ -171,15 +172,19 @@ class GrpoSimDiagnostics(TrainerCallback):
         measurable = not self.refused and completion_ids is not None
         diagnose = bool(self.every) and step % self.every == 0 and measurable
         mine = None  # this process's rho_t for an adaptive estimator that reads it at every step
-        if diagnose or (self.rho_every_step and measurable):  # one pass of per-prompt gradients for both
-            measured = self._gradient_diagnostics(prompts, completion_ids, local, gain=diagnose, after=deferred)
-            mine = measured.pop("rho_live", None)
-            if self._pending_m is not None and "row" not in self._pending_m:
-                self._pending_m["row"] = row  # the empirical M, measured after the update, goes to this row
-            if diagnose:
-                row.update(measured)
-        if deferred is not None and not deferred.get("done"):  # no diagnostics to share the pass with
-            self._finish_m(deferred)
+        try:
+            if diagnose or (self.rho_every_step and measurable):  # one pass of per-prompt gradients for both
+                measured = self._gradient_diagnostics(prompts, completion_ids, local, gain=diagnose, after=deferred)
+                mine = measured.pop("rho_live", None)
+                if self._pending_m is not None and "row" not in self._pending_m:
+                    self._pending_m["row"] = row  # the empirical M, measured after the update, goes to this row
+                if diagnose:
+                    row.update(measured)
+            if deferred is not None and not deferred.get("done"):  # no diagnostics to share the pass with
+                self._finish_m(deferred)
+        finally:  # a failed merged pass: the last diagnosed step's empirical M is unknown, not missing
+            if deferred is not None and not deferred.get("done") and "row" in deferred:
+                deferred["row"]["empirical_M"] = math.nan
         if self.rho_every_step:  # the processes' mean; None where none could measure it
             got = [x for x in gather_object([mine]) if x is not None]
             # NaN where no process had two live prompts: the rule keeps its state (phase_aware_alpha)
