@@ -671,10 +671,12 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     workers = max(1, min(workers, len(make_batches(list(runs), max_batch))))
     local_workers = workers if backend == "local" else 1
     names = dict(spec.axes).get("estimator", ())
-    engine = prepare_engine(engine, device, estimator_names=names, load=False)  # a bad choice: no process yet
+    choice, engine = engine, prepare_engine(engine, device, estimator_names=names, load=False)  # a bad choice: no process yet
     if local_workers > 1 and (engine == "torch" or _kernels_cached()):  # (else it starts after the compile)
         _start_fork_server()  # its imports (~3 s) overlap the kernels' loading here
-    prepare_engine(engine, device, on_compile, names)  # compiled (or loaded) before workers need them
+    # compiled (or loaded) before workers need them; from the user's choice, as "auto" lets adaptive
+    # estimators train with torch beside numba, where a resolved "numba" refuses them
+    prepare_engine(choice, device, on_compile, names)
     _interrupts.release()  # a Ctrl-C held over the imports and the kernels' loading takes effect here
     # one process: numba's blocks of runs on every CPU, torch (diagnostics only) on one thread, as
     # its OpenMP threads oversubscribe a busy machine (one default sweep with the torch engine took

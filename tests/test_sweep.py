@@ -379,3 +379,18 @@ def test_bad_engine_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: engine: unknown value 'jax'") and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_auto_trains_adaptive_estimators_with_torch_beside_numba(tmp_path, capsys, workers):
+    """--engine auto (the default) on the CPU: the kernels train the fixed estimators and torch the
+    adaptive ones (their state is not in the kernels), in one sweep, each run recording its engine."""
+    from sim.cli import main
+
+    out = tmp_path / "mix"
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--num-prompts", "3", "--steps", "5", "--estimators", "grpo,grpo_phase,grpo_finite",
+              "--seeds", "1", "--workers", str(workers), "--out", str(out)])
+    assert exc.value.code == 0, capsys.readouterr().err
+    runs, _ = sim.load_results(out)
+    assert dict(zip(runs.estimator, runs.engine)) == {"grpo": "numba", "grpo_phase": "torch", "grpo_finite": "torch"}
