@@ -241,7 +241,7 @@ def divergence_warning(runs) -> str:
 
 
 ENGINE_HELP = ("numba: the compiled CPU loop; torch: the reference, and the GPU path; auto: numba on the CPU, "
-               "torch on a GPU. They agree to rounding [default: auto]")
+               "torch on a GPU. They agree to rounding")
 
 
 def _say_compiling() -> None:
@@ -393,12 +393,12 @@ def _make_command(name: str, list_valued: bool, doc: str):
         _param("resume", typer.Option(False, "--resume", help="continue an interrupted sweep in --out"), bool),
         _param("workers", typer.Option(None, "--workers", metavar="INTEGER", help="local worker processes, or CPUs of a local "
                                        "Ray instance [default: 1]")),
-        _param("backend", typer.Option("local", "--backend", metavar="[local|ray]", help="where the runs train (ray: the ray extra) [default: local]"),
+        _param("backend", typer.Option("local", "--backend", metavar="[local|ray]", help="where the runs train (ray: the ray extra)"),
                str),
         _param("address", typer.Option(None, "--address", metavar="HOST:PORT", help="Ray cluster to join (ray backend); "
                                        "without it a local instance starts")),
         _param("device", typer.Option("cpu", "--device", metavar="[cpu|cuda]", help="where each batch trains "
-                                      "(cuda: local backend) [default: cpu]"), str),
+                                      "(cuda: local backend)"), str),
         _param("engine", typer.Option("auto", "--engine", metavar="[auto|numba|torch]", help=ENGINE_HELP), str),
     ]
     return _with_signature(command, params, name, doc)

@@ -186,6 +186,18 @@ def test_help_shows_types_choices_ranges_and_default_values(capsys):
     assert "--orthogonality FLOAT " in flat and "--estimators, --estimator NAME,..." in flat
 
 
+@pytest.mark.parametrize("command", [["sweep"], ["run"], ["figures"], ["theory", "check"]])
+def test_help_shows_each_default_once(command, capsys):
+    # typer prints an Option's non-None default itself: a hand-written "[default: x]" beside it doubles
+    import re
+
+    code, out, _ = run_cli(command + ["--help"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "[default:" in flat
+    twice = re.findall(r"\[default: ([^\]]*)\] \[default: \1\]", flat)
+    assert not twice, twice
+
+
 def test_llm_help_shows_the_estimator_default_as_a_value(capsys):
     pytest.importorskip("transformers")
     code, out, _ = run_cli(["llm", "train", "--help"], capsys)
