@@ -81,7 +81,7 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     true speedup is at least the value), "upper" when only this run never did, "both" when neither.
     Rows without a REINFORCE partner (the sweep has none) get speedup NaN, censoring "no-reinforce".
     ``lr_edge`` ("top", "bottom" or ""): a tuned run's chosen lr is still the largest or smallest
-    of its grid (the sweep extends the grid first, sim.sweep.MAX_LR_EXTENSIONS times at most):
+    of its grid (the sweep extends the grid first, by sim.sweep.MAX_LR_EXTENSIONS octaves at most):
     the cell is edge-limited, its speedup measured against a rate that may not be the best.
     """
     runs = runs.copy()

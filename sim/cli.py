@@ -206,7 +206,7 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
              "geometric mean over seeds, t-interval on the log scale; steps→target is the median over seeds "
              "(≥: most runs never reached it); ≥/≤ on a speedup: a lower / upper bound (some runs never reached the "
              "target), ~: censored in both directions"]
-    if spec.lr == "tuned" or not isinstance(spec.lr, str):
+    if sweep_mod.tuned_per_octave(spec.lr) or not isinstance(spec.lr, str):
         notes.append(f"lr selection: {analysis.SELECTION_RULE}")
     mismatch = table_df[table_df["objective_mismatch"] > 0] if "objective_mismatch" in table_df else table_df.iloc[:0]
     if len(mismatch):
@@ -216,7 +216,7 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
                      "which is not phase III (theory.normalized_objective)")
     if "lr_edge" in table_df and (table_df["lr_edge"] != "").any():
         notes.append("lr↑ / lr↓: edge-limited, the chosen lr is still the largest / smallest tried after extending "
-                     f"the grid {sweep_mod.MAX_LR_EXTENSIONS} times (its speedup may be against a rate that is not the best)")
+                     f"the grid by {sweep_mod.MAX_LR_EXTENSIONS} octaves (its speedup may be against a rate that is not the best)")
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
     warning = divergence_warning(runs)
@@ -385,9 +385,10 @@ def _make_command(name: str, list_valued: bool, doc: str):
     params += _option_params(list_valued, list_fields=() if list_valued else RUN_LIST_FIELDS)
     params += [
         _param("seeds", typer.Option(None, "--seeds", metavar="INTEGER", help="training seeds per setting [default: 5]")),
-        _param("lr", typer.Option(None, "--lr", metavar="FLOAT,...|theory|tuned", help="learning rates: comma list, 'theory' "
-                                               "(ascent-lemma step) or 'tuned' (best of lr_theory*2^j, "
-                                               "j=-1..4) [default: theory]")),
+        _param("lr", typer.Option(None, "--lr", metavar="FLOAT,...|theory|tuned|tuned:N", help="learning rates: comma "
+                                               "list, 'theory' (ascent-lemma step), 'tuned' (best of lr_theory*2^j, "
+                                               "j=-1..4) or 'tuned:N' (the same span, N rates per octave) "
+                                               "[default: theory]")),
         _param("out", typer.Option(None, "--out", metavar="DIR", help="results directory [default: "
                                                f"results/{name}-TIMESTAMP]")),
         _param("resume", typer.Option(False, "--resume", help="continue an interrupted sweep in --out"), bool),

@@ -11,8 +11,11 @@ rates that ``lr`` resolves to for each (problem, estimator):
     tuned   the grid lr_theory * 2^j, j = -1..4; the lr kept per (cell, estimator) is chosen
             by sim.analysis.add_comparisons (rule: sim.analysis.SELECTION_RULE). Where the
             chosen lr is the largest (smallest) of the grid, the sweep runs that cell and
-            estimator at twice (half) that lr too, until the choice is interior or
-            MAX_LR_EXTENSIONS rounds have run; a choice still at the edge is marked (lr_edge)
+            estimator at twice (half) that lr too, until the choice is interior or the grid
+            has grown by MAX_LR_EXTENSIONS octaves; a choice still at the edge is marked (lr_edge)
+    tuned:N the same over the same span with N rates per octave (lr_theory * 2^(j/N),
+            j = -N..4N; each extension a factor 2^(1/N) further): a finer tuning, for
+            comparisons whose tolerance is below the factor 2 between neighbouring rates
 
 A cell is one setting of every config field except estimator, lr, lr_rule and seed.
 """
@@ -41,9 +44,42 @@ from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemCo
                         check_device, machine_bytes, parse_int, parse_value, run_bytes, validate_run)
 from sim.engine import ENGINE_CHOICES, batch_key, resolve_engine, train_batch
 
-TUNED_FACTORS = tuple(2.0**j for j in range(-1, 5))
-#: Rounds of extending a tuned grid past its edge (each a factor 2 further), at most.
+#: The tuned grid's span in octaves around lr_theory: 2^-1 .. 2^4.
+TUNED_OCTAVES = (-1, 4)
+#: The most rates per octave a tuned grid takes (tuned:N).
+MAX_LR_PER_OCTAVE = 8
+#: Octaves a tuned grid is extended past its edge, at most (one rate per round).
 MAX_LR_EXTENSIONS = 4
+
+
+def tuned_factors(per_octave: int = 1) -> tuple[float, ...]:
+    """The lr_theory multipliers of a tuned grid: 2^(j/N), j = -N..4N (N = per_octave; N = 1 is
+    2^j, j = -1..4, exactly)."""
+    lo, hi = TUNED_OCTAVES
+    return tuple(2.0 ** (j / per_octave) for j in range(lo * per_octave, hi * per_octave + 1))
+
+
+TUNED_FACTORS = tuned_factors(1)
+
+
+def tuned_per_octave(lr) -> int | None:
+    """N of a tuned lr rule ('tuned' is 1, 'tuned:N' is N); None for 'theory' or a list of rates."""
+    if lr == "tuned":
+        return 1
+    if isinstance(lr, str) and lr.startswith("tuned:"):
+        return int(lr.split(":", 1)[1])
+    return None
+
+
+def _parse_tuned(text: str) -> str:
+    """'tuned' or 'tuned:N' (N in 1..MAX_LR_PER_OCTAVE) in its canonical spelling ('tuned:1' is
+    'tuned'); a one-line ConfigError otherwise."""
+    if text == "tuned":
+        return text
+    n = text.split(":", 1)[1].strip()
+    if not n.isdigit() or not 1 <= int(n) <= MAX_LR_PER_OCTAVE:
+        raise ConfigError(f"lr: {text!r}: tuned:N takes N rates per octave, an integer in [1, {MAX_LR_PER_OCTAVE}]")
+    return "tuned" if int(n) == 1 else f"tuned:{int(n)}"
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")
 MAX_BATCH = 64
 #: A sweep larger than this is refused before anything is built (a typo like --seeds 100000).
@@ -91,8 +127,10 @@ class SweepSpec:
             raise ConfigError(f"seeds: expected an integer in [1, {MAX_SEEDS}], got {seeds!r}")
         seeds = parse_int("seeds", seeds, 1, MAX_SEEDS)
         if isinstance(lr, str):
-            if lr not in ("theory", "tuned"):
-                raise ConfigError(f"lr: expected a list of positive numbers, 'theory' or 'tuned', got {lr!r}")
+            if lr.startswith("tuned:"):
+                lr = _parse_tuned(lr)
+            elif lr not in ("theory", "tuned"):
+                raise ConfigError(f"lr: expected a list of positive numbers, 'theory', 'tuned' or 'tuned:N', got {lr!r}")
         else:
             lr = tuple(float(x) for x in (lr if isinstance(lr, (list, tuple)) else (lr,)))
             if not lr or any(not (math.isfinite(x) and x > 0) for x in lr):
@@ -132,7 +170,7 @@ def built_problem(problem: ProblemConfig):
 
 
 def parse_lr(text) -> tuple[float, ...] | str:
-    """'theory' (default, None), 'tuned', or a comma-separated list / TOML list of numbers."""
+    """'theory' (default, None), 'tuned', 'tuned:N', or a comma-separated list / TOML list of numbers."""
     if text is None:
         return "theory"
     if isinstance(text, list):
@@ -140,10 +178,13 @@ def parse_lr(text) -> tuple[float, ...] | str:
     text = str(text).strip()
     if text in ("theory", "tuned"):
         return text
+    if text.startswith("tuned:"):
+        return _parse_tuned(text)
     try:
         return tuple(float(t) for t in text.split(","))
     except ValueError:
-        raise ConfigError(f"lr: expected 'theory', 'tuned' or a comma-separated list of numbers, got {text!r}") from None
+        raise ConfigError(f"lr: expected 'theory', 'tuned', 'tuned:N' or a comma-separated list of numbers, "
+                          f"got {text!r}") from None
 
 
 #: Extra spellings accepted in config files (as on the command line).
@@ -220,7 +261,8 @@ def build_spec(axes: dict[str, tuple], seeds, lr) -> SweepSpec:
 
 def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
     """Every run of the sweep, validated, in a deterministic order."""
-    n_lr = 1 if spec.lr == "theory" else len(TUNED_FACTORS) if spec.lr == "tuned" else len(spec.lr)
+    per_octave = tuned_per_octave(spec.lr)
+    n_lr = 1 if spec.lr == "theory" else len(tuned_factors(per_octave)) if per_octave else len(spec.lr)
     n_runs = math.prod(len(v) for _, v in spec.axes) * spec.seeds * n_lr
     if n_runs > MAX_RUNS:
         raise ConfigError(f"sweep: {n_runs:,} runs exceed the limit of {MAX_RUNS:,}; shorten the lists or --seeds")
@@ -239,8 +281,8 @@ def expand(spec: SweepSpec) -> tuple[RunConfig, ...]:
             built[problem] = built_problem(problem)
         if isinstance(spec.lr, str):
             lr0 = float(built[problem].theory_lr(estimators.is_std_normalized(d["estimator"])))
-            lrs = [lr0] if spec.lr == "theory" else [lr0 * f for f in TUNED_FACTORS]
-            rule = spec.lr
+            lrs = [lr0] if spec.lr == "theory" else [lr0 * f for f in tuned_factors(per_octave)]
+            rule = "theory" if spec.lr == "theory" else "tuned"
         else:
             lrs, rule = list(spec.lr), "fixed"
         for lr in lrs:
@@ -266,10 +308,11 @@ def check_memory(runs: list[RunConfig], max_batch: int = MAX_BATCH) -> None:
                           f"{avail / 2**30:.0f} GiB; lower --num-responses or --num-prompts")
 
 
-def lr_extensions(runs_df: pd.DataFrame) -> list[RunConfig]:
-    """The next round of a tuned grid: for every (cell, estimator) whose chosen lr is at the edge of
-    the rates tried (sim.analysis.lr_edges), its runs at twice ("top") or half ("bottom") that lr,
-    every seed, the rest of the config unchanged. Deterministic in the finished runs."""
+def lr_extensions(runs_df: pd.DataFrame, per_octave: int = 1) -> list[RunConfig]:
+    """The next round of a tuned grid (``per_octave`` rates per octave): for every (cell, estimator)
+    whose chosen lr is at the edge of the rates tried (sim.analysis.lr_edges), its runs at 2^(1/N)
+    times ("top") or 2^(-1/N) times ("bottom") that lr, every seed, the rest of the config unchanged.
+    Deterministic in the finished runs."""
     from sim.analysis import cell_columns, lr_edges
 
     edges = lr_edges(runs_df)
@@ -281,11 +324,13 @@ def lr_extensions(runs_df: pd.DataFrame) -> list[RunConfig]:
     # resumed sweep continues the same rounds instead of starting new ones)
     tried = runs_df.groupby(cells + ["estimator"], dropna=False)["lr"].nunique().rename("_tried").reset_index()
     edges = edges.merge(tried, on=cells + ["estimator"], how="left")
-    edges = edges[edges["_tried"] < len(TUNED_FACTORS) + MAX_LR_EXTENSIONS].drop(columns="_tried")
+    edges = edges[edges["_tried"] < len(tuned_factors(per_octave)) + MAX_LR_EXTENSIONS * per_octave]
+    edges = edges.drop(columns="_tried")
+    step = 2.0 ** (1.0 / per_octave)
     chosen = runs_df.merge(edges, on=keys, how="inner")
     out = []
     for _, row in chosen.sort_values(["run_id"]).iterrows():
-        new_lr = float(row["lr"]) * (2.0 if row["edge"] == "top" else 0.5)
+        new_lr = float(row["lr"]) * (step if row["edge"] == "top" else 1.0 / step)
         cfg = RunConfig.from_flat_dict({**row.to_dict(), "lr": new_lr})
         if new_lr <= 1e9:
             out.append(cfg)
@@ -748,15 +793,16 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                                        "committed") from None
 
         run_all(pending)
-        if spec.lr == "tuned":  # extend the grid where the best rate is at its edge (module docstring)
+        per_octave = tuned_per_octave(spec.lr)
+        if per_octave:  # extend the grid where the best rate is at its edge (module docstring)
             extended = {d["run_id"]: d for d in results.manifest_field(out, "extension_runs", [])}
             # a resumed sweep first finishes the round it was in: a rate with some seeds committed
             # would otherwise count as tried, its missing seeds never run
             done = results.committed_run_ids(out)
             run_all([RunConfig.from_flat_dict(d) for rid, d in extended.items() if rid not in done])
-            for _ in range(MAX_LR_EXTENSIONS):  # each round adds one rate per edge group, so this bounds it
+            for _ in range(MAX_LR_EXTENSIONS * per_octave):  # one rate per edge group each round: the bound
                 # beyond the committed rates only
-                new = lr_extensions(results.read_parts(out, with_steps=False, cache=parts_read)[0])
+                new = lr_extensions(results.read_parts(out, with_steps=False, cache=parts_read)[0], per_octave)
                 if not new:
                     break
                 extended.update({r.run_id: {"run_id": r.run_id, **r.as_flat_dict()} for r in new})

@@ -394,3 +394,32 @@ def test_auto_trains_adaptive_estimators_with_torch_beside_numba(tmp_path, capsy
     assert exc.value.code == 0, capsys.readouterr().err
     runs, _ = sim.load_results(out)
     assert dict(zip(runs.estimator, runs.engine)) == {"grpo": "numba", "grpo_phase": "torch", "grpo_finite": "torch"}
+
+
+def test_a_finer_tuned_grid_has_n_rates_per_octave_over_the_same_span(tmp_path, capsys):
+    """lr 'tuned:2': lr_theory * 2^(j/2), j = -2..8 (the factor-2 grid's rates and the ones between),
+    extended a factor sqrt 2 per round by MAX_LR_EXTENSIONS octaves at most; 'tuned:1' is 'tuned'
+    (the same results directory key); N outside [1, 8] is one line, exit 2."""
+    from sim.cli import main
+
+    assert S.tuned_factors(1) == S.TUNED_FACTORS == (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    fine = S.tuned_factors(2)
+    assert len(fine) == 11 and fine[::2] == S.TUNED_FACTORS and fine[1] == pytest.approx(2 ** -0.5)
+    assert S.SweepSpec.build({}, lr="tuned:1").as_dict() == S.SweepSpec.build({}, lr="tuned").as_dict()
+    spec = S.SweepSpec.build({"estimator": ["reinforce", "grpo"], "num_prompts": [2], "num_responses": [3],
+                              "steps": [60], "mode": ["exact"], "orthogonality": [1.0]}, seeds=1, lr="tuned:2")
+    runs, _ = S.run_sweep(spec, tmp_path / "r")
+    assert set(runs.lr_rule) == {"tuned"}
+    for est, g in runs.groupby("estimator"):
+        ratios = np.sort(g.lr.to_numpy() / g.lr_theory.iloc[0])
+        # the grid, then (exact mode at 60 steps: the best rate lies above 16 x theory) sqrt 2 steps up
+        np.testing.assert_allclose(ratios[:11], fine, rtol=1e-12)
+        np.testing.assert_allclose(ratios[1:] / ratios[:-1], 2 ** 0.5, rtol=1e-9)
+        assert len(ratios) <= 11 + 2 * S.MAX_LR_EXTENSIONS
+    assert (runs.groupby("estimator").lr.nunique() > 11).any()
+    for bad in ("tuned:0", "tuned:9", "tuned:x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", "--num-prompts", "2", "--steps", "5", "--lr", bad, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(f"error: lr: '{bad}'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
