@@ -373,7 +373,7 @@ def _make_command(name: str, list_valued: bool, doc: str):
         sweep_mod.check_engine(engine)
         spec = _spec_from_options(kwargs, list_valued, Path(config) if config else None, seeds, lr)
         if not list_valued and isinstance(spec.lr, tuple) and len(spec.lr) > 1:
-            raise ConfigError(f"lr: sim run takes one learning rate (or theory / tuned), got {lr!r}; "
+            raise ConfigError(f"lr: sim run takes one learning rate (or theory / tuned / tuned:N), got {lr!r}; "
                               "sim sweep takes a list")
         _execute(spec, results.out_path(out) if out is not None else None, resume, workers, prefix=name,
                  backend=backend, address=address, device=device, engine=engine)

@@ -77,7 +77,7 @@ def _parse_tuned(text: str) -> str:
     if text == "tuned":
         return text
     n = text.split(":", 1)[1].strip()
-    if not n.isdigit() or not 1 <= int(n) <= MAX_LR_PER_OCTAVE:
+    if not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= MAX_LR_PER_OCTAVE:  # ('²'.isdigit() holds)
         raise ConfigError(f"lr: {text!r}: tuned:N takes N rates per octave, an integer in [1, {MAX_LR_PER_OCTAVE}]")
     return "tuned" if int(n) == 1 else f"tuned:{int(n)}"
 DEFAULT_ESTIMATORS = ("reinforce", "dr_grpo", "rloo", "grpo", "grpo_batch")

@@ -125,7 +125,7 @@ def test_unknown_figure_is_one_line_exit_2(capsys):
 def test_quick_adaptive_figure_trains_end_to_end(tmp_path, capsys):
     """`sim figures --quick --only adaptive` with the default engine: a real tuned sweep in which the
     fixed estimators train on the compiled engine and the adaptive ones on torch (a resolved engine
-    once refused them here), then the figure; its title counts every cell of the quick config."""
+    once refused them here), then the figure."""
     from helpers import run_cli
 
     import sim

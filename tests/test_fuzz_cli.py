@@ -15,7 +15,8 @@ OPTIONS = ["--orthogonality", "--difficulty-spread", "--reward-scale-spread", "-
            "--ddof", "--base-success", "--private-dim", "--shared-dim", "--target-fraction", "--log-points",
            "--problem-seed", "--difficulty-layout", "--workers", "--bogus", "--resume"]
 
-SPECIAL = ["", ",", "nan", "inf", "-inf", "1e400", "0x10", "1,2", "-0", "theory", "tuned", "grpo,reinforce",
+SPECIAL = ["", ",", "nan", "inf", "-inf", "1e400", "0x10", "1,2", "-0", "theory", "tuned", "tuned:2", "tuned:9", "tuned:²",
+           "grpo,reinforce",
            "exact", "sampled", "tabular", "linear", "0.5,0.5", "1_000", " 3 ", "\x00", "é", "[1]", "{}", "true"]
 
 values = st.one_of(st.sampled_from(SPECIAL), st.integers(-3, 12).map(str),

@@ -401,6 +401,37 @@ def test_a_deferred_empirical_m_runs_alone_on_an_undiagnosed_step_and_is_nan_whe
     assert math.isnan(deferring.rows[3]["empirical_M"]) and "out of memory" in deferring.refused
 
 
+def test_a_failed_empirical_m_pass_on_step_end_is_nan_and_training_goes_on(monkeypatch):
+    """The empirical M's own pass (on_step_end, not deferred) raising: the diagnosed step's row holds
+    NaN (unknown, not missing), the callback says why in one line, nothing propagates."""
+    import types
+
+    import torch
+
+    from sim.llm import trainer as T
+
+    tok = model_mod.char_tokenizer()
+    model = model_mod.tiny_model(len(tok), "tiny", seed=0)
+    model.train()
+    diag = GrpoSimDiagnostics(num_generations=4)
+    diag.on_train_begin(types.SimpleNamespace(temperature=0.7, gradient_accumulation_steps=1, steps_per_generation=2,
+                                              num_iterations=1), None, None, model=model, processing_class=tok)
+    assert not diag.defer_m
+    gen = torch.Generator().manual_seed(5)
+    prompts = [f"{i}+{i}=" for i in range(3) for _ in range(4)]
+    completions = [torch.randint(3, len(tok), (4,), generator=gen).tolist() for _ in prompts]
+    diag._measure(prompts, completions, [1.0, 0.0] * 6, {"trainer_state": types.SimpleNamespace(global_step=0)})
+    assert "rho" in diag.rows[0] and diag._pending_m is not None
+
+    def broken(*a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(T, "batched_gradients", broken)
+    diag.on_step_end(None, None, None)
+    assert math.isnan(diag.rows[0]["empirical_M"]) and diag.refused.endswith("RuntimeError: device lost")
+    assert diag.last_empirical_M is None and diag._pending_m is None
+
+
 def test_an_evaluation_call_is_not_diagnosed_and_keeps_the_training_rho():
     # TRL's evaluate calls the reward functions with the model in eval mode: no row, no pending M,
     # the rewards recorded (SimGRPOTrainer reads them) and rho_t left at the last training step's

@@ -301,6 +301,8 @@ class GrpoSimDiagnostics(TrainerCallback):
             value = empirical_m(smooth, pending["sigma"], dtheta, float(theta_before.norm()))
         except Exception as e:  # a diagnostic must never stop a training run
             self.refused = f"diagnostics failed: {type(e).__name__}: {e}"
+            if "row" in pending:  # unknown, not missing
+                pending["row"]["empirical_M"] = math.nan
             return None
         self.last_empirical_M = value if value == value else None
         if "row" in pending:
