@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from paper_figs import BY_NAME, FIGURES
+from paper_figs import BY_NAME, FIGURES, figures
 from sim import results, sweep
 from sim.config import ConfigError
 
@@ -30,6 +30,7 @@ class FigureOutcome:
     reused: bool
     seconds: float
     files: list[Path]
+    note: str = ""  # what the user should know about the drawing (sim figures --from prints it)
 
 
 def results_dir_for(experiment: str, spec: sweep.SweepSpec, root: Path) -> Path:
@@ -53,8 +54,6 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
                   backend: str = "local", address: str | None = None, engine: str = "auto",
                   on_compile: Callable | None = None) -> list[FigureOutcome]:
     """Build every figure (or ``only`` one); returns what was done for each."""
-    import matplotlib.pyplot as plt
-
     if only is not None and only not in BY_NAME:
         raise ConfigError(f"only: unknown figure {only!r}; choose from {', '.join(BY_NAME)}")
     chosen = [BY_NAME[only]] if only else list(FIGURES)
@@ -72,18 +71,62 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
             on_figure(fig.name, rdir)
         runs, steps, reused = ensure_results(specs[fig.name], rdir, on_progress, backend=backend, address=address,
                                              engine=engine, on_compile=on_compile)
-        figure = fig.render(runs, steps)
-        files = []
-        for ext in ("pdf", "png"):
-            path = Path(out) / f"{fig.name}.{ext}"
-            meta = {"CreationDate": None} if ext == "pdf" else {}  # byte-stable files for version control
-            results._atomic_write(path, lambda tmp, e=ext, m=meta: figure.savefig(tmp, format=e, metadata=m))
-            files.append(path)
-        plt.close(figure)
+        files = _save(fig.render(runs, steps), Path(out), fig.name)
         done.append(FigureOutcome(fig.name, rdir, reused, time.perf_counter() - t0, files))
     if only is None:
         write_readme(Path(out), quick)
     return done
+
+
+def _save(figure, out: Path, name: str) -> list[Path]:
+    """NAME.pdf and NAME.png under ``out``, each written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    files = []
+    for ext in ("pdf", "png"):
+        path = out / f"{name}.{ext}"
+        meta = {"CreationDate": None} if ext == "pdf" else {}  # byte-stable files for version control
+        results._atomic_write(path, lambda tmp, e=ext, m=meta: figure.savefig(tmp, format=e, metadata=m))
+        files.append(path)
+    plt.close(figure)
+    return files
+
+
+#: Figures drawn from results directories as they are (``sim figures --from DIR``), besides FIGURES.
+FROM_RESULTS = {"training_phases": figures.training_phases}
+
+
+def render_from(dirs: list[Path], out: Path, only: str | None = None) -> list[FigureOutcome]:
+    """Draw one figure (``only``; default training_phases, or any name of FIGURES) from stored
+    results directories, joined (runs and steps of every directory: e.g. each estimator of a
+    ``sim llm compare``), without running anything: the LLM runner's and the TRL callback's results
+    as well as a sweep's. Joining several, each run is tagged with its directory (``source``) and
+    the run ids are made distinct across them (two runs of one config share an id). A missing directory or a
+    figure whose inputs they lack is one ResultsError line, before anything is written."""
+    import pandas as pd
+
+    name = only or "training_phases"
+    render = FROM_RESULTS.get(name) or (BY_NAME[name].render if name in BY_NAME else None)
+    if render is None:
+        raise ConfigError(f"only: unknown figure {name!r}; choose from {', '.join([*FROM_RESULTS, *BY_NAME])}")
+    t0 = time.perf_counter()
+    dirs = list(dict.fromkeys(Path(d).resolve() for d in dirs))  # the same directory twice is drawn once
+    runs, steps = [], []
+    for k, d in enumerate(dirs):
+        r, s = results.load_results(d)
+        if len(dirs) > 1:
+            r, s = r.assign(run_id=f"{k}:" + r["run_id"].astype(str)), s.assign(run_id=f"{k}:" + s["run_id"].astype(str))
+        runs.append(r.assign(source=d.name) if len(dirs) > 1 else r)
+        steps.append(s)
+    runs, steps = pd.concat(runs, ignore_index=True), pd.concat(steps, ignore_index=True)
+    figure = render(runs, steps)
+    results.check_writable(Path(out))  # (a FigureInputError of render, a ResultsError, came first)
+    files = _save(figure, Path(out), name)
+    drawn = int(runs["run_id"].isin(steps["run_id"]).sum()) if "run_id" in runs and "run_id" in steps else 0
+    note = ""
+    if name == "training_phases" and drawn > figures.TRAINING_PHASES_COLUMNS:
+        note = f"the first {figures.TRAINING_PHASES_COLUMNS} of {drawn} runs drawn"
+    return [FigureOutcome(name, dirs[0], True, time.perf_counter() - t0, files, note)]
 
 
 def write_readme(out: Path, quick: bool) -> None:
@@ -92,7 +135,8 @@ def write_readme(out: Path, quick: bool) -> None:
              "Regenerate all of them with `sim figures` (or one with `sim figures --only NAME`; "
              "`--quick` for the small configs). Each figure is a pure function of the results in "
              "`paper_figs/figures.py`; its sweep is the config named below, and stored results are "
-             "reused, so a second `sim figures` only re-renders.", ""]
+             "reused, so a second `sim figures` only re-renders. `sim figures --from DIR` draws an LLM or "
+             "TRL run's phases (training_phases) from its results directory, running nothing.", ""]
     if quick:
         lines += ["These files were made with `--quick` (small configs): readings refer to the full figures.", ""]
     for i, f in enumerate(FIGURES, 1):

@@ -224,6 +224,71 @@ def m_bound_validation(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
 PHASE_COLOURS = {"I": OKABE_ITO["orange"], "II": OKABE_ITO["sky"], "III": "0.6"}
 
 
+PHASE_PANELS = (("sigma_bar", "reward std σ̄"), ("rho", "orthogonality ρ"), ("gain", "per-step gain G/R"))
+
+
+def _phase_column(axes, s: pd.DataFrame, sparse: bool = False) -> None:
+    """sigma_bar, rho and the measured gain of one run's steps ``s`` over training on three axes, the
+    phase labels shaded behind (theory.phases), the gain with +- 2 standard errors where the steps
+    have them. ``sparse`` (an LLM run, diagnosed every n steps): a linear step axis, the measured
+    points marked and joined; else a symlog axis with gaps where a value is undefined (fig. 5)."""
+    x = s["step"].to_numpy()
+    lab = s["phase"].to_numpy()
+    edges = np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]]) if len(x) > 1 else np.array([x[0] - 0.5, x[0] + 0.5])
+    for ax, (col, label) in zip(axes, PHASE_PANELS):
+        for k in range(len(x)):
+            ax.axvspan(edges[k], edges[k + 1], color=PHASE_COLOURS.get(lab[k], "white"), alpha=0.25, linewidth=0)
+        y = s[col].to_numpy(dtype=float)
+        seen = np.isfinite(y)
+        if sparse:
+            ax.plot(x[seen], y[seen], color="black", marker="." if seen.sum() < len(y) else None)
+        else:
+            ax.plot(x, y, color="black")
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_ylabel(label)
+        if col == "gain":
+            if "gain_se" in s:
+                se = s["gain_se"].to_numpy(dtype=float)
+                ax.fill_between(x, y - 2 * se, y + 2 * se, color="0.6", alpha=0.4, linewidth=0)
+            ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
+            g = y[seen]
+            if g.size:  # late sampled gains of a stalled REINFORCE step swing far: keep 1 readable
+                ax.set_ylim(max(-1.5, float(g.min()) - 0.2), min(6.0, float(g.max()) + 0.2))
+
+
+#: training_phases draws at most this many runs (the first, in run order).
+TRAINING_PHASES_COLUMNS = 4
+
+
+def training_phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
+    """Any training run's phases, as fig. 5 draws the simulator's: sigma_bar, rho_t and the measured
+    per-step gain over training with the phase labels shaded, one column per run (the first
+    TRAINING_PHASES_COLUMNS, in run order; titled estimator (backend), and the results directory
+    ``source`` where it is not the estimator's name), for results directories of the LLM runner and
+    the TRL callback (``sim figures --from DIR``) as well as the simulator's."""
+    name = "training_phases"
+    require(runs, ["run_id", "estimator"], name, "runs")
+    require(steps, ["run_id", "step", "sigma_bar", "rho", "gain", "phase"], name, "steps")
+    sel = runs[runs["run_id"].isin(steps["run_id"])].head(TRAINING_PHASES_COLUMNS)
+    if sel.empty:
+        raise FigureInputError(f"figure {name}: no steps of any run")
+    with apply_style():
+        fig, axes = plt.subplots(3, len(sel), figsize=(DOUBLE_COLUMN, 4.2), sharex="col", squeeze=False)
+        for j, (_, run) in enumerate(sel.iterrows()):
+            s = steps[steps["run_id"] == run["run_id"]].sort_values("step")
+            _phase_column([axes[i][j] for i in range(3)], s, sparse=True)
+            where, source = run.get("backend"), run.get("source")
+            title = str(run["estimator"]) + (f" ({where})" if isinstance(where, str) and where else "")
+            if isinstance(source, str) and source and source != run["estimator"]:
+                title = f"{source}: {title}"
+            axes[0][j].set_title(title)
+            axes[2][j].set_xlabel("training step")
+        handles = [Patch(color=c, alpha=0.4, label=f"phase {p}") for p, c in PHASE_COLOURS.items()]
+        axes[0][-1].legend(handles=handles, loc="upper right")
+        fig.tight_layout()
+    return fig
+
+
 def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
     """Fig. 5: sigma_bar_t, rho_t and the measured per-step gain dJ_GRPO / dJ_REINFORCE from GRPO's
     theta_t (sim.step_gain; +- 2 standard errors shaded, undefined steps left out) over training,
@@ -240,28 +305,9 @@ def phases(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
         for j, o in enumerate(orths):
             run = sel[sel[axis] == o].sort_values("seed").iloc[0]
             s = steps[steps["run_id"] == run["run_id"]].sort_values("step")
-            x = s["step"].to_numpy()
-            for i, (col, label) in enumerate((("sigma_bar", "reward std σ̄"),
-                                              ("rho", "orthogonality ρ"),
-                                              ("gain", "per-step gain G/R"))):
+            _phase_column([axes[i][j] for i in range(3)], s)
+            for i in range(3):
                 ax = axes[i][j]
-                lab = s["phase"].to_numpy()
-                edges = np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]])
-                for k in range(len(x)):
-                    ax.axvspan(edges[k], edges[k + 1], color=PHASE_COLOURS.get(lab[k], "white"), alpha=0.25,
-                               linewidth=0)
-                ax.plot(x, s[col], color="black")
-                ax.set_ylabel(label)
-                ax.set_xscale("symlog", linthresh=1)
-                if col == "gain":
-                    if "gain_se" in s:
-                        ax.fill_between(x, s[col] - 2 * s["gain_se"], s[col] + 2 * s["gain_se"], color="0.6",
-                                        alpha=0.4, linewidth=0)
-                    ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
-                    g = s[col].to_numpy(dtype=float)
-                    g = g[np.isfinite(g)]
-                    if g.size:  # late sampled gains of a stalled REINFORCE step swing far: keep 1 readable
-                        ax.set_ylim(max(-1.5, float(g.min()) - 0.2), min(6.0, float(g.max()) + 0.2))
                 if i == 0:
                     ax.set_title({"failure_mode": f"failure mode beta = {o:g}",
                                   "orthogonality": f"orthogonality o = {o:g}"}[axis])

@@ -414,17 +414,35 @@ app.command("sweep")(_make_command(
 
 @app.command("figures")
 def figures_command(
-    out: str = typer.Option("paper_figs", "--out", metavar="DIR", help="where the PDF/PNG files and README.md go"),
-    only: Optional[str] = typer.Option(None, "--only", metavar="NAME", help="build one figure (by name, see paper_figs/README.md)"),
+    out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="where the PDF/PNG files and README.md go "
+                                      "[default: paper_figs; with --from, the first DIR's figures/]"),
+    only: Optional[str] = typer.Option(None, "--only", metavar="NAME", help="build one figure (by name, see "
+                                       "paper_figs/README.md; with --from also training_phases, its default)"),
+    from_dirs: Optional[list[str]] = typer.Option(None, "--from", metavar="DIR", help="draw from stored results "
+                                                  "instead (an LLM or TRL run's, a sweep's; repeat to join several), "
+                                                  "running nothing"),
     quick: bool = typer.Option(False, "--quick", help="small configs (the [quick] table of each experiment)"),
     results_root: str = typer.Option("results/figures", "--results", metavar="DIR", help="where the sweeps' results are stored"),
     backend: str = typer.Option("local", "--backend", metavar="[local|ray]", help="where missing sweeps run"),
     address: Optional[str] = typer.Option(None, "--address", metavar="HOST:PORT", help="Ray cluster to join (ray backend)"),
     engine: str = typer.Option("auto", "--engine", metavar="[auto|numba|torch]", help=ENGINE_HELP),
 ) -> None:
-    """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps."""
+    """Regenerate every paper figure from experiments/*.toml, running only the missing sweeps; or,
+    with --from, draw one figure from stored results (an LLM runner's or TRL callback's run)."""
     from paper_figs import build as figures_mod  # the CLI is the one sim module that imports paper_figs
 
+    if from_dirs:
+        unused = [name for name, given in (("--quick", quick), ("--results", results_root != "results/figures"),
+                                           ("--backend", backend != "local"), ("--address", address is not None),
+                                           ("--engine", engine != "auto")) if given]
+        if unused:
+            raise ConfigError(f"from: {', '.join(unused)} choose how sweeps run; --from runs none")
+        target = out if out is not None else str(Path(from_dirs[0]) / "figures")
+        (o,) = figures_mod.render_from([Path(d) for d in from_dirs], Path(target), only)
+        console.print(f"{o.name} ← {', '.join(from_dirs)} → {', '.join(str(f) for f in o.files)}"
+                      + (f" ({o.note})" if o.note else ""))
+        return
+    out = "paper_figs" if out is None else out
     sweep_mod.check_backend(backend)
     sweep_mod.check_engine(engine)
     rows = []

@@ -122,6 +122,75 @@ def test_unknown_figure_is_one_line_exit_2(capsys):
     assert exc.value.code == 2 and err.startswith("error: only: unknown figure") and len(err.strip().splitlines()) == 1
 
 
+def _results_dir(path, runs, steps):
+    """A finished results directory holding ``runs`` and ``steps`` (as the LLM runner writes one)."""
+    from sim import results
+
+    results.write_manifest(path, {"llm": {}}, runs.to_dict("records"), kind="llm")
+    results.write_parquet(steps, path / results.STEPS)
+    results.write_parquet(runs, path / results.RUNS)
+    return path
+
+
+def test_training_phases_draws_one_labelled_column_per_run_at_most_four():
+    from paper_figs.figures import TRAINING_PHASES_COLUMNS, training_phases
+
+    runs, steps = synthetic_results()
+    for n in (1, 3, 9):
+        sel = runs.head(n)
+        fig = training_phases(sel, steps[steps["run_id"].isin(sel["run_id"])])
+        cols = min(n, TRAINING_PHASES_COLUMNS)
+        assert len(fig.axes) == 3 * cols
+        assert [ax.get_title() for ax in fig.axes[:cols]] == list(sel["estimator"][:cols])
+        assert all(_labelled(ax, "x") and _labelled(ax, "y") for ax in fig.axes)
+    with pytest.raises(FigureInputError, match="figure training_phases: steps lack"):
+        training_phases(runs, steps.drop(columns=["rho"]))
+    with pytest.raises(FigureInputError, match="figure training_phases: no steps"):
+        training_phases(runs, steps.iloc[:0])
+
+
+def test_figures_from_results_directories_join_them_and_refuse_bad_input_in_one_line(tmp_path, capsys,
+                                                                                     monkeypatch):
+    from helpers import run_cli
+    from paper_figs import build
+
+    runs, steps = synthetic_results()
+    first, second = runs["run_id"][0], runs["run_id"][1]
+    # as sim llm compare writes them (DIR/ESTIMATOR), and a second run of one config shares its id
+    a = _results_dir(tmp_path / "grpo", runs.head(1).assign(estimator="grpo"), steps[steps["run_id"] == first])
+    b = _results_dir(tmp_path / "b", runs.iloc[[1]].assign(run_id=first),
+                     steps[steps["run_id"] == second].assign(run_id=first))
+    code, out, err = run_cli(["figures", "--from", str(a), "--from", str(b)], capsys)
+    assert code == 0, err
+    png = a / "figures" / "training_phases.png"  # default: the first directory's figures/
+    assert png.stat().st_size > 1000 and "training_phases" in out and not (tmp_path / "paper_figs").exists()
+    drawn = []
+    monkeypatch.setattr(build, "_save", lambda figure, out, name: drawn.append(figure) or [])
+    build.render_from([a, b, a], tmp_path / "f")  # the same directory twice is drawn once
+    (fig,) = drawn
+    assert len(fig.axes) == 3 * 2
+    # titles name the directory where it is not the estimator; each run drew its own steps
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["grpo", f"b: {runs['estimator'][1]}"]
+    rho = [ax.get_lines()[0].get_ydata() for ax in fig.axes[2:4]]
+    assert list(rho[0]) == list(steps[steps["run_id"] == first].sort_values("step")["rho"])
+    assert list(rho[1]) == list(steps[steps["run_id"] == second].sort_values("step")["rho"])
+    monkeypatch.undo()
+    # a sweep's many runs: the first four are drawn, and the line says so
+    many = _results_dir(tmp_path / "many", runs, steps)
+    code, out, err = run_cli(["figures", "--from", str(many), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0 and f"the first 4 of {len(runs)} runs drawn" in out
+    thin = _results_dir(tmp_path / "thin", runs.head(1)[["run_id", "estimator"]], steps[steps["run_id"] == first])
+    bad = [(["--from", str(tmp_path / "nope")], "no such results directory"),
+           (["--from", str(a), "--only", "bogus"], "only: unknown figure 'bogus'"),
+           (["--from", str(thin), "--only", "speedup_heatmap"], "figure speedup_heatmap: runs lack"),
+           (["--from", str(a), "--from", str(tmp_path / "nope")], "no such results directory"),
+           (["--from", str(a), "--quick", "--engine", "torch"], "from: --quick, --engine choose how sweeps run")]
+    for args, why in bad:
+        code, out, err = run_cli(["figures", *args, "--out", str(tmp_path / "never")], capsys)
+        assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "never").exists()
+
+
 def test_quick_adaptive_figure_trains_end_to_end(tmp_path, capsys):
     """`sim figures --quick --only adaptive` with the default engine: a real tuned sweep in which the
     fixed estimators train on the compiled engine and the adaptive ones on torch (a resolved engine

@@ -305,6 +305,10 @@ def test_compare_runs_both_estimators_from_one_checkpoint(tiny_dir, tmp_path, ca
     for est in ("grpo", "reinforce"):
         runs, steps = sim.load_results(tmp_path / "cmp" / est)
         assert runs.estimator.iloc[0] == est and len(steps) == 2
+    # both runs' phases in one figure, from the stored results
+    code, err = _cli(["figures", "--from", str(tmp_path / "cmp" / "grpo"), "--from", str(tmp_path / "cmp" / "reinforce")],
+                     capsys)
+    assert code == 0 and (tmp_path / "cmp" / "grpo" / "figures" / "training_phases.png").stat().st_size > 1000, err
 
 
 def test_two_process_ddp_ranks_end_with_identical_parameters(tiny_dir, tmp_path):

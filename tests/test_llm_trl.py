@@ -69,6 +69,12 @@ def test_callback_logs_the_diagnostics_and_writes_a_results_directory(tmp_path):
     assert [h["grpo_sim/empirical_M"] for h in logs[1:]] == pytest.approx(list(steps["empirical_M"][:3]))
     assert steps["phase"].notna().all()
     assert all(math.isnan(g) == (u != "") for g, u in zip(steps["gain"], steps["gain_undefined"].fillna("")))
+    # and sim figures draws its phases from it, as fig. 5 does the simulator's
+    from paper_figs import build
+
+    (drawn,) = build.render_from([tmp_path / "res"], tmp_path / "fig")
+    assert [f.name for f in drawn.files] == ["training_phases.pdf", "training_phases.png"]
+    assert all(f.stat().st_size > 1000 for f in drawn.files)
 
 
 def test_too_small_groups_are_refused_in_one_line():
@@ -196,6 +202,9 @@ def test_cli_trl_backend_writes_results(tmp_path, capsys):
     for est in ("grpo", "grpo_finite"):
         runs, steps = sim.load_results(tmp_path / "cmp" / est)
         assert runs["estimator"].iloc[0] == est and runs["backend"].iloc[0] == "trl" and len(steps) == 1
+    code, out, err = run_cli(["figures", "--from", str(tmp_path / "cmp" / "grpo"), "--from",
+                              str(tmp_path / "cmp" / "grpo_finite"), "--out", str(tmp_path / "figs")], capsys)
+    assert code == 0 and (tmp_path / "figs" / "training_phases.png").stat().st_size > 1000, err
 
 
 def test_two_process_run_gathers_every_group(tmp_path):
