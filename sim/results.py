@@ -61,13 +61,21 @@ class ResultsError(ValueError):
     """A results directory that cannot be used as asked. str(e) is one line."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write via ``write(tmp_path)`` to a temp file beside ``path``, fsync, then os.replace. Paths
     are made absolute first: pandas expands a leading '~', so a relative directory named '~' would
-    otherwise be written in the home directory."""
+    otherwise be written in the home directory. The file gets the permissions open() would give it
+    (0666 less the umask), not mkstemp's 0600: results are shared with a group or a cluster."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         write(tmp)

@@ -188,6 +188,21 @@ def test_out_tilde_is_expanded(tmp_path, monkeypatch):
     assert (tmp_path / "res" / "runs.parquet").exists() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_results_files_get_the_permissions_of_the_umask(umask, tmp_path):
+    """0666 less the umask, as open() gives (mkstemp alone would leave every file 0600)."""
+    import os
+
+    from sim import results
+
+    old = os.umask(umask)
+    try:
+        results.write_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 # -- fuzz: output directories ------------------------------------------------------------------
 
 out_parts = st.lists(st.sampled_from(["a", "file", "x" * 256, "", " ", "~", "..", ".", "é", "dir", "a b"]),
