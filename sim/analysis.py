@@ -251,16 +251,7 @@ def adaptive_scorecard(runs: pd.DataFrame, steps: pd.DataFrame, adaptive: str,
     theory.phases) and faster_than_each (adaptive strictly fewer steps than every baseline).
     Exact-mode cells that differ only in group_size are one cell (exact mode has no groups).
     """
-    sel = runs[runs["selected"] & runs["estimator"].isin((adaptive,) + tuple(baselines))]
-    missing = set((adaptive,) + tuple(baselines)) - set(sel["estimator"])
-    if missing:
-        raise ValueError(f"adaptive_scorecard: no selected runs of {', '.join(sorted(missing))}")
-    sel = sel.assign(_eff=_effective_steps(sel))
-    if "group_size" in sel and "mode" in sel:  # exact mode has no groups: one cell per other setting
-        sel = sel.assign(group_size=sel["group_size"].where(sel["mode"] != "exact", 0))
-    cells = _varying(sel, cell_columns(sel))
-    if not cells:  # one cell
-        sel, cells = sel.assign(_cell=0), ["_cell"]
+    sel, cells = _scorecard_runs(runs, adaptive, baselines, "adaptive_scorecard")
     med = sel.groupby(cells + ["estimator"], dropna=False)["_eff"].median().unstack("estimator")
     base = med[list(baselines)]
     out = pd.DataFrame({"adaptive_steps": med[adaptive], "best_steps": base.min(axis=1),
@@ -273,3 +264,47 @@ def adaptive_scorecard(runs: pd.DataFrame, steps: pd.DataFrame, adaptive: str,
     grpo = grpo.assign(_iii=grpo["run_id"].isin(in_iii))
     out["phase_iii"] = grpo.groupby(cells, dropna=False)["_iii"].any().reindex(out.index).fillna(False).astype(bool)
     return out.reset_index().drop(columns=["_cell"], errors="ignore")
+
+
+def _scorecard_runs(runs: pd.DataFrame, adaptive: str, baselines, caller: str) -> tuple[pd.DataFrame, list[str]]:
+    """(selected runs of ``adaptive`` and ``baselines`` with _eff = effective steps, cell columns):
+    exact-mode cells that differ only in group_size are one (group_size 0)."""
+    sel = runs[runs["selected"] & runs["estimator"].isin((adaptive,) + tuple(baselines))]
+    missing = set((adaptive,) + tuple(baselines)) - set(sel["estimator"])
+    if missing:
+        raise ValueError(f"{caller}: no selected runs of {', '.join(sorted(missing))}")
+    sel = sel.assign(_eff=_effective_steps(sel))
+    if "group_size" in sel and "mode" in sel:  # exact mode has no groups: one cell per other setting
+        sel = sel.assign(group_size=sel["group_size"].where(sel["mode"] != "exact", 0))
+    cells = _varying(sel, cell_columns(sel))
+    if not cells:  # one cell
+        sel, cells = sel.assign(_cell=0), ["_cell"]
+    return sel, cells
+
+
+def scorecard_seed_bootstrap(runs: pd.DataFrame, adaptive: str, baselines: tuple[str, ...] = ADAPTIVE_BASELINES,
+                             tolerance: float = ADAPTIVE_TOLERANCE, draws: int = 2000,
+                             seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """How much of ``adaptive_scorecard``'s "within" verdict is seed noise: a paired bootstrap over
+    the training seeds (each draw resamples the seeds with replacement, the same ones for every
+    estimator and cell, as a seed's runs share their counter draws: sim.rng), recomputing each
+    estimator's median steps (never reached = steps + 1) and the verdict
+    adaptive <= (1 + tolerance) * best baseline. The lr selection is not redone (each estimator keeps
+    its selected rate). -> (per cell: the cell columns and p_within, the share of draws in which
+    the cell is within; [draws] the number of cells within per draw). A cell whose seeds all give
+    the same steps has p_within 0 or 1, equal to the scorecard's verdict."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    sel, cells = _scorecard_runs(runs, adaptive, baselines, "scorecard_seed_bootstrap")
+    names = (adaptive,) + tuple(baselines)
+    per_seed = sel.groupby(cells + ["estimator", "seed"], dropna=False)["_eff"].median().unstack(["estimator", "seed"])
+    seeds = sorted(sel["seed"].unique())
+    arr = np.stack([per_seed.reindex(columns=pd.MultiIndex.from_product([[e], seeds]))[e].to_numpy(float)
+                    for e in names])  # [E, C, S] (NaN where a cell lacks a seed's run)
+    rng = np.random.default_rng(seed)
+    within = np.empty((draws, arr.shape[1]), dtype=bool)
+    for b in range(draws):
+        med = np.nanmedian(arr[:, :, rng.integers(0, len(seeds), len(seeds))], axis=2)  # [E, C]
+        within[b] = med[0] / np.maximum(med[1:].min(axis=0), 1) <= 1 + tolerance
+    out = per_seed.index.to_frame(index=False).assign(p_within=within.mean(axis=0))
+    return out.drop(columns=["_cell"], errors="ignore"), within.sum(axis=1)

@@ -259,6 +259,33 @@ def test_scorecard_compares_each_cell_with_the_best_fixed_choice():
         adaptive_scorecard(pd.DataFrame(rows), pd.DataFrame(steps), "grpo_oracle")
 
 
+def test_the_seed_bootstrap_of_the_scorecard_gives_each_cells_chance_of_being_within():
+    """Per cell the share of paired seed resamples in which the adaptive estimator is within 10% of the
+    best fixed one. Two seeds: a resample is seeds {0, 0}, {1, 1} (1/4 each) or one of each (1/2)."""
+    import pandas as pd
+
+    from sim.analysis import adaptive_scorecard, scorecard_seed_bootstrap
+
+    # orthogonality -> estimator -> steps of seeds 0 and 1
+    table = {0.1: {"grpo": (100, 100), "dr_grpo": (200, 200), "reinforce": (300, 300), "grpo_finite": (105, 105)},
+             0.2: {"grpo": (100, 100), "dr_grpo": (200, 200), "reinforce": (300, 300), "grpo_finite": (130, 130)},
+             # {0,0}: 100 against 150, within; {1,1}: 200 against 150, not; one of each: 150 = 150, within -> 3/4
+             0.3: {"grpo": (150, 150), "dr_grpo": (400, 400), "reinforce": (400, 400), "grpo_finite": (100, 200)}}
+    rows = [{"run_id": f"{o}{est}{seed}", "orthogonality": o, "mode": "sampled", "group_size": 4, "estimator": est,
+             "lr": 1.0, "seed": seed, "selected": True, "steps": 1000, "steps_to_target": n, "reached_target": True}
+            for o, by_est in table.items() for est, per_seed in by_est.items() for seed, n in enumerate(per_seed)]
+    runs = pd.DataFrame(rows)
+    cells, counts = scorecard_seed_bootstrap(runs, "grpo_finite", draws=4000)
+    p = dict(zip(cells["orthogonality"], cells["p_within"]))
+    assert p[0.1] == 1.0 and p[0.2] == 0.0  # seeds alike: the verdict itself
+    card = adaptive_scorecard(runs, pd.DataFrame({"run_id": [], "phase": []}), "grpo_finite")
+    assert list(card["within"]) == [True, False, True]  # the stored seeds: 150 against 150 at o = 0.3
+    assert p[0.3] == pytest.approx(0.75, abs=0.03)  # binomial sd of the share at 4000 draws: 0.007
+    assert counts.shape == (4000,) and set(counts) == {1, 2} and counts.mean() == pytest.approx(sum(p.values()))
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        scorecard_seed_bootstrap(runs, "grpo_finite", draws=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(G=st.integers(2, 1024), p=st.floats(0.0005, 0.9995), prior=st.floats(0.0, 64.0),
        eps=st.sampled_from([0.0, 1e-4, 1e-2]), ddof=st.sampled_from([0, 1]), c=st.floats(0.1, 10.0))
