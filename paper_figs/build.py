@@ -78,17 +78,36 @@ def build_figures(out: Path, only: str | None = None, quick: bool = False, resul
     return done
 
 
-def _save(figure, out: Path, name: str) -> list[Path]:
-    """NAME.pdf and NAME.png under ``out``, each written atomically; the figure is closed."""
+def _draw(figure) -> dict[str, bytes]:
+    """{"pdf": ..., "png": ...}: the figure drawn in memory (a figure that cannot be drawn leaves
+    nothing behind); the figure is closed."""
+    import io
+
     import matplotlib.pyplot as plt
 
+    try:
+        blobs = {}
+        for ext in ("pdf", "png"):
+            buf = io.BytesIO()
+            meta = {"CreationDate": None} if ext == "pdf" else {}  # byte-stable files for version control
+            figure.savefig(buf, format=ext, metadata=meta)
+            blobs[ext] = buf.getvalue()
+        return blobs
+    finally:
+        plt.close(figure)
+
+
+def _save(figure, out: Path, name: str) -> list[Path]:
+    """NAME.pdf and NAME.png under ``out``, drawn first (_draw), then each written atomically."""
+    return _write(_draw(figure), out, name)
+
+
+def _write(blobs: dict[str, bytes], out: Path, name: str) -> list[Path]:
     files = []
-    for ext in ("pdf", "png"):
+    for ext, data in blobs.items():
         path = out / f"{name}.{ext}"
-        meta = {"CreationDate": None} if ext == "pdf" else {}  # byte-stable files for version control
-        results._atomic_write(path, lambda tmp, e=ext, m=meta: figure.savefig(tmp, format=e, metadata=m))
+        results._atomic_write(path, lambda tmp, d=data: Path(tmp).write_bytes(d))
         files.append(path)
-    plt.close(figure)
     return files
 
 
@@ -111,17 +130,26 @@ def render_from(dirs: list[Path], out: Path, only: str | None = None) -> list[Fi
         raise ConfigError(f"only: unknown figure {name!r}; choose from {', '.join([*FROM_RESULTS, *BY_NAME])}")
     t0 = time.perf_counter()
     dirs = list(dict.fromkeys(Path(d).resolve() for d in dirs))  # the same directory twice is drawn once
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):  # a/grpo and b/grpo: name them by their parent too
+        names = [f"{d.parent.name}/{d.name}" for d in dirs]
     runs, steps = [], []
     for k, d in enumerate(dirs):
         r, s = results.load_results(d)
         if len(dirs) > 1:
             r, s = r.assign(run_id=f"{k}:" + r["run_id"].astype(str)), s.assign(run_id=f"{k}:" + s["run_id"].astype(str))
-        runs.append(r.assign(source=d.name) if len(dirs) > 1 else r)
+        runs.append(r.assign(source=names[k]) if len(dirs) > 1 else r)
         steps.append(s)
     runs, steps = pd.concat(runs, ignore_index=True), pd.concat(steps, ignore_index=True)
-    figure = render(runs, steps)
-    results.check_writable(Path(out))  # (a FigureInputError of render, a ResultsError, came first)
-    files = _save(figure, Path(out), name)
+    try:  # a figure of FIGURES on results it was not made for (one step, no positive value on a log axis)
+        blobs = _draw(render(runs, steps))
+    except results.ResultsError:  # FigureInputError: already one line
+        raise
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise figures.FigureInputError(f"figure {name}: these results cannot be drawn ({first})") from None
+    results.check_writable(Path(out))  # the first write, once the figure is drawn
+    files = _write(blobs, Path(out), name)
     drawn = int(runs["run_id"].isin(steps["run_id"]).sum()) if "run_id" in runs and "run_id" in steps else 0
     note = ""
     if name == "training_phases" and drawn > figures.TRAINING_PHASES_COLUMNS:

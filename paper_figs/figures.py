@@ -230,18 +230,30 @@ PHASE_PANELS = (("sigma_bar", "reward std σ̄"), ("rho", "orthogonality ρ"), (
 def _phase_column(axes, s: pd.DataFrame, sparse: bool = False) -> None:
     """sigma_bar, rho and the measured gain of one run's steps ``s`` over training on three axes, the
     phase labels shaded behind (theory.phases), the gain with +- 2 standard errors where the steps
-    have them. ``sparse`` (an LLM run, diagnosed every n steps): a linear step axis, the measured
-    points marked and joined; else a symlog axis with gaps where a value is undefined (fig. 5)."""
+    have them. ``sparse`` (an LLM run, diagnosed every n steps, its other steps unlabelled): a linear
+    step axis, the defined points joined (and marked, up to 60 of them), each label shaded up to halfway to
+    the next labelled step, the standard errors as error bars; else a symlog axis with gaps where a
+    value is undefined (fig. 5)."""
     x = s["step"].to_numpy()
     lab = s["phase"].to_numpy()
-    edges = np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]]) if len(x) > 1 else np.array([x[0] - 0.5, x[0] + 0.5])
+    if sparse:  # the labelled steps only: an undiagnosed step has no phase of its own
+        keep = np.array([isinstance(v, str) and v in PHASE_COLOURS for v in lab])
+        xl, lab = x[keep], lab[keep]
+    else:
+        xl = x
+    if len(xl) > 1:
+        edges = np.concatenate([[min(xl[0], x[0])], (xl[1:] + xl[:-1]) / 2, [max(xl[-1], x[-1])]])
+    elif len(xl) == 1:
+        edges = np.array([min(xl[0], x[0]) - 0.5, max(xl[0], x[-1]) + 0.5])
+    else:
+        edges = np.array([])
     for ax, (col, label) in zip(axes, PHASE_PANELS):
-        for k in range(len(x)):
+        for k in range(len(xl)):
             ax.axvspan(edges[k], edges[k + 1], color=PHASE_COLOURS.get(lab[k], "white"), alpha=0.25, linewidth=0)
         y = s[col].to_numpy(dtype=float)
         seen = np.isfinite(y)
         if sparse:
-            ax.plot(x[seen], y[seen], color="black", marker="." if seen.sum() < len(y) else None)
+            ax.plot(x[seen], y[seen], color="black", marker="." if seen.sum() <= 60 else None)
         else:
             ax.plot(x, y, color="black")
             ax.set_xscale("symlog", linthresh=1)
@@ -249,7 +261,12 @@ def _phase_column(axes, s: pd.DataFrame, sparse: bool = False) -> None:
         if col == "gain":
             if "gain_se" in s:
                 se = s["gain_se"].to_numpy(dtype=float)
-                ax.fill_between(x, y - 2 * se, y + 2 * se, color="0.6", alpha=0.4, linewidth=0)
+                if sparse:
+                    bar = seen & np.isfinite(se)
+                    if bar.any():
+                        ax.errorbar(x[bar], y[bar], yerr=2 * se[bar], fmt="none", ecolor="0.5", elinewidth=0.8)
+                else:
+                    ax.fill_between(x, y - 2 * se, y + 2 * se, color="0.6", alpha=0.4, linewidth=0)
             ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
             g = y[seen]
             if g.size:  # late sampled gains of a stalled REINFORCE step swing far: keep 1 readable

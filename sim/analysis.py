@@ -9,6 +9,7 @@ A cell is one setting of every config field except estimator, lr, lr_rule and se
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -286,8 +287,8 @@ def scorecard_seed_bootstrap(runs: pd.DataFrame, adaptive: str, baselines: tuple
                              tolerance: float = ADAPTIVE_TOLERANCE, draws: int = 2000,
                              seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     """How much of ``adaptive_scorecard``'s "within" verdict is seed noise: a paired bootstrap over
-    the training seeds (each draw resamples the seeds with replacement, the same ones for every
-    estimator and cell, as a seed's runs share their counter draws: sim.rng), recomputing each
+    the training seeds (each draw resamples each cell's seeds with replacement, the same ones for
+    every estimator of the cell, as a seed's runs share their counter draws: sim.rng), recomputing each
     estimator's median steps (never reached = steps + 1) and the verdict
     adaptive <= (1 + tolerance) * best baseline. The lr selection is not redone (each estimator keeps
     its selected rate). -> (per cell: the cell columns and p_within, the share of draws in which
@@ -303,8 +304,13 @@ def scorecard_seed_bootstrap(runs: pd.DataFrame, adaptive: str, baselines: tuple
                     for e in names])  # [E, C, S] (NaN where a cell lacks a seed's run)
     rng = np.random.default_rng(seed)
     within = np.empty((draws, arr.shape[1]), dtype=bool)
-    for b in range(draws):
-        med = np.nanmedian(arr[:, :, rng.integers(0, len(seeds), len(seeds))], axis=2)  # [E, C]
-        within[b] = med[0] / np.maximum(med[1:].min(axis=0), 1) <= 1 + tolerance
+    for c in range(arr.shape[1]):
+        own = np.flatnonzero(~np.isnan(arr[:, c]).all(axis=0))  # the seeds this cell has
+        pick = own[rng.integers(0, len(own), (draws, len(own)))]  # [draws, n_c]
+        with warnings.catch_warnings():  # a resample without any run of a baseline: it is left out
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(arr[:, c][:, pick], axis=2)  # [E, draws]
+            best = np.nanmin(med[1:], axis=0)
+        within[:, c] = med[0] / np.maximum(best, 1) <= 1 + tolerance  # NaN (no adaptive run): not within
     out = per_seed.index.to_frame(index=False).assign(p_within=within.mean(axis=0))
     return out.drop(columns=["_cell"], errors="ignore"), within.sum(axis=1)

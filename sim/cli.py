@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, get_args
 
 import typer
+from rich.markup import escape as rich_escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
@@ -222,7 +223,7 @@ def print_summary(runs, spec: sweep_mod.SweepSpec, out: Path) -> None:
     warning = divergence_warning(runs)
     if warning:
         console.print(f"[bold yellow]{warning}[/bold yellow]")
-    console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))")
+    console.print(f"results: {out}  (load with sim.load_results({str(out)!r}))", markup=False)
 
 
 def divergence_warning(runs) -> str:
@@ -311,7 +312,7 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
             raise ConfigError("resume: needs --out DIR naming the results directory to continue")
         out = Path("results") / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     runs = sweep_mod.expand(spec)  # validates every run before anything is written
-    console.print(f"{len(runs)} runs → {out}")
+    console.print(f"{len(runs)} runs → {out}", markup=False)
     started = [False]
 
     def on_notice(line: str) -> None:
@@ -437,12 +438,13 @@ def figures_command(
                                            ("--engine", engine != "auto")) if given]
         if unused:
             raise ConfigError(f"from: {', '.join(unused)} choose how sweeps run; --from runs none")
-        target = out if out is not None else str(Path(from_dirs[0]) / "figures")
-        (o,) = figures_mod.render_from([Path(d) for d in from_dirs], Path(target), only)
+        dirs = [Path(d).expanduser() for d in from_dirs]
+        target = results.out_path(out) if out is not None else dirs[0] / "figures"
+        (o,) = figures_mod.render_from(dirs, target, only)
         console.print(f"{o.name} ← {', '.join(from_dirs)} → {', '.join(str(f) for f in o.files)}"
-                      + (f" ({o.note})" if o.note else ""))
+                      + (f" ({o.note})" if o.note else ""), markup=False, highlight=False)
         return
-    out = "paper_figs" if out is None else out
+    out = results.out_path("paper_figs" if out is None else out)
     sweep_mod.check_backend(backend)
     sweep_mod.check_engine(engine)
     rows = []
@@ -456,15 +458,16 @@ def figures_command(
         def on_progress(done, total):
             progress.update(task, completed=done, total=total)
 
-        outcomes = figures_mod.build_figures(Path(out), only=only, quick=quick, results_root=Path(results_root),
+        outcomes = figures_mod.build_figures(out, only=only, quick=quick,
+                                             results_root=results.out_path(results_root, "results"),
                                              on_progress=on_progress, on_figure=on_figure, backend=backend,
                                              engine=engine, on_compile=_say_compiling,
                                              address=address)
-    table = Table(title=f"figures → {out}")
+    table = Table(title=f"figures → {rich_escape(str(out))}")
     for c in ("figure", "results", "sweep", "seconds"):
         table.add_column(c)
     for o in outcomes:
-        table.add_row(o.name, str(o.results_dir), "reused" if o.reused else "ran", f"{o.seconds:.1f}")
+        table.add_row(o.name, rich_escape(str(o.results_dir)), "reused" if o.reused else "ran", f"{o.seconds:.1f}")
         rows.append(o)
     console.print(table)
 

@@ -274,14 +274,18 @@ def test_the_seed_bootstrap_of_the_scorecard_gives_each_cells_chance_of_being_wi
     rows = [{"run_id": f"{o}{est}{seed}", "orthogonality": o, "mode": "sampled", "group_size": 4, "estimator": est,
              "lr": 1.0, "seed": seed, "selected": True, "steps": 1000, "steps_to_target": n, "reached_target": True}
             for o, by_est in table.items() for est, per_seed in by_est.items() for seed, n in enumerate(per_seed)]
+    # a cell with its own seed (2, which the others lack) and no Dr. GRPO run: resampled from its own
+    # seeds, the best of the baselines it has (105 against 100: within)
+    rows += [{**rows[0], "run_id": f"0.4{est}", "orthogonality": 0.4, "estimator": est, "seed": 2, "steps_to_target": n}
+             for est, n in (("grpo", 100), ("reinforce", 300), ("grpo_finite", 105))]
     runs = pd.DataFrame(rows)
     cells, counts = scorecard_seed_bootstrap(runs, "grpo_finite", draws=4000)
     p = dict(zip(cells["orthogonality"], cells["p_within"]))
-    assert p[0.1] == 1.0 and p[0.2] == 0.0  # seeds alike: the verdict itself
+    assert p[0.1] == 1.0 and p[0.2] == 0.0 and p[0.4] == 1.0  # seeds alike: the verdict itself
     card = adaptive_scorecard(runs, pd.DataFrame({"run_id": [], "phase": []}), "grpo_finite")
-    assert list(card["within"]) == [True, False, True]  # the stored seeds: 150 against 150 at o = 0.3
+    assert list(card["within"]) == [True, False, True, True]  # the stored seeds: 150 against 150 at o = 0.3
     assert p[0.3] == pytest.approx(0.75, abs=0.03)  # binomial sd of the share at 4000 draws: 0.007
-    assert counts.shape == (4000,) and set(counts) == {1, 2} and counts.mean() == pytest.approx(sum(p.values()))
+    assert counts.shape == (4000,) and set(counts) == {2, 3} and counts.mean() == pytest.approx(sum(p.values()))
     with pytest.raises(ValueError, match="draws must be >= 1"):
         scorecard_seed_bootstrap(runs, "grpo_finite", draws=0)
 

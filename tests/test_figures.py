@@ -2,6 +2,7 @@
 quick figure (fig. 8, both engines in one sweep) trained end to end."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,10 +144,30 @@ def test_training_phases_draws_one_labelled_column_per_run_at_most_four():
         assert len(fig.axes) == 3 * cols
         assert [ax.get_title() for ax in fig.axes[:cols]] == list(sel["estimator"][:cols])
         assert all(_labelled(ax, "x") and _labelled(ax, "y") for ax in fig.axes)
+    # an LLM run: a row every step, diagnosed (rho, gain, phase) every 10th; each label shaded up to
+    # halfway to the next, the gain's standard errors as bars on its points
+    n = 30
+    diag = np.arange(n) % 10 == 0
+    llm = pd.DataFrame({"run_id": "llm", "step": np.arange(n), "sigma_bar": np.linspace(0.4, 0.1, n),
+                        "rho": np.where(diag, 0.8, np.nan), "gain": np.where(diag, 1.2, np.nan),
+                        "gain_se": np.where(diag, 0.1, np.nan), "phase": np.where(diag, "I", None)})
+    llm.loc[20, "phase"] = "III"
+    fig = training_phases(pd.DataFrame([{"run_id": "llm", "estimator": "grpo"}]), llm)
+    sigma_ax, rho_ax, gain_ax = fig.axes
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in rho_ax.patches]
+    assert spans == [(0, 5), (5, 15), (15, 29)]  # steps 0, 10, 20 labelled; the run ends at step 29
+    assert list(rho_ax.get_lines()[0].get_xdata()) == [0, 10, 20] and len(gain_ax.collections) == 1
+    # a run of one step: its one point is drawn (marked), not an invisible line
+    one = llm.iloc[:1]
+    fig = training_phases(pd.DataFrame([{"run_id": "llm", "estimator": "grpo"}]), one)
+    assert all(len(ax.get_lines()[0].get_xydata()) == 1 and ax.get_lines()[0].get_marker() == "." for ax in fig.axes)
     with pytest.raises(FigureInputError, match="figure training_phases: steps lack"):
         training_phases(runs, steps.drop(columns=["rho"]))
     with pytest.raises(FigureInputError, match="figure training_phases: no steps"):
         training_phases(runs, steps.iloc[:0])
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 def test_figures_from_results_directories_join_them_and_refuse_bad_input_in_one_line(tmp_path, capsys,
@@ -165,12 +186,17 @@ def test_figures_from_results_directories_join_them_and_refuse_bad_input_in_one_
     png = a / "figures" / "training_phases.png"  # default: the first directory's figures/
     assert png.stat().st_size > 1000 and "training_phases" in out and not (tmp_path / "paper_figs").exists()
     drawn = []
-    monkeypatch.setattr(build, "_save", lambda figure, out, name: drawn.append(figure) or [])
+    monkeypatch.setattr(build, "_draw", lambda figure: drawn.append(figure) or {})
     build.render_from([a, b, a], tmp_path / "f")  # the same directory twice is drawn once
     (fig,) = drawn
     assert len(fig.axes) == 3 * 2
     # titles name the directory where it is not the estimator; each run drew its own steps
     assert [ax.get_title() for ax in fig.axes[:2]] == ["grpo", f"b: {runs['estimator'][1]}"]
+    drawn.clear()
+    c = _results_dir(tmp_path / "other" / "grpo", runs.head(1), steps[steps["run_id"] == first])
+    build.render_from([a, c], tmp_path / "f")  # two directories named grpo: their parents tell them apart
+    assert [ax.get_title() for ax in drawn[0].axes[:2]] == [f"{tmp_path.name}/grpo: grpo",
+                                                            f"other/grpo: {runs['estimator'][0]}"]
     rho = [ax.get_lines()[0].get_ydata() for ax in fig.axes[2:4]]
     assert list(rho[0]) == list(steps[steps["run_id"] == first].sort_values("step")["rho"])
     assert list(rho[1]) == list(steps[steps["run_id"] == second].sort_values("step")["rho"])
@@ -179,12 +205,20 @@ def test_figures_from_results_directories_join_them_and_refuse_bad_input_in_one_
     many = _results_dir(tmp_path / "many", runs, steps)
     code, out, err = run_cli(["figures", "--from", str(many), "--out", str(tmp_path / "m")], capsys)
     assert code == 0 and f"the first 4 of {len(runs)} runs drawn" in out
+    # a directory name that looks like markup is printed as it is; ~ in --out is the home directory
+    odd = _results_dir(tmp_path / "x[red]y[/]", runs.head(1), steps[steps["run_id"] == first])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code, out, err = run_cli(["figures", "--from", str(odd), "--out", "~/figs"], capsys)
+    assert code == 0 and "x[red]y[/]" in out and (tmp_path / "home" / "figs" / "training_phases.png").exists(), err
+    assert not (tmp_path / "~").exists() and not Path("~").exists()
+    one_step = _results_dir(tmp_path / "one", runs.head(1), steps[steps["run_id"] == first].head(1))
     thin = _results_dir(tmp_path / "thin", runs.head(1)[["run_id", "estimator"]], steps[steps["run_id"] == first])
     bad = [(["--from", str(tmp_path / "nope")], "no such results directory"),
            (["--from", str(a), "--only", "bogus"], "only: unknown figure 'bogus'"),
            (["--from", str(thin), "--only", "speedup_heatmap"], "figure speedup_heatmap: runs lack"),
            (["--from", str(a), "--from", str(tmp_path / "nope")], "no such results directory"),
-           (["--from", str(a), "--quick", "--engine", "torch"], "from: --quick, --engine choose how sweeps run")]
+           (["--from", str(a), "--quick", "--engine", "torch"], "from: --quick, --engine choose how sweeps run"),
+           (["--from", str(one_step), "--only", "convergence_rate"], "figure convergence_rate:")]
     for args, why in bad:
         code, out, err = run_cli(["figures", *args, "--out", str(tmp_path / "never")], capsys)
         assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, err)
