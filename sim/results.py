@@ -62,6 +62,8 @@ class ResultsError(ValueError):
 
 
 def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: os has no read-only call; no
+    thread of this package writes files while another reads it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -75,7 +77,8 @@ def _atomic_write(path: Path, write) -> None:
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
+    if hasattr(os, "fchmod"):  # (POSIX; Windows has no modes to share)
+        os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         write(tmp)
