@@ -1,4 +1,4 @@
-"""Run by tests/test_llm.py under `torch.distributed.run --nproc_per_node 2`: a few DDP steps of
+"""Run by tests/test_llm.py under 2 processes (torch.distributed.run, accelerate launch): a few DDP steps of
 the trainer on CPU (gloo), then each rank writes the SHA-1 of its parameters."""
 
 import hashlib

@@ -5,7 +5,6 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from sim.llm import data as data_mod  # noqa: E402
 from sim.llm import model as model_mod  # noqa: E402
 from sim.llm import rewards as R  # noqa: E402
 from sim.llm import trainer as T  # noqa: E402
-from helpers import run_cli  # noqa: E402
+from helpers import TWO_PROCESS_LAUNCHERS, run_cli  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
@@ -311,12 +310,12 @@ def test_compare_runs_both_estimators_from_one_checkpoint(tiny_dir, tmp_path, ca
     assert code == 0 and (tmp_path / "cmp" / "grpo" / "figures" / "training_phases.png").stat().st_size > 1000, err
 
 
-def test_two_process_ddp_ranks_end_with_identical_parameters(tiny_dir, tmp_path):
+@pytest.mark.parametrize("launcher", list(TWO_PROCESS_LAUNCHERS))
+def test_two_process_ddp_ranks_end_with_identical_parameters(launcher, tiny_dir, tmp_path):
     worker = Path(__file__).parent / "llm_ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29500 + os.getpid() % 1000), str(worker), str(tiny_dir),
-                        str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([*TWO_PROCESS_LAUNCHERS[launcher], str(worker), str(tiny_dir), str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     hashes = [(tmp_path / "ddp" / f"rank{r}.sha1").read_text() for r in (0, 1)]
     assert hashes[0] == hashes[1]

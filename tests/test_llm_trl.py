@@ -2,7 +2,6 @@
 
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import sim  # noqa: E402
 from sim.llm import model as model_mod  # noqa: E402
 from sim.llm.trl import GrpoSimDiagnostics  # noqa: E402
 from sim.llm.trl import tested_trl_installed as trl_in_tested_range  # noqa: E402
-from helpers import run_cli  # noqa: E402
+from helpers import TWO_PROCESS_LAUNCHERS, run_cli  # noqa: E402
 
 
 def test_the_installed_trl_is_the_tested_one_and_has_the_public_hooks():
@@ -207,19 +206,20 @@ def test_cli_trl_backend_writes_results(tmp_path, capsys):
     assert code == 0 and (tmp_path / "figs" / "training_phases.png").stat().st_size > 1000, err
 
 
-def test_two_process_run_gathers_every_group(tmp_path):
-    """torch.distributed.run with 2 CPU processes (gloo): each rank holds half the completions, the
-    reward statistics cover every group of both (TRL's own zero-std fraction, computed on its
-    gathered rewards, agrees on both ranks), and rank 0 writes the results directory."""
+@pytest.mark.parametrize("launcher", list(TWO_PROCESS_LAUNCHERS))
+def test_two_process_run_gathers_every_group(launcher, tmp_path):
+    """2 CPU processes (gloo) under torch.distributed.run and under accelerate launch: each rank holds
+    half the completions, the reward statistics cover every group of both (TRL's own zero-std
+    fraction, computed on its gathered rewards, agrees on both ranks), and rank 0 writes the results
+    directory."""
     import json
     import os
     from pathlib import Path
 
     worker = Path(__file__).parent / "trl_ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --standalone: the rendezvous takes a free port (a fixed one can be taken on a shared machine)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(worker), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([*TWO_PROCESS_LAUNCHERS[launcher], str(worker), str(tmp_path)], capture_output=True, text=True,
+                       env=env, timeout=600)
     # on failure show the workers' own error lines (a native abort, a Python error), not only the
     # launcher's summary, which is all the last 2000 characters would hold
     errors = [ln for ln in p.stderr.splitlines() if any(

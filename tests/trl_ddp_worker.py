@@ -1,4 +1,4 @@
-"""Run by tests/test_llm_trl.py under `torch.distributed.run --nproc_per_node 2`: a few steps of TRL's
+"""Run by tests/test_llm_trl.py under 2 processes (torch.distributed.run, accelerate launch): a few steps of TRL's
 GRPOTrainer with grpo-sim's diagnostics on CPU (gloo); each rank writes what it logged as JSON."""
 
 import faulthandler
