@@ -329,7 +329,7 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
 
     with _sigterm_as_interrupt() as got:
         try:
-            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+            with contextlib.ExitStack() as finishing, Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                           MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                           transient=False, disable=not console.is_terminal) as progress:
                 task = progress.add_task("run-steps", total=None)
@@ -340,7 +340,11 @@ def _execute(spec: sweep_mod.SweepSpec, out: Optional[Path], resume: bool, worke
                 runs_df, _ = sweep_mod.run_sweep(spec, out, resume=resume, workers=workers, on_progress=on_progress,
                                                  backend=backend, address=address, device=device, engine=engine,
                                                  on_compile=_say_compiling, on_notice=on_notice, on_batch=on_batch)
-            print_summary(runs_df, spec, out)  # (a Ctrl-C meanwhile: every run committed, says the line)
+                # every run is committed: Ctrl-C held until the summary is out (the bar's thread ends
+                # here, where a KeyboardInterrupt would be swallowed), then the line says so
+                finishing.enter_context(_interrupts.held())
+                progress.stop()
+                print_summary(runs_df, spec, out)
         except KeyboardInterrupt:
             name = signal.Signals(got["signal"]).name
             if not (out / results.MANIFEST).exists():

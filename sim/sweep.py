@@ -474,10 +474,11 @@ def _forkserver_children() -> list[int]:
 
 
 @contextlib.contextmanager
-def _started_pool(workers: int):
+def _started_pool(workers: int, seen: dict):
     """A pool of ``workers`` local processes (None for one), started at once: the workers import
     the engine while the driver prepares the sweep. Left by an exception (Ctrl-C, SIGTERM, a
-    failure), the workers are killed at once."""
+    failure), the workers are killed at once. ``seen``: the caller's record of the pool's worker
+    processes (pid -> Process, for ``_death_of``), emptied here when the pool has shut down."""
     if workers <= 1:
         yield None
         return
@@ -496,8 +497,12 @@ def _started_pool(workers: int):
         if pool is not None:
             _stop_pool(pool)
         raise
-    with _interrupts.held():  # the pool's threads and queues end here: a KeyboardInterrupt raised in
-        pool.shutdown(wait=True)  # their weakref callbacks was swallowed ("Exception ignored")
+    # held: the pool's threads and queues end here, and its Process objects with ``seen`` (each
+    # leaves multiprocessing.process._dangling, a WeakSet, and threading's): a KeyboardInterrupt
+    # raised in their weakref callbacks was swallowed ("Exception ignored"), the sweep exiting 0
+    with _interrupts.held():
+        pool.shutdown(wait=True)
+        seen.clear()
 
 
 #: The exit code multiprocessing gives a fork-server child whose status the fork server could not
@@ -729,17 +734,20 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     # (on a quiet machine they halve its time). Workers: one thread each, the parallelism is theirs.
     one_process = local_workers <= 1
     torch_threads = None if one_process and engine == "torch" else 1
-    with _threads(threads if one_process else 1, torch_threads), _started_pool(local_workers) as pool:
+    seen_workers: dict = {}  # the pool's worker processes, for the line a broken pool gives (_death_of)
+    with contextlib.ExitStack() as finishing, _threads(threads if one_process else 1, torch_threads), \
+            _started_pool(local_workers, seen_workers) as pool:
         rows = [r.as_flat_dict() for r in runs]
         # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
         # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
         # fingerprint they always had
         recorded = spec.as_dict() if device == "cpu" else {**spec.as_dict(), "device": device}
-        done = results.open_results_dir(out, recorded, rows, resume, on_notice=on_notice)
+        with _interrupts.held():  # its manifest's versions (importlib.metadata) and git's subprocess end in
+            # finalizers (__del__), where a Ctrl-C would be swallowed: it takes effect after the manifest
+            done = results.open_results_dir(out, recorded, rows, resume, on_notice=on_notice)
         pending = [r for r in runs if r.run_id not in done]
         progress, total = [0], [0]
         runs_done, runs_total = [len(runs) - len(pending)], [len(runs) - len(pending)]
-        seen_workers: dict = {}
         parts_read: dict = {}  # committed part files read by this sweep (results.read_parts)
 
         def advance(n):
@@ -755,7 +763,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
         def commit(b, runs_df=None, steps_df=None):
             """A batch is committed: by this process (its frames given) or by the worker that ran it."""
             if runs_df is not None:
-                results.write_part(out, runs_df, steps_df)
+                with _interrupts.held():  # (a ParquetWriter's __del__ would swallow a Ctrl-C: it waits for the commit)
+                    results.write_part(out, runs_df, steps_df)
             advance(b[0].train.steps * len(b))
             batch_committed(b)
 
@@ -770,7 +779,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                 for b in batches:
                     res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
                                       engine=batch_engine(engine, b))
-                    results.write_part(out, res.runs, res.steps)
+                    with _interrupts.held():  # (as in commit)
+                        results.write_part(out, res.runs, res.steps)
                     batch_committed(b)
             else:
                 where = str(Path(out).absolute())  # (the fork server's working directory may be another)
@@ -810,7 +820,13 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                 # still matches), so that a resume knows the round
                 results.write_manifest(out, recorded, rows, extension_runs=list(extended.values()))
                 run_all(new)
+        # every run is committed: Ctrl-C is held from here to the pool's end (a few seconds at most),
+        # then takes effect (the caller's "every run committed" line). Unheld, a KeyboardInterrupt
+        # raised in a finalizer here (a ParquetWriter's __del__, the workers' Process objects leaving
+        # multiprocessing's WeakSet) was swallowed as "Exception ignored" and the sweep exited 0.
+        finishing.enter_context(_interrupts.held())
         runs_df, steps_df = results.read_parts(out, cache=parts_read)
         runs_df = add_comparisons(runs_df)
         results.finalize(out, runs_df, steps_df)
+        parts_read.clear()  # (freed under the hold)
         return runs_df, steps_df
