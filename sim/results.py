@@ -15,6 +15,7 @@ parsed from file names.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -177,12 +178,18 @@ def check_writable(out: Path) -> None:
     """Create ``out`` and check it can be written (ResultsError naming --out otherwise). Call it
     once the command has been validated: it is the first write."""
     out = out_path(out)
+    # the directories this call may create (deepest first): removed again if it fails, so that a
+    # refused --out leaves nothing ("a/../file" with file a file made "a", then failed)
+    new = [d for d in (out, *out.parents) if d.name not in ("", ".", "..") and not os.path.lexists(d)]
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=out)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
+        for d in new:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # (only an empty directory goes)
         raise ResultsError(f"out: cannot write to {out}: {e.strerror or e}") from None
 
 

@@ -230,6 +230,21 @@ def test_fuzz_output_directories(parts, absolute, tmp_path_factory):
     assert_refused(code, err, "out", before, root)
 
 
+def test_an_out_through_a_missing_directory_onto_a_file_leaves_nothing(tmp_path):
+    """--out a/../file with ``file`` a file: POSIX resolves a/.. only once ``a`` exists, so the
+    checks passed, mkdir made ``a`` and then failed on ``file``; the refused command left ``a``
+    (found by test_fuzz_output_directories)."""
+    (tmp_path / "file").write_text("x")
+    before = snapshot(tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, _, err = cli(["sweep", *TINY, "--estimators", "grpo", "--out", "a/b/../../file"])
+    finally:
+        os.chdir(cwd)
+    assert_refused(code, err, "out", before, tmp_path)
+
+
 # -- damaged results on --resume -----------------------------------------------------------------
 
 SWEEP = ["sweep", *TINY, "--orthogonality", "0.2,0.8", "--estimators", "reinforce,grpo"]
