@@ -473,35 +473,69 @@ def _forkserver_children() -> list[int]:
         return []
 
 
+class _PoolStart:
+    """A pool of ``workers`` local processes being started by a helper thread. ProcessPoolExecutor
+    starts its workers inside ``submit``, each start waiting for the fork server to fork it: 2-3 s
+    while a cold fork server imports torch and numba, in which the sweep's own thread sat idle in
+    that call. Started here, the sweep process trains batches itself meanwhile (run_sweep). No
+    signal reaches the helper thread, so no Ctrl-C can cut a start in half (a worker started that
+    the pool never registered, which ``_stop_pool`` would miss)."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._start, args=(workers,), daemon=True, name="grpo-sim-pool-start")
+        self._thread.start()
+
+    def _start(self, workers: int) -> None:
+        try:
+            for _ in range(workers):
+                self.pool.submit(_warm_worker)
+        except BaseException as e:  # (raised in the sweep's thread by wait())
+            self._error = e
+
+    def started(self) -> bool:
+        """Whether every worker has been started (each then warms up in about 1 ms)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> ProcessPoolExecutor:
+        """The pool, once every worker has been started (the start's error, if it failed)."""
+        if self._thread is not None:
+            self._thread.join()
+            with _interrupts.held():  # its Thread object leaves threading's WeakSet here (a finalizer)
+                self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self.pool
+
+
 @contextlib.contextmanager
 def _started_pool(workers: int, seen: dict):
-    """A pool of ``workers`` local processes (None for one), started at once: the workers import
-    the engine while the driver prepares the sweep. Left by an exception (Ctrl-C, SIGTERM, a
-    failure), the workers are killed at once. ``seen``: the caller's record of the pool's worker
-    processes (pid -> Process, for ``_death_of``), emptied here when the pool has shut down."""
+    """A ``_PoolStart`` of ``workers`` local processes (None for one): the workers import the
+    engine while the driver prepares the sweep. Left by an exception (Ctrl-C, SIGTERM, a failure),
+    the workers are killed at once. ``seen``: the caller's record of the pool's worker processes
+    (pid -> Process, for ``_death_of``), emptied here when the pool has shut down."""
     if workers <= 1:
         yield None
         return
     _start_fork_server()  # (unless run_sweep started it already): SIGINT blocked from its start
-    pool = None
+    start = None
     try:
-        # held: a Ctrl-C inside a submit, which spawns a worker, could leave one started that the
-        # pool never registered; _stop_pool would miss it, and it printed a traceback once the
-        # sweep had exited (its queue's semaphore gone). The signal takes effect after the block.
-        with _interrupts.held():
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_worker_init)
-            for _ in range(workers):
-                pool.submit(_warm_worker)
-        yield pool
+        start = _PoolStart(workers)
+        yield start
     except BaseException:
-        if pool is not None:
-            _stop_pool(pool)
+        if start is not None:
+            with _interrupts.held():  # every worker started (registered) before they are killed
+                with contextlib.suppress(BaseException):
+                    start.wait()
+                _stop_pool(start.pool)
         raise
     # held: the pool's threads and queues end here, and its Process objects with ``seen`` (each
     # leaves multiprocessing.process._dangling, a WeakSet, and threading's): a KeyboardInterrupt
     # raised in their weakref callbacks was swallowed ("Exception ignored"), the sweep exiting 0
     with _interrupts.held():
-        pool.shutdown(wait=True)
+        start.wait().shutdown(wait=True)
         seen.clear()
 
 
@@ -736,7 +770,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
     torch_threads = None if one_process and engine == "torch" else 1
     seen_workers: dict = {}  # the pool's worker processes, for the line a broken pool gives (_death_of)
     with contextlib.ExitStack() as finishing, _threads(threads if one_process else 1, torch_threads), \
-            _started_pool(local_workers, seen_workers) as pool:
+            _started_pool(local_workers, seen_workers) as pool_start:
         rows = [r.as_flat_dict() for r in runs]
         # a GPU sweep records its device in the manifest and fingerprint (its runs agree with CPU ones
         # to rounding only), so CPU and GPU runs never mix in one directory; CPU sweeps keep the
@@ -768,6 +802,14 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             advance(b[0].train.steps * len(b))
             batch_committed(b)
 
+        def train_here(b: list[RunConfig]) -> None:
+            """Train batch ``b`` in this process and commit it."""
+            res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
+                              engine=batch_engine(engine, b))
+            with _interrupts.held():  # (as in commit)
+                results.write_part(out, res.runs, res.steps)
+            batch_committed(b)
+
         def run_all(todo: list[RunConfig]) -> None:
             batches = sorted(make_batches(todo, max_batch), key=batch_cost, reverse=True)  # ties keep order
             total[0] += sum(b[0].train.steps * len(b) for b in batches)
@@ -777,18 +819,21 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
                 _ray_batches(batches, workers, address, commit, engine)
             elif workers <= 1:
                 for b in batches:
-                    res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
-                                      engine=batch_engine(engine, b))
-                    with _interrupts.held():  # (as in commit)
-                        results.write_part(out, res.runs, res.steps)
-                    batch_committed(b)
+                    train_here(b)
             else:
                 where = str(Path(out).absolute())  # (the fork server's working directory may be another)
-                futs = {pool.submit(_commit_batch_in_worker, where, [r.as_flat_dict() for r in b], device,
-                                    batch_engine(engine, b)): b
-                        for b in batches}
-                seen_workers.update(getattr(pool, "_processes", None) or {})
-                try:
+                # while the workers start (a cold fork server: 2-3 s of imports on one CPU), this
+                # process trains the cheapest batches itself on the CPU the start leaves idle
+                batches = list(batches)
+                while batches and not pool_start.started():
+                    train_here(batches.pop())
+                pool = pool_start.pool
+                try:  # (a worker that died as it started breaks the pool before the batches are submitted)
+                    pool_start.wait()
+                    futs = {pool.submit(_commit_batch_in_worker, where, [r.as_flat_dict() for r in b], device,
+                                        batch_engine(engine, b)): b
+                            for b in batches}
+                    seen_workers.update(getattr(pool, "_processes", None) or {})
                     for fut in as_completed(futs):
                         seen_workers.update(getattr(pool, "_processes", None) or {})
                         fut.result()

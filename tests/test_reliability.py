@@ -417,7 +417,9 @@ def test_m_diameter_from_the_gram_matrix_equals_the_whole_difference_array():
 
 # 4 shapes: 4 batches (runs of one shape train together) on 2 workers, so that work is left when the
 # first part lands
-LONG = ["sweep", "--num-prompts", "6,7,8,9", "--num-responses", "8", "--steps", "2000", "--seeds", "2",
+#: A sweep that runs for seconds after its workers are up: 8 batches of about 1 s each, of which the
+#: sweep process trains the cheapest 1-3 itself while its workers start (sim.sweep.run_sweep)
+LONG = ["sweep", "--num-prompts", "48,56,64,72", "--num-responses", "16", "--steps", "50000", "--seeds", "2",
         "--estimators", "reinforce,grpo", "--workers", "2"]
 
 
@@ -478,15 +480,24 @@ def test_no_process_outlives_a_sweep_killed_with_sigkill(tmp_path):
     assert _session_left(p.pid) == []  # workers, fork server and resource tracker gone
 
 
+def _workers_of(p: subprocess.Popen) -> list[str]:
+    """The pids of the sweep ``p``'s pool workers (the fork server's children)."""
+    kids = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "forkserver"], capture_output=True,
+                          text=True).stdout.split()
+    return [w for k in kids for w in subprocess.run(["pgrep", "-P", k], capture_output=True,
+                                                    text=True).stdout.split()]
+
+
 def test_a_killed_worker_is_one_line_with_the_resume_command(tmp_path):
     out = tmp_path / "r"
     p = _start(out)
-    _wait_for_a_part(out, p)
-    kids = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "forkserver"], capture_output=True,
-                          text=True).stdout.split()
-    workers = [w for k in kids for w in subprocess.run(["pgrep", "-P", k], capture_output=True,
-                                                       text=True).stdout.split()]
+    _wait_for_a_part(out, p)  # (the sweep process's own: it trains while its workers start)
+    t0 = time.monotonic()
+    while len(workers := _workers_of(p)) < 2 and time.monotonic() - t0 < 60:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.1)
     assert workers, "no worker found"
+    time.sleep(0.5)  # each has a batch of about a second (LONG)
     for w in workers:  # every worker: one of them holds a batch that is not committed
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(w), signal.SIGKILL)

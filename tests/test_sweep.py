@@ -239,21 +239,27 @@ def test_workers_start_with_the_kernels_their_fork_server_loaded():
     assert n_advance >= 1 and n_gain >= 1, out.stdout  # 0 0 when the worker would load them itself
 
 
-def test_with_workers_the_parts_are_written_by_the_workers(tmp_path, monkeypatch):
-    """run_all with a pool: the workers commit their parts (the sweep process writing none, it only
-    reads them back), the same numbers as one process. A sweep process that still wrote them, or a
-    worker that sent its frames back for it, fails here."""
+def test_with_workers_each_part_is_written_by_the_process_that_trained_it(tmp_path, monkeypatch):
+    """run_all with a pool: the workers commit their parts, and the sweep process writes only those
+    of the batches it trained itself while the workers started (sim.sweep.run_sweep); the same
+    numbers as one process. A sweep process that wrote a worker's part, or a worker that sent its
+    frames back for it, fails here."""
     from sim import results
 
     spec = S.SweepSpec.build({"num_prompts": [3, 4], "num_responses": [3], "estimator": ["reinforce", "grpo"],
                               "steps": [40]}, seeds=2)
     one = S.run_sweep(spec, tmp_path / "one", workers=1)
-
-    def not_here(*args, **kwargs):
-        raise AssertionError("the sweep process wrote a part")
-
-    monkeypatch.setattr(results, "write_part", not_here)  # in this process only: the workers fork elsewhere
+    trained_here, written_here = [], []
+    real_train, real_write = S.train_batch, results.write_part
+    # in this process only: the workers fork from the fork server, which has neither patch
+    monkeypatch.setattr(S, "train_batch", lambda b, **kw: (trained_here.append(sorted(r.run_id for r in b)),
+                                                          real_train(b, **kw))[1])
+    monkeypatch.setattr(results, "write_part", lambda out, runs, steps: (
+        written_here.append(sorted(runs.run_id)), real_write(out, runs, steps))[1])
     two = S.run_sweep(spec, tmp_path / "two", workers=2)
+    assert written_here == trained_here
+    batches = S.make_batches(list(S.expand(spec)), S.MAX_BATCH)
+    assert len(list((tmp_path / "two" / "parts").glob("*.runs.parquet"))) == len(batches)
     pd.testing.assert_frame_equal(one[0], two[0])
     pd.testing.assert_frame_equal(one[1], two[1])
 
