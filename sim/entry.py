@@ -1,7 +1,8 @@
 """The `sim` console script. Ctrl-C and SIGTERM are held while the command line imports (sim._interrupts:
 raised inside an import's callbacks they are lost, or end the interpreter by SIGINT with nothing
 said) and take effect when sim.cli.main starts: one line, exit 130 / 143, never a traceback. Once the
-command has ended, they are ignored while the interpreter exits."""
+command has ended, they are ignored while the interpreter exits. A ``sim sweep`` / ``sim run`` with
+local workers starts their fork server first (sim._fork_server), its imports beside the command's."""
 
 import os
 import signal
@@ -12,6 +13,10 @@ def main() -> None:
     from sim import _interrupts
 
     _interrupts.hold()  # Ctrl-C from here on is acted on where it can be cleaned up (sim._interrupts)
+    from sim import _fork_server
+
+    if _fork_server.wanted_by(sys.argv[1:]):  # its imports beside ours (sim._fork_server)
+        _fork_server.start_fork_server()
     try:
         from sim.cli import main as cli_main
     except KeyboardInterrupt:

@@ -42,14 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def cache_dir() -> Path:
-    """Where the compiled kernels are cached: NUMBA_CACHE_DIR when set, else the user's cache dir."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return Path(os.environ["NUMBA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "grpo-sim" / "numba"
-
+from sim._fork_server import kernel_cache_dir as cache_dir  # (light: sim.entry reads it before numba)
+from sim._fork_server import kernels_indexed
 
 import numba  # noqa: E402
 
@@ -676,5 +670,4 @@ def is_cached() -> bool:
     try:
         return all(bool(kernel._cache._cache_file._load_index()) for kernel in (advance, gain_changes))
     except Exception:  # noqa: BLE001 -- numba's private cache API changed: the files tell
-        cache = Path(numba.config.CACHE_DIR)
-        return all(any(cache.rglob(f"kernels.{name}-*.nbi")) for name in ("advance", "gain_changes"))
+        return kernels_indexed(Path(numba.config.CACHE_DIR))

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from sim import _interrupts, estimators, results
+from sim._fork_server import start_fork_server as _start_fork_server, worker_context
 from sim.analysis import add_comparisons
 from sim.config import (AXES, PROBLEM_FIELDS, TRAIN_AXES, ConfigError, ProblemConfig, RunConfig, TrainConfig, check_value,
                         check_device, machine_bytes, parse_int, parse_value, run_bytes, validate_run)
@@ -362,44 +363,6 @@ def _warm_worker() -> None:
     from sim import _worker_preload
 
     _worker_preload.load()
-
-
-def worker_context():
-    """Start method of the local workers: a fork server that has imported the engine and loaded the
-    cached kernels once (sim._worker_preload; each worker is then a fork of it: no second torch
-    import or kernel load, no OpenMP state from this process), or spawn where fork servers do not
-    exist."""
-    import multiprocessing as mp
-
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["sim._forkserver_guard", "sim._worker_preload"])  # the guard first: dies with us
-    return ctx
-
-
-def _start_fork_server() -> None:
-    """Make sure the workers' fork server runs (it imports the engine, then loads the kernels when
-    they are cached: sim._worker_preload), started now rather than when the pool's first worker
-    starts, with SIGINT blocked from its first instruction.
-
-    A Ctrl-C to the process group in the fork server's first ~100 ms, before sim._forkserver_guard
-    ignores it, printed a KeyboardInterrupt traceback or "Fatal Python error: init_import_site" from
-    it (CI, stop 23). A blocked signal mask is inherited across fork and exec: the fork server
-    starts with SIGINT blocked, a Ctrl-C stays pending there until the guard ignores it (which
-    discards it) and unblocks it. Here only this thread blocks it for the spawn; a Ctrl-C to this
-    process is taken by another of its threads meanwhile, or waits for this one (either way it
-    reaches the handler). The resource tracker starts first: its own start unblocks SIGINT."""
-    from multiprocessing import forkserver, resource_tracker
-
-    if worker_context().get_start_method() != "forkserver":
-        return
-    resource_tracker.ensure_running()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        forkserver.ensure_running()  # (a running one: a WNOHANG wait; a dead one is started again)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _kernels_cached() -> bool:

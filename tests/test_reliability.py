@@ -597,6 +597,48 @@ def test_no_finalizer_of_a_sweep_runs_where_ctrl_c_would_be_swallowed(workers, t
     assert [ln for ln in out.stderr.splitlines() if ln.startswith("UNHELD")] == [], out.stderr
 
 
+@pytest.mark.parametrize("argv,wanted", [
+    (["sweep", "--workers", "2", "--engine", "torch"], True),
+    (["run", "--workers=3", "--engine", "torch"], True),
+    (["sweep", "--workers", "1", "--engine", "torch"], False),
+    (["sweep", "--engine", "torch"], False),  # the default: one worker
+    (["sweep", "--workers", "2", "--workers", "1", "--engine", "torch"], False),  # the last one counts
+    (["sweep", "--workers", "2", "--backend", "ray", "--engine", "torch"], False),
+    (["sweep", "--workers", "two", "--engine", "torch"], False),  # refused later, by the command
+    (["sweep", "--workers", "\u0662", "--engine", "torch"], False),  # a non-ASCII digit
+    (["figures", "--workers", "2", "--engine", "torch"], False),
+    ([], False),
+])
+def test_which_command_lines_start_the_fork_server_before_their_imports(argv, wanted):
+    """sim._fork_server.wanted_by, read by sim.entry before the command line's imports."""
+    from sim import _fork_server
+
+    assert _fork_server.wanted_by(argv) is wanted
+
+
+def test_a_sweep_with_workers_starts_its_fork_server_before_importing_torch(tmp_path):
+    """sim.entry starts the fork server first, so that its imports (about 2.7 s) run beside the
+    command line's own; before, it started once the sweep had imported torch, pandas and numba."""
+    code = ("import importlib.abc, sys\n"
+            "class Spy(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'torch':\n"
+            "            from multiprocessing import forkserver\n"
+            "            print('fork server up', forkserver._forkserver._forkserver_pid is not None)\n"
+            "            sys.meta_path.remove(self)\n"
+            "if __name__ == '__main__':\n"
+            "    sys.meta_path.insert(0, Spy())\n"
+            "    sys.argv = ['sim', *sys.argv[1:]]\n"
+            "    from sim.entry import main\n"
+            "    main()\n")
+    out = subprocess.run([sys.executable, "-c", code, "sweep", "--num-prompts", "3", "--steps", "20", "--seeds", "2",
+                          "--estimators", "reinforce,grpo", "--workers", "2", "--engine", "torch",
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "fork server up True", out.stdout
+
+
 def test_the_fork_server_ignores_ctrl_c_from_its_first_instruction():
     """sim.sweep._start_fork_server: the fork server starts with SIGINT blocked (a SIGINT in its first
     ~100 ms, before sim._forkserver_guard ran, printed a KeyboardInterrupt traceback or "Fatal Python
