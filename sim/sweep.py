@@ -757,11 +757,15 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             if on_batch:
                 on_batch(runs_done[0], runs_total[0])
 
+        def write_part_here(runs_df, steps_df) -> None:
+            """Commit a part from this process, Ctrl-C held (a ParquetWriter's __del__ would swallow it)."""
+            with _interrupts.held():
+                results.write_part(out, runs_df, steps_df)
+
         def commit(b, runs_df=None, steps_df=None):
             """A batch is committed: by this process (its frames given) or by the worker that ran it."""
             if runs_df is not None:
-                with _interrupts.held():  # (a ParquetWriter's __del__ would swallow a Ctrl-C: it waits for the commit)
-                    results.write_part(out, runs_df, steps_df)
+                write_part_here(runs_df, steps_df)
             advance(b[0].train.steps * len(b))
             batch_committed(b)
 
@@ -769,8 +773,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool = False, workers: int = 1
             """Train batch ``b`` in this process and commit it."""
             res = train_batch(b, on_progress=lambda n, size=len(b): advance(n * size), device=device,
                               engine=batch_engine(engine, b))
-            with _interrupts.held():  # (as in commit)
-                results.write_part(out, res.runs, res.steps)
+            write_part_here(res.runs, res.steps)
             batch_committed(b)
 
         def run_all(todo: list[RunConfig]) -> None:
