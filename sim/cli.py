@@ -419,6 +419,7 @@ app.command("sweep")(_make_command(
 
 @app.command("figures")
 def figures_command(
+    ctx: typer.Context,
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="where the PDF/PNG files and README.md go "
                                       "[default: paper_figs; with --from, the first DIR's figures/]"),
     only: Optional[str] = typer.Option(None, "--only", metavar="NAME", help="build one figure (by name, see "
@@ -427,7 +428,8 @@ def figures_command(
                                                   "instead (an LLM or TRL run's, a sweep's; repeat to join several), "
                                                   "running nothing"),
     quick: bool = typer.Option(False, "--quick", help="small configs (the [quick] table of each experiment)"),
-    results_root: str = typer.Option("results/figures", "--results", metavar="DIR", help="where the sweeps' results are stored"),
+    results_root: Optional[str] = typer.Option(None, "--results", metavar="DIR", help="where the sweeps' results are "
+                                               "stored [default: results/figures]"),
     backend: str = typer.Option("local", "--backend", metavar="[local|ray]", help="where missing sweeps run"),
     address: Optional[str] = typer.Option(None, "--address", metavar="HOST:PORT", help="Ray cluster to join (ray backend)"),
     engine: str = typer.Option("auto", "--engine", metavar="[auto|numba|torch]", help=ENGINE_HELP),
@@ -437,9 +439,10 @@ def figures_command(
     from paper_figs import build as figures_mod  # the CLI is the one sim module that imports paper_figs
 
     if from_dirs:
-        unused = [name for name, given in (("--quick", quick), ("--results", results_root != "results/figures"),
-                                           ("--backend", backend != "local"), ("--address", address is not None),
-                                           ("--engine", engine != "auto")) if given]
+        # given on the command line at all, even at its default (an explicit --results results/figures too)
+        unused = [option for option, param in (("--quick", "quick"), ("--results", "results_root"),
+                                               ("--backend", "backend"), ("--address", "address"), ("--engine", "engine"))
+                  if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"]
         if unused:
             raise ConfigError(f"from: {', '.join(unused)} choose how sweeps run; --from runs none")
         dirs = [Path(d).expanduser() for d in from_dirs]
@@ -463,7 +466,8 @@ def figures_command(
             progress.update(task, completed=done, total=total)
 
         outcomes = figures_mod.build_figures(out, only=only, quick=quick,
-                                             results_root=results.out_path(results_root, "results"),
+                                             results_root=results.out_path(figures_mod.RESULTS_ROOT if results_root is None
+                                                                           else results_root, "results"),
                                              on_progress=on_progress, on_figure=on_figure, backend=backend,
                                              engine=engine, on_compile=_say_compiling,
                                              address=address)

@@ -218,6 +218,10 @@ def test_figures_from_results_directories_join_them_and_refuse_bad_input_in_one_
            (["--from", str(thin), "--only", "speedup_heatmap"], "figure speedup_heatmap: runs lack"),
            (["--from", str(a), "--from", str(tmp_path / "nope")], "no such results directory"),
            (["--from", str(a), "--quick", "--engine", "torch"], "from: --quick, --engine choose how sweeps run"),
+           # given at their defaults, they are still given: refused, not silently dropped
+           (["--from", str(a), "--results", "results/figures", "--backend", "local"],
+            "from: --results, --backend choose how sweeps run"),
+           (["--from", str(a), "--engine", "auto"], "from: --engine choose how sweeps run"),
            (["--from", str(one_step), "--only", "convergence_rate"], "figure convergence_rate:")]
     for args, why in bad:
         code, out, err = run_cli(["figures", *args, "--out", str(tmp_path / "never")], capsys)
