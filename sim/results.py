@@ -63,8 +63,17 @@ class ResultsError(ValueError):
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and setting it back: os has no read-only call; no
-    thread of this package writes files while another reads it)."""
+    """The process's umask, read from /proc/self/status (Linux >= 4.7) where it can be: os has no
+    read-only call, and setting it to 0 and back would, for an instant, give 0 to whatever another
+    thread creates or starts meanwhile (the sweep's helper thread starts the workers while the sweep
+    process writes its parts). Elsewhere it is read by setting it and setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -721,3 +721,23 @@ def test_a_broken_pool_names_the_most_telling_death():
     assert deaths(S.UNREPORTED_EXIT, 1) == "exit code 1"
     assert deaths(S.UNREPORTED_EXIT, -signal.SIGTERM) == "exit code 255"  # SIGTERM: the pool's own, to survivors
     assert deaths(-signal.SIGTERM, None, 0) == "unknown cause"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="no /proc/self/status here")
+def test_reading_the_umask_never_sets_it_where_proc_tells_it(monkeypatch):
+    """Where /proc/self/status gives the umask, it is read, not set to 0 and back: a thread starting
+    a worker meanwhile (the sweep's pool start) would hand it umask 0 for that instant."""
+    import os
+
+    from sim import results
+
+    old = os.umask(0o027)
+    try:
+        def no_set(mask):
+            raise AssertionError(f"os.umask({mask:o}) called")
+
+        monkeypatch.setattr(os, "umask", no_set)
+        assert results._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
