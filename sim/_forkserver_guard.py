@@ -12,9 +12,12 @@ imported the engine it printed a KeyboardInterrupt traceback beside the sweep's 
 sweep process alone acts on Ctrl-C; the workers it forks start with SIGINT ignored. (Before this
 runs, SIGINT is blocked: the sweep started the fork server so.)"""
 
+import os
 import signal
 
 from sim._parent_death import die_with_parent
+
+SERVER_PID = os.getpid()  # inherited by every worker forked from here: the parent it must have (sim.sweep._die_with_parent)
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # (discards a Ctrl-C pending since the start)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by sim.sweep._start_fork_server

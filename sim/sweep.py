@@ -28,6 +28,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 import threading
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -378,10 +379,15 @@ def _kernels_cached() -> bool:
 def _die_with_parent() -> None:
     """In a worker: end this process when its parent does, however the parent dies (kill -9
     included). Linux: PR_SET_PDEATHSIG = SIGKILL (the parent is the fork server, which ends with the
-    sweep's process); everywhere: a thread that exits when the parent pid changes (reparenting)."""
+    sweep's process); everywhere: a thread that exits when the parent pid changes (reparenting).
+    A fork server's worker compares with the fork server's pid, recorded there before the fork
+    (sim._forkserver_guard.SERVER_PID), not with the parent it sees now: a fork server killed in
+    the instant between forking it and this call (the sweep killed as its workers start) left it
+    to init, and both workers outlived the sweep, blocked on the pool's queue (CI, 2026-12-07)."""
     from sim._parent_death import die_with_parent
 
-    parent = die_with_parent()
+    guard = sys.modules.get("sim._forkserver_guard")  # present in a fork of the fork server only
+    parent = die_with_parent(getattr(guard, "SERVER_PID", None))
 
     def watch():
         import time

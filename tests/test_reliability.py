@@ -741,3 +741,33 @@ def test_reading_the_umask_never_sets_it_where_proc_tells_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+def _exit_code_of_a_fork(child) -> int:
+    """Run ``child()`` in a fork of this process; its exit code (0 when it returns)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child()
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_worker_whose_fork_server_died_before_it_ran_ends(monkeypatch):
+    """A worker compares its parent with the fork server's pid recorded before the fork, not with the
+    parent it sees when it starts: one forked in the instant before its fork server was killed has
+    init (or a subreaper) as its parent by then, and would otherwise outlive the sweep."""
+    import types
+
+    from sim import sweep
+    from sim._parent_death import die_with_parent
+
+    me = os.getpid()  # (read here: in the child's lambda it would be the child's)
+    assert _exit_code_of_a_fork(lambda: die_with_parent(me)) == 0  # its parent is this process
+    assert _exit_code_of_a_fork(lambda: die_with_parent(me + 10**6)) == 1  # not the one it had
+    # in a fork of the fork server: the guard's SERVER_PID is the parent it must have
+    monkeypatch.setitem(sys.modules, "sim._forkserver_guard", types.SimpleNamespace(SERVER_PID=me + 10**6))
+    assert _exit_code_of_a_fork(sweep._die_with_parent) == 1
+    monkeypatch.setitem(sys.modules, "sim._forkserver_guard", types.SimpleNamespace(SERVER_PID=me))
+    assert _exit_code_of_a_fork(sweep._die_with_parent) == 0
