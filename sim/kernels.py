@@ -45,7 +45,7 @@ import numpy as np
 from sim._fork_server import kernel_cache_dir as cache_dir  # (light: sim.entry reads it before numba)
 from sim._fork_server import kernels_indexed
 
-import numba  # noqa: E402
+import numba
 
 if not numba.config.CACHE_DIR:  # read when the kernels below are decorated
     numba.config.CACHE_DIR = str(cache_dir())

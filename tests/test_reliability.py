@@ -723,12 +723,10 @@ def test_a_broken_pool_names_the_most_telling_death():
     assert deaths(-signal.SIGTERM, None, 0) == "unknown cause"
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="no /proc/self/status here")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="no /proc/self/status here")
 def test_reading_the_umask_never_sets_it_where_proc_tells_it(monkeypatch):
     """Where /proc/self/status gives the umask, it is read, not set to 0 and back: a thread starting
     a worker meanwhile (the sweep's pool start) would hand it umask 0 for that instant."""
-    import os
-
     from sim import results
 
     old = os.umask(0o027)
