@@ -399,7 +399,7 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
     if not chosen:
         raise FigureInputError(f"figure {name}: the results hold no adaptive estimator ({', '.join(ADAPTIVE_NAMES)})")
     with apply_style():
-        fig, axes = plt.subplots(1, len(chosen), figsize=(DOUBLE_COLUMN, 2.9), squeeze=False)
+        fig, axes = plt.subplots(1, len(chosen), figsize=(DOUBLE_COLUMN, 3.1), squeeze=False)
         for ax, est in zip(axes[0], chosen):
             try:
                 card = adaptive_scorecard(runs, steps, est)
@@ -424,11 +424,11 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             n_iii = int(card["phase_iii"].sum())
-            ax.set_title(f"{sty['label']}\nwithin 10% of the best in {int(card['within'].sum())}/{len(card)} cells\n"
-                         f"faster than each in {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii} "
+            ax.set_title(f"{sty['label']}\nwithin 10% of the best: {int(card['within'].sum())}/{len(card)} cells\n"
+                         f"faster than each: {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii} "
                          "phase-III cells", fontsize=7)
-            ax.set_xlabel("best of GRPO, Dr. GRPO, REINFORCE: steps to target")
-            ax.set_ylabel(f"{sty['label']}: steps to target")
-        axes[0][0].legend(loc="upper left")
+            ax.set_xlabel("best of GRPO, Dr. GRPO,\nREINFORCE: steps to target")
+            ax.set_ylabel("steps to target")
+        axes[0][0].legend(loc="upper left", fontsize=6)
         fig.tight_layout()
     return fig

@@ -26,9 +26,12 @@ Adaptive estimators (issue 16) carry a state from step to step, passed in and re
                  a_t from the measured gradient orthogonality rho_t, ``phase_aware_alpha``)
     grpo_finite  A_ig = (R_ig - mean_(h != g) R_ih) / (c_i sqrt(pt (1 - pt)) + eps)   (``grpo_finite``:
                  leave-one-out std with a running prior, the finite-G correction)
+    grpo_shrunk  A_ig = (R_ig - lambda mean_(h != g) R_ih) / (c_i sqrt(pt (1 - pt)) + eps)   (``grpo_shrunk``:
+                 grpo_finite with its baseline shrunk, lambda_t = rho_peak^2 from the measured rho_t)
 
 A constant group (all G rewards equal) gets advantage exactly 0 under every
-baselined estimator (everything but ``reinforce``, which has no baseline). The mean is
+baselined estimator (everything but ``reinforce``, which has no baseline, and ``grpo_shrunk``
+while its baseline is shrunk). The mean is
 taken relative to the group's first reward, R_ig - mean_g R_ig = d_ig - mean_g d_ig with
 d_ig = R_ig - R_i1: d is exactly 0 for a constant group (x - y == 0 iff x == y in IEEE
 arithmetic), so the centred rewards and the std are exactly 0 there, whereas ``mean`` of
@@ -164,8 +167,8 @@ def whiten(adv: torch.Tensor, *, ddof: int, var_floor: float = 0.0, eps: float =
 
 
 # -- adaptive normalization (issue 16): pure functions, any state passed in and returned ---------------
-# The registry entries grpo_phase and grpo_finite use them through their rules (PhaseAware,
-# FiniteGCorrected); the torch engine, sim.reference and the LLM runners (PromptStates) thread the
+# The registry entries grpo_phase, grpo_finite and grpo_shrunk use them through their rules (PhaseAware,
+# FiniteGCorrected, ShrunkBaseline); the torch engine, sim.reference and the LLM runners (PromptStates) thread the
 # state; the numba kernels do not run them.
 
 def grpo_interpolated(rewards: torch.Tensor, *, alpha: float | torch.Tensor, ddof: int = 1, eps: float = 1e-4,
@@ -345,11 +348,27 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     slower than GRPO's rate at the same lr; a stale p_bar can be below it for a while.
     rewards [..., P, G] -> [..., P, G]; state fields [..., P] (broadcast against rewards[..., 0]).
     """
-    g = rewards.shape[-1]
-    if g < 2:
-        raise ValueError("grpo_finite needs group size G >= 2")
+    _check_finite_rewards("grpo_finite", rewards)
+    return _safe_ratio(_loo_centred(rewards), _finite_scale_den(rewards, state, prior, eps), eps)
+
+
+def _check_finite_rewards(name: str, rewards: torch.Tensor) -> None:
+    if rewards.shape[-1] < 2:
+        raise ValueError(f"{name} needs group size G >= 2")
     if bool((rewards < 0).any()):  # c = the largest reward would not bound them: pt could leave (0, 1)
-        raise ValueError(f"grpo_finite needs rewards >= 0 (verifiable rewards in {{0, c}}), got {float(rewards.min()):g}")
+        raise ValueError(f"{name} needs rewards >= 0 (verifiable rewards in {{0, c}}), got {float(rewards.min()):g}")
+
+
+def _loo_centred(rewards: torch.Tensor) -> torch.Tensor:
+    """R_ig - mean_(h != g) R_ih [..., P, G], relative to the first reward: exactly 0 for a constant group."""
+    d = rewards - rewards[..., :1]
+    return d - (d.sum(-1, keepdim=True) - d) / (rewards.shape[-1] - 1)
+
+
+def _finite_scale_den(rewards: torch.Tensor, state, prior: float, eps: float) -> torch.Tensor:
+    """grpo_finite's denominator c_i sqrt(pt_ig (1 - pt_ig)) + eps [..., P, G] (its docstring); ``state``
+    any state with p_bar, c, seen [..., P] (FiniteGState, ShrunkState) or None."""
+    g = rewards.shape[-1]
     c = _largest_reward(rewards, state)  # [..., P]
     total = rewards.sum(-1, keepdim=True)
     others = _safe_ratio(total - rewards, c.unsqueeze(-1))  # [..., P, G]: k_-g in units of c
@@ -359,9 +378,7 @@ def grpo_finite(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
         n0 = torch.where(state.seen, prior, 0.0).to(rewards.dtype).unsqueeze(-1)  # [..., P, 1]
         pb = state.p_bar.unsqueeze(-1)
     pt = (others + n0 * pb + 0.5) / (g + n0)
-    d = rewards - rewards[..., :1]  # relative to the first reward: exactly 0 for a constant group
-    loo = d - (d.sum(-1, keepdim=True) - d) / (g - 1)  # R_g - mean of the others
-    return _safe_ratio(loo, c.unsqueeze(-1) * (pt * (1 - pt)).sqrt() + eps, eps)
+    return c.unsqueeze(-1) * (pt * (1 - pt)).sqrt() + eps
 
 
 def _largest_reward(rewards: torch.Tensor, state: FiniteGState | None) -> torch.Tensor:
@@ -388,13 +405,27 @@ class FiniteGCorrected:
         return grpo_finite(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior)
 
     def step(self, rewards, state, rho, *, ddof, eps):
-        adv = self.at(rewards, state, ddof=ddof, eps=eps)
+        return self.at(rewards, state, ddof=ddof, eps=eps), self.next_prompt_state(rewards, state)
+
+    def next_prompt_state(self, rewards, state) -> FiniteGState:
+        """The per-prompt state after a step with ``rewards`` [..., P, G] (``state``: any with p_bar,
+        c, seen [..., P], or None)."""
         c = _largest_reward(rewards, state)
         rate = _safe_ratio(rewards.mean(-1), c)  # [..., P]: this group's success rate (0 while c = 0)
         if state is None:
-            return adv, FiniteGState(rate, c, torch.ones_like(rate, dtype=torch.bool))
+            return FiniteGState(rate, c, torch.ones_like(rate, dtype=torch.bool))
         p_bar = torch.where(state.seen, state.p_bar + (1 - self.decay) * (rate - state.p_bar), rate)
-        return adv, FiniteGState(p_bar, c, torch.ones_like(state.seen))
+        return FiniteGState(p_bar, c, torch.ones_like(state.seen))
+
+    @staticmethod
+    def with_run_state(prompt_state: FiniteGState, run_state) -> FiniteGState:
+        """The rule's state from its per-prompt part and its per-run part (none here): PromptStates."""
+        return prompt_state
+
+    @staticmethod
+    def run_state(state):
+        """The per-run part of ``state`` (none here): PromptStates keeps it beside its per-prompt table."""
+        return None
 
     def scale_at(self, sigma, mu, state, eps):
         return _group_std_limit(sigma, mu, eps)
@@ -403,12 +434,125 @@ class FiniteGCorrected:
         return _group_std_limit(sigma, mu, eps), None
 
 
+@dataclass(frozen=True)
+class ShrunkState:
+    """State of ``ShrunkBaseline``: grpo_finite's per-prompt fields p_bar, c, seen [..., P]
+    (FiniteGState) and phase_aware_alpha's per-run fields rho_ema, rho_peak [...] (PhaseState)."""
+
+    p_bar: torch.Tensor
+    c: torch.Tensor
+    seen: torch.Tensor
+    rho_ema: torch.Tensor
+    rho_peak: torch.Tensor
+
+
+#: ``grpo_shrunk``'s exponent q in lambda = rho_peak^q (its docstring: a calibration, not derived).
+SHRINK_EXPONENT = 2.0
+
+
+def baseline_fraction(rho_peak, exponent: float = SHRINK_EXPONENT) -> torch.Tensor:
+    """lambda = rho_peak^q in [0, 1] (``grpo_shrunk``): 1 where nothing has been measured (NaN, None)."""
+    if rho_peak is None:
+        return torch.ones(())
+    peak = torch.as_tensor(rho_peak)
+    return torch.where(torch.isnan(peak), torch.ones_like(peak), peak.clamp(0.0, 1.0) ** exponent)
+
+
+def grpo_shrunk(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
+                state: ShrunkState | FiniteGState | None = None, prior: float = 8.0,
+                fraction: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """grpo_finite with its leave-one-out baseline shrunk by a factor lambda = ``fraction`` in [0, 1]:
+
+        A_ig = (R_ig - lambda mean_(h != g) R_ih) / (c_i sqrt(pt_ig (1 - pt_ig)) + eps),
+
+    pt_ig, c_i as in ``grpo_finite`` (``state``'s p_bar, c, seen). lambda = 1 is grpo_finite bit for
+    bit, lambda = 0 its scale without a baseline (REINFORCE's advantages, finite-G scaled). The
+    baseline and the scale read only the other samples and earlier steps, so for every lambda the
+    expected step is grpo_finite's h~_G(p) grad J_i: lambda moves only the variance. A constant group
+    gives (1 - lambda) R / scale: 0 where lambda = 1 or R = 0 (as REINFORCE, not as a baselined
+    estimator). rewards [..., P, G]; fraction a float or [...] (one per leading batch element).
+    """
+    _check_finite_rewards("grpo_shrunk", rewards)
+    lam = torch.as_tensor(fraction, dtype=rewards.dtype, device=rewards.device)
+    if bool(((lam < 0) | (lam > 1) | torch.isnan(lam)).any()):
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    lam = lam.reshape(lam.shape + (1, 1))  # [..., 1, 1]
+    loo = _loo_centred(rewards)
+    adv = torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards)  # R - lam mean_others
+    return _safe_ratio(adv, _finite_scale_den(rewards, state, prior, eps), eps)
+
+
+class ShrunkBaseline(FiniteGCorrected):
+    """``grpo_shrunk``: grpo_finite's finite-G scale, with its leave-one-out baseline shrunk by
+    lambda_t = rho_peak_t^q, q = ``SHRINK_EXPONENT`` = 2, rho_peak_t the largest running mean of the
+    measured gradient orthogonality rho_t so far (``phase_aware_alpha``'s state: the orthogonality the
+    run has had; 1 for orthogonal prompts).
+
+    Why (README 'Adaptive normalization': our reconstruction and our measurements). A baseline that
+    reads only the other samples leaves the expected step alone and changes its second moment. To
+    second order, at its tuned lr an update g gains (grad J . E g)^2 / (2 E[-g^T H g]) per step
+    (H = Hess J), so what a baseline b_i costs or saves is the curvature-weighted second moment
+    E[(R - b_i)^2 (-s^T H s)] of prompt i's scores s. With orthogonal prompts a score lies in its
+    prompt's own block and meets only that prompt's curvature; with shared parameters its shared part
+    meets every prompt's. Measured exactly at theta = 0 on fig. 8's problems: the curvature-weighted
+    second moment of a score is 10x larger at o = 0.3 than at o = 1, and the b_i minimising it is 0.2
+    to 0.4 of the mean reward (median over prompts; 0 on near-solved prompts), so REINFORCE's b = 0
+    is nearer to it than the mean (experiments/baseline_curvature.py): the one-step gain ratio RLOO /
+    REINFORCE it predicts, 0.65 at o = 0.3, difficulty 0.3, reward spread 1, G = 4, is the measured
+    1 / 1.49 there, and has the measured sign, not size, in three more cells. At o = 1 the baseline
+    costs about nothing and the full leave-one-out baseline is the usual choice (it wins fig. 8's
+    failure-mode cells). The rule reads the sharing from rho (1 - the mean |cos| between prompts' gradients): full
+    baseline at rho_peak = 1, shrinking as prompts share more. The exponent is a calibration on fig.
+    8's grid (q = 1: 28 of 32 sampled cells within 10%, q = 2: 31, 4 seeds), not a derivation; the peak,
+    not rho_t, because the orthogonality lost late in training (phase III) is grpo_phase's business,
+    and the baseline's cost is set by the sharing from the start.
+    Exact mode is grpo_finite's (the expected step does not depend on lambda): needs no state.
+    Rate (orthogonal case): rho_t = 1 at every step, lambda = 1, so the rule is grpo_finite step for
+    step, with its rate (not slower than GRPO's; tests/test_adaptive.py).
+    Cost per step: grpo_finite's O(P G) plus rho_t (as grpo_phase: O(P^2 d) from P per-prompt
+    gradients or sketches of dimension d); two numbers per prompt and two per run of state."""
+
+    needs_rho = True
+    per_prompt = True  # p_bar, c per prompt (PromptStates keys them by prompt), rho_ema and rho_peak per run
+
+    def __init__(self, decay: float = 0.9, prior: float = 8.0, exponent: float = SHRINK_EXPONENT):
+        super().__init__(decay, prior)
+        self.exponent = exponent
+
+    def fraction(self, state) -> torch.Tensor:
+        return baseline_fraction(None if state is None else getattr(state, "rho_peak", None), self.exponent)
+
+    def at(self, rewards, state, *, ddof, eps):
+        return grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=self.fraction(state))
+
+    def step(self, rewards, state, rho, *, ddof, eps):
+        run = self.run_state(state)
+        _, run = phase_aware_alpha(rho, run, decay=self.decay)  # rho_ema, rho_peak after this step's rho_t
+        prompt = None if state is None or getattr(state, "p_bar", None) is None else state
+        adv = grpo_shrunk(rewards, ddof=ddof, eps=eps, state=prompt, prior=self.prior,
+                          fraction=baseline_fraction(run.rho_peak, self.exponent))
+        return adv, self.with_run_state(self.next_prompt_state(rewards, prompt), run)
+
+    @staticmethod
+    def with_run_state(prompt_state, run_state) -> ShrunkState:
+        if run_state is None:  # nothing measured yet: NaN, read as lambda = 1
+            nan = torch.full((), float("nan"), dtype=prompt_state.p_bar.dtype)
+            run_state = PhaseState(nan, nan)
+        return ShrunkState(prompt_state.p_bar, prompt_state.c, prompt_state.seen, run_state.rho_ema, run_state.rho_peak)
+
+    @staticmethod
+    def run_state(state) -> PhaseState | None:
+        if state is None or getattr(state, "rho_peak", None) is None:
+            return None
+        return PhaseState(state.rho_ema, state.rho_peak)
+
+
 class PromptStates:
     """An adaptive estimator's advantages across the steps of an LLM run (sim.llm: the native runner
     and the TRL backend, the same object): a per-prompt state (grpo_finite) is kept per prompt key
     (the prompt text: prompts are drawn from a data set, so a batch's rows change from step to step)
     and gathered into the batch's rows before the step, scattered back after it; a per-run state
-    (grpo_phase) is kept as is. Every process computes it from the gathered rewards and keys, so
+    (grpo_phase; grpo_shrunk's rho_ema and rho_peak beside its per-prompt table) is kept as is. Every process computes it from the gathered rewards and keys, so
     all hold the same state."""
 
     def __init__(self, name: str, ddof: int, eps: float):
@@ -417,7 +561,7 @@ class PromptStates:
             raise ValueError(f"{name} is not an adaptive estimator")
         self.ddof, self.eps = ddof, eps
         self.table: dict = {}  # prompt key -> (p_bar, c) (per-prompt rules)
-        self.state = None  # per-run rules
+        self.state = None  # per-run rules, and a per-prompt rule's per-run part
 
     def __call__(self, rewards: torch.Tensor, keys: list, rho: torch.Tensor | None = None) -> torch.Tensor:
         """Advantages [P, G] of rewards [P, G] for the prompts ``keys`` [P]; rho: the step's measured
@@ -438,7 +582,8 @@ class PromptStates:
         known = [r if r is not None else (0.0, 0.0) for r in rows]
         state = FiniteGState(torch.tensor([r[0] for r in known], dtype=rewards.dtype),
                              torch.tensor([r[1] for r in known], dtype=rewards.dtype), seen)
-        adv, new = rule.step(clean, state, rho, ddof=self.ddof, eps=self.eps)
+        adv, new = rule.step(clean, rule.with_run_state(state, self.state), rho, ddof=self.ddof, eps=self.eps)
+        self.state = rule.run_state(new)  # a per-run part beside the table (grpo_shrunk's rho_peak), or None
         for k, p_bar, c, skip in zip(keys, new.p_bar.tolist(), new.c.tolist(), bad.tolist()):
             if not skip:
                 self.table[k] = (p_bar, c)  # a prompt drawn twice in one batch: its last row's
@@ -518,7 +663,7 @@ class EstimatorSpec:
     eps: float | None = None
     whitening: Whitening | None = None
     finite_scale: Callable | None = None
-    adaptive: PhaseAware | FiniteGCorrected | None = None
+    adaptive: PhaseAware | FiniteGCorrected | ShrunkBaseline | None = None
 
     def __post_init__(self):
         if not callable(self.advantage) or not callable(self.population_scale):
@@ -593,6 +738,9 @@ _BASE = (
                   "none (std_i^alpha std_B^(1-alpha), alpha from the measured rho_t)", adaptive=PhaseAware()),
     EstimatorSpec("grpo_finite", "GRPO (finite-G corrected)", grpo_finite, _group_std_limit, None, True, 2, True,
                   "none (leave-one-out std with a running prior)", adaptive=FiniteGCorrected()),
+    EstimatorSpec("grpo_shrunk", "GRPO (shrunk baseline)", grpo_finite, _group_std_limit, None, True, 2, True,
+                  "none (grpo_finite, its baseline times rho_peak^2 from the measured rho_t)",
+                  adaptive=ShrunkBaseline()),
 )
 _BY_BASE = {s.name: s for s in _BASE}
 

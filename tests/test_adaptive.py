@@ -334,3 +334,124 @@ def test_prompt_states_keep_a_state_per_prompt_across_batches():
         E.PromptStates("grpo", 1, 1e-4)
     with pytest.raises(ValueError, match="needs the step's rho_t"):
         E.PromptStates("grpo_phase", 1, 1e-4)(r, keys)
+
+
+# -- grpo_finite with a shrunk baseline (grpo_shrunk) ------------------------------------------------
+
+def _shrunk_advantage(p_bar: float, c: float, prior: float, fraction: float):
+    """grpo_shrunk at a fixed state and baseline fraction, as a function of one group's rewards [n, G]."""
+    def adv(rows):
+        n = rows.shape[0]
+        state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64),
+                               torch.ones(n, 1, dtype=torch.bool))
+        return E.grpo_shrunk(rows.unsqueeze(-2), state=state, prior=prior, fraction=fraction).squeeze(-2)
+    return adv
+
+
+@settings(max_examples=40, deadline=None)
+@given(G=st.integers(2, 10), p=st.floats(0.01, 0.99), p_bar=st.floats(0.0, 1.0), c=st.floats(0.5, 5.0),
+       prior=st.sampled_from([0.0, 8.0]), fraction=st.floats(0.0, 1.0))
+def test_shrunk_baseline_moves_only_the_variance_not_the_expected_step(G, p, p_bar, c, prior, fraction):
+    """The baseline reads only the other samples, so E[update_i] = h~_G(p) grad J_i (grpo_finite's
+    closed form) for every fraction lambda: exact enumeration over the group's success counts."""
+    want = float(loo_expected_scale(torch.tensor(p, dtype=torch.float64), G, c, 1e-4, p_bar, prior))
+    got = expected_scale(_shrunk_advantage(p_bar, c, prior, fraction), p, c, G)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_shrunk_baseline_ends_are_grpo_finite_and_its_scale_without_a_baseline():
+    gen = torch.Generator().manual_seed(5)
+    r = _rewards(gen, shape=(3, 4, 6))
+    state = E.FiniteGState(torch.rand(3, 4, generator=gen, dtype=torch.float64), torch.full((3, 4), 2.5, dtype=torch.float64),
+                           torch.rand(3, 4, generator=gen) < 0.7)
+    assert torch.equal(E.grpo_shrunk(r, state=state, fraction=1.0), E.grpo_finite(r, state=state))
+    # lambda = 0: A = R / (c sqrt(pt (1 - pt)) + eps), i.e. grpo_finite's advantage times R / (R - mean_others)
+    none = E.grpo_shrunk(r, state=state, fraction=0.0)
+    finite = E.grpo_finite(r, state=state)
+    loo = r - (r.sum(-1, keepdim=True) - r) / 5
+    mask = loo != 0
+    assert torch.allclose(none[mask], (finite * r)[mask] / loo[mask], rtol=1e-12)
+    # one lambda per run (a [3] fraction) is each run's own
+    lam = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    per_run = E.grpo_shrunk(r, state=state, fraction=lam)
+    for i in range(3):
+        one = E.FiniteGState(state.p_bar[i], state.c[i], state.seen[i])
+        assert torch.equal(per_run[i], E.grpo_shrunk(r[i], state=one, fraction=float(lam[i])))
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        E.grpo_shrunk(r, fraction=1.5)
+    with pytest.raises(ValueError, match="rewards >= 0"):
+        E.grpo_shrunk(-r)
+
+
+def test_shrunk_baseline_constant_groups_and_zero_eps_give_no_nan():
+    """A constant group of successes gets (1 - lambda) R / scale (REINFORCE's push, finite-G scaled),
+    one of failures 0; with eps = 0 and a prompt never rewarded (c = 0) the advantage is 0, not NaN."""
+    ones = torch.full((2, 4), 2.0, dtype=torch.float64)
+    A = E.grpo_shrunk(ones, fraction=0.25)
+    pt = (3 + 0.5) / 4  # the other 3 all succeed, no prior
+    assert torch.allclose(A, torch.full_like(ones, 0.75 * 2.0 / (2.0 * math.sqrt(pt * (1 - pt)) + 1e-4)), rtol=1e-12)
+    assert torch.equal(E.grpo_shrunk(ones, fraction=1.0), torch.zeros_like(ones))
+    zeros = torch.zeros(2, 4, dtype=torch.float64)
+    assert torch.equal(E.grpo_shrunk(zeros, eps=0.0, fraction=0.0), zeros)
+
+
+def test_shrunk_rule_takes_lambda_from_the_runs_peak_orthogonality():
+    """lambda_t = rho_peak_t^2, rho_peak the largest running mean of rho_t (phase_aware_alpha's state),
+    read with this step's rho_t; NaN (nothing measured) reads as lambda = 1; the per-prompt state is
+    grpo_finite's."""
+    rule = E.get("grpo_shrunk").adaptive
+    gen = torch.Generator().manual_seed(2)
+    r = _rewards(gen, shape=(2, 3, 5))
+    A, s = rule.step(r, None, torch.tensor([0.6, float("nan")], dtype=torch.float64), ddof=1, eps=1e-4)
+    assert torch.equal(A, E.grpo_shrunk(r, fraction=torch.tensor([0.36, 1.0], dtype=torch.float64)))
+    fin = E.get("grpo_finite").adaptive.next_prompt_state(r, None)
+    assert torch.equal(s.p_bar, fin.p_bar) and torch.equal(s.c, fin.c)
+    # rho_ema <- 0.6 + 0.1 (0.9 - 0.6) = 0.63 is the new peak; then rho falls: the peak, and lambda, stay
+    r1 = _rewards(gen, shape=(2, 3, 5))
+    A1, s1 = rule.step(r1, s, torch.tensor([0.9, 0.5], dtype=torch.float64), ddof=1, eps=1e-4)
+    assert s1.rho_peak.tolist() == pytest.approx([0.63, 0.5], abs=1e-15)
+    assert torch.allclose(A1, E.grpo_shrunk(r1, state=s, fraction=s1.rho_peak**2), rtol=0, atol=0)
+    _, s2 = rule.step(r1, s1, torch.tensor([0.1, 0.1], dtype=torch.float64), ddof=1, eps=1e-4)
+    assert torch.equal(s2.rho_peak, s1.rho_peak) and float(s2.rho_ema[0]) < float(s1.rho_ema[0])
+    assert torch.equal(rule.at(r1, s2, ddof=1, eps=1e-4), E.grpo_shrunk(r1, state=s2, fraction=s2.rho_peak**2))
+
+
+def test_shrunk_rule_in_the_engine_is_grpo_finite_on_orthogonal_prompts():
+    """The convergence statement of grpo_shrunk: on orthogonal prompts (o = 1, rho_t = 1 exactly)
+    lambda = 1 at every step, so the run is grpo_finite's, bit for bit, in both modes (and so its
+    rate is not slower than GRPO's: test_finite_g_is_not_slower_than_grpo_in_the_orthogonal_case)."""
+    from sim.config import RunConfig, TrainConfig
+    from sim.engine import train_batch
+    from sim.problems import ProblemConfig
+
+    p = ProblemConfig(num_prompts=5, num_responses=4, orthogonality=1.0, private_dim=3, shared_dim=3,
+                      reward_scale_spread=3.0, difficulty_spread=1.0)
+    for mode in ("exact", "sampled"):
+        runs = {e: [RunConfig(p, TrainConfig(estimator=e, mode=mode, group_size=4, steps=40, lr=3.0, seed=s,
+                                             log_points=6)) for s in (0, 1)] for e in ("grpo_finite", "grpo_shrunk")}
+        a, b = train_batch(runs["grpo_finite"]), train_batch(runs["grpo_shrunk"])
+        assert a.runs["final_J"].tolist() == b.runs["final_J"].tolist(), mode
+    # and it is not grpo_finite where prompts share parameters (o = 0.3: rho_t < 1, lambda < 1)
+    shared = ProblemConfig(num_prompts=5, num_responses=4, orthogonality=0.3, private_dim=3, shared_dim=3)
+    runs = {e: [RunConfig(shared, TrainConfig(estimator=e, mode="sampled", group_size=4, steps=40, lr=3.0, seed=0,
+                                              log_points=6))] for e in ("grpo_finite", "grpo_shrunk")}
+    assert train_batch(runs["grpo_finite"]).runs["final_J"].tolist() != train_batch(runs["grpo_shrunk"]).runs["final_J"].tolist()
+
+
+def test_prompt_states_keep_the_shrunk_rules_run_state_beside_its_table():
+    """grpo_shrunk in the LLM runners: per-prompt p_bar and c in the table, rho_ema and rho_peak per run;
+    on a fixed set of prompts the same advantages as the rule itself."""
+    rule = E.get("grpo_shrunk").adaptive
+    gen = torch.Generator().manual_seed(4)
+    keys = ["a", "b", "c"]
+    tracker = E.PromptStates("grpo_shrunk", ddof=1, eps=1e-4)
+    state = None
+    for rho in (0.7, 0.8, 0.5):
+        r = (torch.rand(3, 6, generator=gen, dtype=torch.float64) < 0.4).double() * 2
+        rho_t = torch.tensor(rho, dtype=torch.float64)
+        want, state = rule.step(r, state, rho_t, ddof=1, eps=1e-4)
+        assert torch.equal(tracker(r, keys, rho_t), want)
+    assert float(tracker.state.rho_peak) == pytest.approx(float(state.rho_peak), abs=0)
+    assert set(tracker.table) == set(keys)
+    with pytest.raises(ValueError, match="needs the step's rho_t"):
+        tracker(r, keys)

@@ -168,7 +168,8 @@ def test_both_backends_compute_the_same_advantages_from_the_same_rewards(tmp_pat
 
 def test_adaptive_estimators_run_inside_trl_with_their_state():
     """grpo_finite keeps a state per prompt (keyed by TRL's prompt text) and grpo_phase reads rho_t,
-    which the diagnostics' reward wrapper measures at every step for it (every = 0 here)."""
+    which the diagnostics' reward wrapper measures at every step for it (every = 0 here); grpo_shrunk
+    does both."""
     import tempfile
     from pathlib import Path
 
@@ -179,6 +180,9 @@ def test_adaptive_estimators_run_inside_trl_with_their_state():
         trainer, diag = _sim_trainer(Path(d), "grpo_phase", _varying, steps=2)
         assert diag.rho_every_step and diag.last_rho is not None and 0.0 <= diag.last_rho <= 1.0
         assert 0.0 <= float(trainer.sim_adaptive.state.rho_ema) <= 1.0
+        trainer, diag = _sim_trainer(Path(d), "grpo_shrunk", _varying, steps=2)  # both: a table and rho_peak
+        assert diag.rho_every_step and set(trainer.sim_adaptive.table) <= prompts
+        assert 0.0 <= float(trainer.sim_adaptive.state.rho_peak) <= 1.0
 
 
 def test_cli_trl_backend_writes_results(tmp_path, capsys):
