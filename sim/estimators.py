@@ -451,11 +451,15 @@ SHRINK_EXPONENT = 2.0
 
 
 def baseline_fraction(rho_peak, exponent: float = SHRINK_EXPONENT) -> torch.Tensor:
-    """lambda = rho_peak^q in [0, 1] (``grpo_shrunk``): 1 where nothing has been measured (NaN, None)."""
+    """lambda = rho_peak^q in [0, 1] (``grpo_shrunk``): 1 where nothing has been measured (NaN, None),
+    and where rho_peak is within 4 ulps of 1: orthogonal prompts' rho is 1 - 2^-24 in float32 about one
+    time in twenty (theory.gradient_orthogonality's sums round), and a peak once set there would never
+    reach 1 again (the running mean's step is below half an ulp)."""
     if rho_peak is None:
         return torch.ones(())
     peak = torch.as_tensor(rho_peak)
-    return torch.where(torch.isnan(peak), torch.ones_like(peak), peak.clamp(0.0, 1.0) ** exponent)
+    one = torch.isnan(peak) | (peak >= 1 - 4 * torch.finfo(peak.dtype).eps)
+    return torch.where(one, torch.ones_like(peak), peak.clamp(0.0, 1.0) ** exponent)
 
 
 def grpo_shrunk(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
@@ -501,11 +505,15 @@ class ShrunkBaseline(FiniteGCorrected):
     REINFORCE it predicts, 0.65 at o = 0.3, difficulty 0.3, reward spread 1, G = 4, is the measured
     1 / 1.49 there, and has the measured sign, not size, in three more cells. At o = 1 the baseline
     costs about nothing and the full leave-one-out baseline is the usual choice (it wins fig. 8's
-    failure-mode cells). The rule reads the sharing from rho (1 - the mean |cos| between prompts' gradients): full
-    baseline at rho_peak = 1, shrinking as prompts share more. The exponent is a calibration on fig.
+    failure-mode cells). The rule reads the sharing from rho (1 - the mean |cos| between prompts'
+    gradients): the full baseline at rho_peak = 1, less of it as prompts share more. The exponent is a calibration on fig.
     8's grid (q = 1: 28 of 32 sampled cells within 10%, q = 2: 31, 4 seeds), not a derivation; the peak,
     not rho_t, because the orthogonality lost late in training (phase III) is grpo_phase's business,
     and the baseline's cost is set by the sharing from the start.
+    lambda_t reads this step's own rho_t (as grpo_phase's alpha does), so the expected step is
+    grpo_finite's given the state only where this batch cannot raise the peak, which is every step
+    once rho_peak has settled (in the first steps: fig. 8's lambda is constant from step 50 on, and
+    mostly from step 1).
     Exact mode is grpo_finite's (the expected step does not depend on lambda): needs no state.
     Rate (orthogonal case): rho_t = 1 at every step, lambda = 1, so the rule is grpo_finite step for
     step, with its rate (not slower than GRPO's; tests/test_adaptive.py).
@@ -517,6 +525,8 @@ class ShrunkBaseline(FiniteGCorrected):
 
     def __init__(self, decay: float = 0.9, prior: float = 8.0, exponent: float = SHRINK_EXPONENT):
         super().__init__(decay, prior)
+        if not exponent > 0:
+            raise ValueError(f"exponent must be > 0, got {exponent}")
         self.exponent = exponent
 
     def fraction(self, state) -> torch.Tensor:
@@ -552,8 +562,8 @@ class PromptStates:
     and the TRL backend, the same object): a per-prompt state (grpo_finite) is kept per prompt key
     (the prompt text: prompts are drawn from a data set, so a batch's rows change from step to step)
     and gathered into the batch's rows before the step, scattered back after it; a per-run state
-    (grpo_phase; grpo_shrunk's rho_ema and rho_peak beside its per-prompt table) is kept as is. Every process computes it from the gathered rewards and keys, so
-    all hold the same state."""
+    (grpo_phase; grpo_shrunk's rho_ema and rho_peak, beside its per-prompt table) is kept as is.
+    Every process computes it from the gathered rewards and keys, so all hold the same state."""
 
     def __init__(self, name: str, ddof: int, eps: float):
         self.spec = get(name)

@@ -414,6 +414,17 @@ def test_shrunk_rule_takes_lambda_from_the_runs_peak_orthogonality():
     _, s2 = rule.step(r1, s1, torch.tensor([0.1, 0.1], dtype=torch.float64), ddof=1, eps=1e-4)
     assert torch.equal(s2.rho_peak, s1.rho_peak) and float(s2.rho_ema[0]) < float(s1.rho_ema[0])
     assert torch.equal(rule.at(r1, s2, ddof=1, eps=1e-4), E.grpo_shrunk(r1, state=s2, fraction=s2.rho_peak**2))
+    # orthogonal prompts' rho rounds to 1 - 2^-24 in float32 now and then: still the full baseline, for good
+    f32 = torch.tensor([1 - 2**-24], dtype=torch.float32)
+    assert float(f32) < 1 and float(E.baseline_fraction(f32)) == 1.0
+    state = None
+    for rho in (f32, torch.ones(1), torch.ones(1)):
+        _, state = rule.step(torch.full((1, 2, 4), 2.0, dtype=torch.float32), state, rho, ddof=1, eps=1e-4)
+    assert torch.equal(rule.at(torch.full((1, 2, 4), 2.0, dtype=torch.float32), state, ddof=1, eps=1e-4),
+                       torch.zeros(1, 2, 4))  # a constant group: 0, as grpo_finite gives
+    assert float(E.baseline_fraction(torch.tensor(1 - 1e-6, dtype=torch.float64))) < 1  # float64: no such slack
+    with pytest.raises(ValueError, match="exponent must be > 0"):
+        E.ShrunkBaseline(exponent=0.0)
 
 
 def test_shrunk_rule_in_the_engine_is_grpo_finite_on_orthogonal_prompts():
