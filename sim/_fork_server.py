@@ -53,6 +53,10 @@ def kernels_indexed(cache: Path) -> bool:
     return all(any(cache.rglob(f"kernels.{name}-*.nbi")) for name in ("advance", "gain_changes"))
 
 
+#: The environment variable by which the fork server learns its parent's pid before it runs any code.
+SWEEP_PID_VAR = "GRPO_SIM_SWEEP_PID"
+
+
 def worker_context():
     """Start method of the local workers: a fork server that has imported the engine and loaded the
     cached kernels once (sim._worker_preload; each worker is then a fork of it: no second torch
@@ -78,11 +82,14 @@ def start_fork_server() -> None:
     starts with SIGINT blocked, a Ctrl-C stays pending there until the guard ignores it (which
     discards it) and unblocks it. Here only this thread blocks it for the spawn; a Ctrl-C to this
     process is taken by another of its threads meanwhile, or waits for this one (either way it
-    reaches the handler). The resource tracker starts first: its own start unblocks SIGINT."""
+    reaches the handler). The resource tracker starts first: its own start unblocks SIGINT.
+    This process's pid goes to the fork server in its environment (SWEEP_PID_VAR): its guard checks
+    its parent against it, so a sweep killed before the guard ran is seen as gone."""
     from multiprocessing import forkserver, resource_tracker
 
     if worker_context().get_start_method() != "forkserver":
         return
+    os.environ[SWEEP_PID_VAR] = str(os.getpid())  # the parent the fork server must have (sim._forkserver_guard)
     resource_tracker.ensure_running()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:

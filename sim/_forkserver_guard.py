@@ -21,4 +21,7 @@ SERVER_PID = os.getpid()  # inherited by every worker forked from here: the pare
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # (discards a Ctrl-C pending since the start)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by sim.sweep._start_fork_server
-die_with_parent()
+# the sweep's pid as it started us (sim._fork_server.start_fork_server): a sweep killed before this line
+# ran has left us to init, and os.getppid() read now would name init; the guard would not see the death
+_sweep = os.environ.get("GRPO_SIM_SWEEP_PID", "")
+die_with_parent(int(_sweep) if _sweep.isdigit() else None)

@@ -769,3 +769,23 @@ def test_a_worker_whose_fork_server_died_before_it_ran_ends(monkeypatch):
     assert _exit_code_of_a_fork(sweep._die_with_parent) == 1
     monkeypatch.setitem(sys.modules, "sim._forkserver_guard", types.SimpleNamespace(SERVER_PID=me))
     assert _exit_code_of_a_fork(sweep._die_with_parent) == 0
+
+
+def test_a_fork_server_whose_sweep_died_before_its_guard_ran_ends():
+    """The fork server's guard compares its parent with the sweep's pid that start_fork_server put in
+    its environment, not with the parent it sees: a sweep killed in the fork server's first ~100 ms
+    left it to init, and it then went on to import the engine and ended 2-3 s later."""
+    import subprocess
+
+    from sim._fork_server import SWEEP_PID_VAR
+
+    def guard(env_pid):
+        env = {k: v for k, v in os.environ.items() if k != SWEEP_PID_VAR}
+        if env_pid is not None:
+            env[SWEEP_PID_VAR] = str(env_pid)
+        return subprocess.run([sys.executable, "-c", "import sim._forkserver_guard"], env=env, timeout=60).returncode
+
+    me = os.getpid()  # the subprocess's parent
+    assert guard(me) == 0
+    assert guard(me + 10**6) == 1  # not the parent the sweep said it would have: gone
+    assert guard(None) == 0  # no pid given: its parent now
