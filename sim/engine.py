@@ -229,7 +229,7 @@ def step(state: TrainState) -> TrainState:
         if rule is None:
             s = b.spec.scale(state.sigma, state.mu, train.eps)
         else:
-            rho = batch_rho(state.w, prob, b.rho_index) if rule.needs_rho else None
+            rho = batch_rho(state.w, prob, b.rho_index) if rule.needs_rho_exact else None
             s, state.estimator_state = rule.scale_step(state.sigma, state.mu, state.estimator_state, rho, train.eps)
         w = state.w * s.unsqueeze(-1)  # [R, P, K]
     elif rule is None:

@@ -278,7 +278,7 @@ class PhaseAware:
     gradients; exact mode: the exact ones) and calls ``step``; ``at`` gives the advantages at a
     state without moving it (the diagnostics' dJ_run)."""
 
-    needs_rho = True
+    needs_rho = needs_rho_exact = True  # (sampled mode, exact mode)
     per_prompt = False  # one state per run (rho_ema), not per prompt
 
     def __init__(self, decay: float = 0.9):
@@ -393,7 +393,7 @@ class FiniteGCorrected:
 
     Exact mode is the G -> infinity limit, exact grpo's s_i = 1 / (sigma_i + eps), and needs no state."""
 
-    needs_rho = False
+    needs_rho = needs_rho_exact = False  # (sampled mode, exact mode)
     per_prompt = True  # a state per prompt: the LLM runners key it by the prompt (PromptStates)
 
     def __init__(self, decay: float = 0.9, prior: float = 8.0):
@@ -517,10 +517,11 @@ class ShrunkBaseline(FiniteGCorrected):
     Exact mode is grpo_finite's (the expected step does not depend on lambda): needs no state.
     Rate (orthogonal case): rho_t = 1 at every step, lambda = 1, so the rule is grpo_finite step for
     step, with its rate (not slower than GRPO's; tests/test_adaptive.py).
-    Cost per step: grpo_finite's O(P G) plus rho_t (as grpo_phase: O(P^2 d) from P per-prompt
-    gradients or sketches of dimension d); two numbers per prompt and two per run of state."""
+    Cost per step: grpo_finite's O(P G) plus, in sampled mode, rho_t (as grpo_phase: O(P^2 d) from P
+    per-prompt gradients or sketches of dimension d); two numbers per prompt and two per run of state."""
 
     needs_rho = True
+    needs_rho_exact = False  # exact mode is grpo_finite's limit, which reads no rho
     per_prompt = True  # p_bar, c per prompt (PromptStates keys them by prompt), rho_ema and rho_peak per run
 
     def __init__(self, decay: float = 0.9, prior: float = 8.0, exponent: float = SHRINK_EXPONENT):

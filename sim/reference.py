@@ -57,7 +57,7 @@ def train_one(run: RunConfig) -> dict[str, np.ndarray]:
                 scale = estimators.population_scale(t.estimator, torch.from_numpy(sigma), torch.from_numpy(mu),
                                                     t.eps).numpy()
             else:
-                rho = _rho(w_exact, U, V) if rule.needs_rho else None
+                rho = _rho(w_exact, U, V) if rule.needs_rho_exact else None
                 scale, state = rule.scale_step(torch.from_numpy(sigma), torch.from_numpy(mu), state, rho, t.eps)
                 scale = scale.numpy()
             w = scale[:, None] * w_exact  # [P, K]

@@ -449,6 +449,24 @@ def test_shrunk_rule_in_the_engine_is_grpo_finite_on_orthogonal_prompts():
     assert train_batch(runs["grpo_finite"]).runs["final_J"].tolist() != train_batch(runs["grpo_shrunk"]).runs["final_J"].tolist()
 
 
+
+def test_exact_mode_shrunk_rule_measures_no_rho(monkeypatch):
+    """Exact mode is grpo_finite's limit, which reads no rho: the engine does not measure it there
+    (O(P^2 s) per step for nothing), while sampled mode does."""
+    from sim import engine
+    from sim.config import RunConfig, TrainConfig
+    from sim.problems import ProblemConfig
+
+    calls = []
+    real = engine.batch_rho
+    monkeypatch.setattr(engine, "batch_rho", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = ProblemConfig(num_prompts=4, num_responses=4, orthogonality=0.3, private_dim=3, shared_dim=3)
+    for mode in ("exact", "sampled"):
+        engine.train_batch([RunConfig(p, TrainConfig(estimator="grpo_shrunk", mode=mode, group_size=4, steps=5, lr=1.0,
+                                                     log_points=2))])
+        assert (len(calls) > 0) == (mode == "sampled"), (mode, len(calls))
+
+
 def test_prompt_states_keep_the_shrunk_rules_run_state_beside_its_table():
     """grpo_shrunk in the LLM runners: per-prompt p_bar and c in the table, rho_ema and rho_peak per run;
     on a fixed set of prompts the same advantages as the rule itself."""
