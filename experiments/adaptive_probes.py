@@ -4,6 +4,7 @@ std beat GRPO where phase III appears? Each estimator at its tuned lr, in fig. 5
 
     python experiments/adaptive_probes.py switch DIR    # GRPO, then batch std from step 10/20/40/80
     python experiments/adaptive_probes.py alpha DIR     # fixed exponents a = 0.5, 1.5, 2
+    python experiments/adaptive_probes.py shrink DIR    # grpo_shrunk's calibration (below)
 
 Prints the median steps to 90% of J* per (orthogonality, mode, estimator). The probe estimators
 are registered for this process only (the config's estimator check is widened to the registry),
@@ -11,10 +12,18 @@ so they never reach the CLI; both are grpo_interpolated with a fixed or switched
 exact-mode limit is estimators.interpolated_limit. Measured 2026-12-01: switching never helped
 (o = 0.3, exact: 386-473 steps against GRPO's 198; o = 1, exact: 30-47 against 30), and fixed a
 won in at most one of the four cells.
+
+``shrink`` is grpo_shrunk's calibration: grpo_finite's scale with its baseline times a fixed
+lambda = 0.5 (shrink_fixed_0.5), times rho_peak (shrink_q1) and times rho_peak^2 (grpo_shrunk itself),
+beside grpo_finite and the fixed three, on fig. 8's 32 sampled cells (experiments/fig8_adaptive.toml,
+4 seeds, tuned:2); it prints each one's adaptive_scorecard. Measured 2026-12-07 with probes of the
+same rules: within 10% of the best in 28 (fixed 0.5), 28 (rho_peak) and 31 (rho_peak^2) of 32 cells,
+grpo_finite 26.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +34,25 @@ import torch
 import sim.config
 from sim import estimators as E
 from sim import sweep
+from sim.analysis import add_comparisons, adaptive_scorecard
 
 
 @dataclass(frozen=True)
 class StepCount:
     t: torch.Tensor  # [R] steps taken
+
+
+class FixedShrink(E.ShrunkBaseline):
+    """grpo_shrunk's rule with a fixed baseline fraction instead of rho_peak^q (it reads no rho)."""
+
+    needs_rho = False
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fixed = fraction
+
+    def fraction_of_peak(self, rho_peak):
+        return torch.tensor(self.fixed, dtype=torch.float64)
 
 
 class Switch:
@@ -86,8 +109,13 @@ def register(kind: str) -> list[str]:
             name = f"alpha_{a:g}"
             E.REGISTRY[name] = E.EstimatorSpec(name, name, *_fixed(a), None, True, 2, False, "probe")
             names.append(name)
+    elif kind == "shrink":
+        base = E.REGISTRY["grpo_shrunk"]
+        for name, rule in (("shrink_fixed_0.5", FixedShrink(0.5)), ("shrink_q1", E.ShrunkBaseline(exponent=1.0))):
+            E.REGISTRY[name] = dataclasses.replace(base, name=name, label=name, base=name, adaptive=rule)
+            names.append(name)
     else:
-        raise SystemExit(f"unknown probe {kind!r}: switch or alpha")
+        raise SystemExit(f"unknown probe {kind!r}: switch, alpha or shrink")
     check = sim.config.check_value
 
     def widened(cls, field, value):  # the probe names are not CLI choices
@@ -99,8 +127,22 @@ def register(kind: str) -> list[str]:
     return names
 
 
+def shrink(out: str, names: list[str]) -> None:
+    axes, _, lr = sweep.load_config(Path(__file__).with_name("fig8_adaptive.toml"))
+    axes = {**axes, "mode": ("sampled",), "estimator": ("reinforce", "dr_grpo", "grpo", "grpo_finite", "grpo_shrunk", *names)}
+    runs, steps = sweep.run_sweep(sweep.build_spec(axes, 4, lr), Path(out))
+    runs = add_comparisons(runs)
+    for est in ("grpo_finite", "grpo_shrunk", *names):
+        card = adaptive_scorecard(runs, steps, est)
+        print(f"{est}: within 10% of the best in {int(card['within'].sum())} of {len(card)} cells, faster than "
+              f"each in {int((card['faster_than_each'] & card['phase_iii']).sum())} of {int(card['phase_iii'].sum())} "
+              "phase-III cells")
+
+
 def main(kind: str, out: str) -> None:
     names = register(kind)
+    if kind == "shrink":
+        return shrink(out, names)
     extra = ["grpo_batch"] if kind == "switch" else []
     axes = {"orthogonality": (0.3, 1.0), "failure_mode": (0.95,), "reward_scale_spread": (10.0,),
             "difficulty_spread": (0.6,), "estimator": tuple(["grpo"] + extra + names), "mode": ("exact", "sampled"),

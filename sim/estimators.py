@@ -530,8 +530,12 @@ class ShrunkBaseline(FiniteGCorrected):
             raise ValueError(f"exponent must be > 0, got {exponent}")
         self.exponent = exponent
 
+    def fraction_of_peak(self, rho_peak) -> torch.Tensor:
+        """lambda from rho_peak ([...], or None: nothing measured)."""
+        return baseline_fraction(rho_peak, self.exponent)
+
     def fraction(self, state) -> torch.Tensor:
-        return baseline_fraction(None if state is None else getattr(state, "rho_peak", None), self.exponent)
+        return self.fraction_of_peak(None if state is None else getattr(state, "rho_peak", None))
 
     def at(self, rewards, state, *, ddof, eps):
         return grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=self.fraction(state))
@@ -541,7 +545,7 @@ class ShrunkBaseline(FiniteGCorrected):
         _, run = phase_aware_alpha(rho, run, decay=self.decay)  # rho_ema, rho_peak after this step's rho_t
         prompt = None if state is None or getattr(state, "p_bar", None) is None else state
         adv = grpo_shrunk(rewards, ddof=ddof, eps=eps, state=prompt, prior=self.prior,
-                          fraction=baseline_fraction(run.rho_peak, self.exponent))
+                          fraction=self.fraction_of_peak(run.rho_peak))
         return adv, self.with_run_state(self.next_prompt_state(rewards, prompt), run)
 
     @staticmethod
