@@ -130,7 +130,7 @@ def register(kind: str) -> list[str]:
 def shrink(out: str, names: list[str]) -> None:
     axes, _, lr = sweep.load_config(Path(__file__).with_name("fig8_adaptive.toml"))
     axes = {**axes, "mode": ("sampled",), "estimator": ("reinforce", "dr_grpo", "grpo", "grpo_finite", "grpo_shrunk", *names)}
-    runs, steps = sweep.run_sweep(sweep.build_spec(axes, 4, lr), Path(out))
+    runs, steps = sweep.run_sweep(sweep.build_spec(axes, 4, lr), Path(out), resume=(Path(out) / "manifest.json").exists())
     runs = add_comparisons(runs)
     for est in ("grpo_finite", "grpo_shrunk", *names):
         card = adaptive_scorecard(runs, steps, est)

@@ -542,6 +542,8 @@ class ShrunkBaseline(FiniteGCorrected):
 
     def step(self, rewards, state, rho, *, ddof, eps):
         run = self.run_state(state)
+        if rho is None:  # not measured (a rule that does not read it): NaN, no measurement
+            rho = torch.full(rewards.shape[:-2], float("nan"), dtype=rewards.dtype)
         _, run = phase_aware_alpha(rho, run, decay=self.decay)  # rho_ema, rho_peak after this step's rho_t
         prompt = None if state is None or getattr(state, "p_bar", None) is None else state
         adv = grpo_shrunk(rewards, ddof=ddof, eps=eps, state=prompt, prior=self.prior,

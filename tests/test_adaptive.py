@@ -425,6 +425,9 @@ def test_shrunk_rule_takes_lambda_from_the_runs_peak_orthogonality():
     assert float(E.baseline_fraction(torch.tensor(1 - 1e-6, dtype=torch.float64))) < 1  # float64: no such slack
     with pytest.raises(ValueError, match="exponent must be > 0"):
         E.ShrunkBaseline(exponent=0.0)
+    # no rho given (a probe rule that does not read it): no measurement, lambda stays 1 on a fresh state
+    A_none, s_none = rule.step(r, None, None, ddof=1, eps=1e-4)
+    assert torch.equal(A_none, E.grpo_finite(r)) and torch.isnan(s_none.rho_peak).all()
 
 
 def test_shrunk_rule_in_the_engine_is_grpo_finite_on_orthogonal_prompts():
