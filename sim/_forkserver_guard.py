@@ -15,6 +15,7 @@ runs, SIGINT is blocked: the sweep started the fork server so.)"""
 import os
 import signal
 
+from sim._fork_server import SWEEP_PID_VAR  # (light: os, signal, pathlib)
 from sim._parent_death import die_with_parent
 
 SERVER_PID = os.getpid()  # inherited by every worker forked from here: the parent it must have (sim.sweep._die_with_parent)
@@ -23,5 +24,5 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)  # (discards a Ctrl-C pending since
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by sim.sweep._start_fork_server
 # the sweep's pid as it started us (sim._fork_server.start_fork_server): a sweep killed before this line
 # ran has left us to init, and os.getppid() read now would name init; the guard would not see the death
-_sweep = os.environ.get("GRPO_SIM_SWEEP_PID", "")
+_sweep = os.environ.get(SWEEP_PID_VAR, "")
 die_with_parent(int(_sweep) if _sweep.isdigit() else None)

@@ -535,7 +535,7 @@ class ShrunkBaseline(FiniteGCorrected):
         return baseline_fraction(rho_peak, self.exponent)
 
     def fraction(self, state) -> torch.Tensor:
-        return self.fraction_of_peak(None if state is None else getattr(state, "rho_peak", None))
+        return self.fraction_of_peak(None if state is None else state.rho_peak)
 
     def at(self, rewards, state, *, ddof, eps):
         return grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=self.fraction(state))
@@ -545,10 +545,9 @@ class ShrunkBaseline(FiniteGCorrected):
         if rho is None:  # not measured (a rule that does not read it): NaN, no measurement
             rho = torch.full(rewards.shape[:-2], float("nan"), dtype=rewards.dtype)
         _, run = phase_aware_alpha(rho, run, decay=self.decay)  # rho_ema, rho_peak after this step's rho_t
-        prompt = None if state is None or getattr(state, "p_bar", None) is None else state
-        adv = grpo_shrunk(rewards, ddof=ddof, eps=eps, state=prompt, prior=self.prior,
+        adv = grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior,
                           fraction=self.fraction_of_peak(run.rho_peak))
-        return adv, self.with_run_state(self.next_prompt_state(rewards, prompt), run)
+        return adv, self.with_run_state(self.next_prompt_state(rewards, state), run)
 
     @staticmethod
     def with_run_state(prompt_state, run_state) -> ShrunkState:
@@ -558,10 +557,8 @@ class ShrunkBaseline(FiniteGCorrected):
         return ShrunkState(prompt_state.p_bar, prompt_state.c, prompt_state.seen, run_state.rho_ema, run_state.rho_peak)
 
     @staticmethod
-    def run_state(state) -> PhaseState | None:
-        if state is None or getattr(state, "rho_peak", None) is None:
-            return None
-        return PhaseState(state.rho_ema, state.rho_peak)
+    def run_state(state: ShrunkState | None) -> PhaseState | None:
+        return None if state is None else PhaseState(state.rho_ema, state.rho_peak)
 
 
 class PromptStates:
