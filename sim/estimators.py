@@ -451,15 +451,13 @@ SHRINK_EXPONENT = 2.0
 
 
 def baseline_fraction(rho_peak, exponent: float = SHRINK_EXPONENT) -> torch.Tensor:
-    """lambda = rho_peak^q in [0, 1] (``grpo_shrunk``): 1 where nothing has been measured (NaN, None),
-    and where rho_peak is within 4 ulps of 1: orthogonal prompts' rho is 1 - 2^-24 in float32 about one
-    time in twenty (theory.gradient_orthogonality's sums round), and a peak once set there would never
-    reach 1 again (the running mean's step is below half an ulp)."""
+    """lambda = rho_peak^q in [0, 1] (``grpo_shrunk``): 1 where nothing has been measured (NaN, None).
+    Orthogonal prompts give rho_t = 1 exactly in every dtype (theory.gradient_orthogonality sums only
+    the off-diagonal cosines), so their lambda is 1 exactly."""
     if rho_peak is None:
         return torch.ones(())
     peak = torch.as_tensor(rho_peak)
-    one = torch.isnan(peak) | (peak >= 1 - 4 * torch.finfo(peak.dtype).eps)
-    return torch.where(one, torch.ones_like(peak), peak.clamp(0.0, 1.0) ** exponent)
+    return torch.where(torch.isnan(peak), torch.ones_like(peak), peak.clamp(0.0, 1.0) ** exponent)
 
 
 def grpo_shrunk(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,

@@ -16,7 +16,8 @@ def gradient_orthogonality(gram: torch.Tensor, norm_floor: torch.Tensor | None =
     ``norm_floor`` [..., P] (a sampled gradient that is 0 but for rounding, e.g. a group whose
     responses are all the same: its direction is noise). P = 1 gives rho = 1. ``live_only``: the
     mean over the pairs of non-zero gradients only (solved prompts and constant groups then do
-    not pull rho towards 1), NaN where fewer than two are non-zero. -> [...].
+    not pull rho towards 1), NaN where fewer than two are non-zero. Exactly orthogonal gradients (a
+    diagonal Gram matrix) give rho = 1 exactly, in every dtype. -> [...].
     """
     P = check_shapes("gradient_orthogonality", gram=(gram, "... P P"), norm_floor=(norm_floor, "... P"))["P"]
     if P < 2:
@@ -27,7 +28,10 @@ def gradient_orthogonality(gram: torch.Tensor, norm_floor: torch.Tensor | None =
     denom = norms[..., :, None] * norms[..., None, :]
     ok = denom > 0
     cos = torch.where(ok, gram / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(gram))
-    off = cos.abs().sum((-2, -1)) - torch.diagonal(cos, dim1=-2, dim2=-1).abs().sum(-1)
+    # the off-diagonal entries summed as they are (not the total minus the diagonal, whose rounding
+    # would leave rho a few ulps below 1 for exactly orthogonal gradients)
+    off_diagonal = ~torch.eye(P, dtype=torch.bool, device=gram.device)
+    off = torch.where(off_diagonal, cos.abs(), torch.zeros_like(cos)).sum((-2, -1))
     if live_only:
         live = (norms > 0).sum(-1).to(gram.dtype)  # [...]
         pairs = live * (live - 1)
