@@ -394,7 +394,7 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
     points are cells where phase III appears, circles exact mode, triangles sampled."""
     name = "adaptive"
     require(runs, ["run_id", "estimator", "selected", "steps_to_target", "reached_target", "mode"], name, "runs")
-    require(steps, ["run_id", "phase"], name, "steps")
+    require(steps, ["run_id", "step", "phase"], name, "steps")
     chosen = [e for e in ADAPTIVE_NAMES if e in set(runs["estimator"])]
     if not chosen:
         raise FigureInputError(f"figure {name}: the results hold no adaptive estimator ({', '.join(ADAPTIVE_NAMES)})")

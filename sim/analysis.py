@@ -249,7 +249,11 @@ def adaptive_scorecard(runs: pd.DataFrame, steps: pd.DataFrame, adaptive: str,
     best_steps, best (the baseline that is fastest; ties to the first of ``baselines``), ratio =
     adaptive_steps / best_steps, within (ratio <= 1 + tolerance), phase_iii (a logged step of a
     selected GRPO run of the cell is labelled III: normalization's measured per-step gain is lost,
-    theory.phases) and faster_than_each (adaptive strictly fewer steps than every baseline).
+    theory.phases), phase_iii_before_target (such a step comes before that run reaches the target,
+    or the run never does: the label can bear on the steps to the target), all_tied (seed by seed,
+    ``adaptive`` and every baseline take the same steps, e.g. where each run waits for its first
+    success: no estimator that learns nothing from a group without one can be strictly faster there)
+    and faster_than_each (adaptive strictly fewer steps than every baseline).
     Exact-mode cells that differ only in group_size are one cell (exact mode has no groups).
     """
     sel, cells = _scorecard_runs(runs, adaptive, baselines, "adaptive_scorecard")
@@ -261,9 +265,13 @@ def adaptive_scorecard(runs: pd.DataFrame, steps: pd.DataFrame, adaptive: str,
     out["within"] = out["ratio"] <= 1 + tolerance
     out["faster_than_each"] = (base.to_numpy() > med[[adaptive]].to_numpy()).all(axis=1)
     grpo = sel[sel["estimator"] == "grpo"]
-    in_iii = steps.loc[steps["phase"] == "III", "run_id"].unique()
-    grpo = grpo.assign(_iii=grpo["run_id"].isin(in_iii))
-    out["phase_iii"] = grpo.groupby(cells, dropna=False)["_iii"].any().reindex(out.index).fillna(False).astype(bool)
+    first_iii = steps.loc[steps["phase"] == "III"].groupby("run_id")["step"].min()
+    first = grpo["run_id"].map(first_iii)  # NaN: no step labelled III
+    grpo = grpo.assign(_iii=first.notna(), _iii_early=first < grpo["_eff"])
+    for col, src in (("phase_iii", "_iii"), ("phase_iii_before_target", "_iii_early")):
+        out[col] = grpo.groupby(cells, dropna=False)[src].any().reindex(out.index).fillna(False).astype(bool)
+    n_steps = sel.groupby(cells + ["seed"], dropna=False)["_eff"].nunique()
+    out["all_tied"] = (n_steps == 1).groupby(level=list(range(len(cells))), dropna=False).all().reindex(out.index)
     return out.reset_index().drop(columns=["_cell"], errors="ignore")
 
 

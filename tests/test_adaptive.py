@@ -250,8 +250,12 @@ def test_scorecard_compares_each_cell_with_the_best_fixed_choice():
              ("sampled", 16): {"grpo": (50, 50), "dr_grpo": (40, 44), "reinforce": (None, None),
                                "grpo_phase": (60, 60), "grpo_finite": (40, 45)},
              ("exact", 4): {"grpo": (30, 30), "dr_grpo": (60, 60), "reinforce": (60, 60),
-                            "grpo_phase": (30, 30), "grpo_finite": (30, 30)}}
+                            "grpo_phase": (30, 30), "grpo_finite": (30, 30)},
+             ("sampled", 8): {e: (7, 9) for e in ("grpo", "dr_grpo", "reinforce", "grpo_phase", "grpo_finite")}}
     table[("exact", 16)] = table[("exact", 4)]  # the same runs: exact mode has no groups
+    # GRPO's first step labelled III: before its target (step 0 of 110 steps), after it (step 60 > 50),
+    # or at step 3 of a run that takes 9 (seed 1 of the tied cell)
+    phase_iii_at = {("sampled", 4, 1): 0, ("sampled", 16, 0): 60, ("sampled", 8, 1): 3}
     rows, steps = [], []
     for (mode, G), by_est in table.items():
         for est, per_seed in by_est.items():
@@ -260,16 +264,22 @@ def test_scorecard_compares_each_cell_with_the_best_fixed_choice():
                 rows.append({"run_id": rid, "mode": mode, "group_size": G, "orthogonality": 0.5, "estimator": est,
                              "lr": 1.0, "seed": seed, "selected": True, "steps": 1000,
                              "steps_to_target": 1000 if n is None else n, "reached_target": n is not None})
-                phase = "III" if (mode, G) == ("sampled", 4) and est == "grpo" and seed == 1 else "I"
-                steps.append({"run_id": rid, "step": 0, "phase": phase})
+                steps.append({"run_id": rid, "step": 0, "phase": "I"})
+                if est == "grpo" and (mode, G, seed) in phase_iii_at:
+                    steps.append({"run_id": rid, "step": phase_iii_at[mode, G, seed], "phase": "III"})
     card = adaptive_scorecard(pd.DataFrame(rows), pd.DataFrame(steps), "grpo_finite").set_index(["mode", "group_size"])
-    assert len(card) == 3  # the two exact cells are one
+    assert len(card) == 4  # the two exact cells are one
     s4, s16, ex = card.loc[("sampled", 4)], card.loc[("sampled", 16)], card.loc[("exact", 0)]
     assert (s4.best, s4.best_steps, s4.adaptive_steps) == ("grpo", 105, 93)  # medians of (100, 110), (90, 96)
-    assert s4.faster_than_each and s4.within and s4.phase_iii
+    assert s4.faster_than_each and s4.within and s4.phase_iii and s4.phase_iii_before_target
     assert (s16.best, s16.best_steps, s16.adaptive_steps) == ("dr_grpo", 42, 42.5)  # 42.5 / 42 = 1.012
-    assert s16.within and not s16.faster_than_each and not s16.phase_iii
+    assert s16.within and not s16.faster_than_each
+    assert s16.phase_iii and not s16.phase_iii_before_target  # labelled at step 60, the target reached at 50
     assert ex.ratio == 1.0 and not ex.faster_than_each  # a tie is not strictly faster
+    assert not ex.all_tied  # grpo_finite ties GRPO, not Dr. GRPO or REINFORCE
+    tied = card.loc[("sampled", 8)]
+    assert tied.all_tied and tied.phase_iii_before_target and tied.ratio == 1.0 and not tied.faster_than_each
+    assert not (s4.all_tied or s16.all_tied)
     phase = adaptive_scorecard(pd.DataFrame(rows), pd.DataFrame(steps), "grpo_phase").set_index(["mode", "group_size"])
     assert phase.loc[("sampled", 16)].ratio == pytest.approx(60 / 42) and not phase.loc[("sampled", 16)].within
     assert phase.loc[("sampled", 4)].ratio == pytest.approx(113 / 105) and phase.loc[("sampled", 4)].within
@@ -300,7 +310,7 @@ def test_the_seed_bootstrap_of_the_scorecard_gives_each_cells_chance_of_being_wi
     cells, counts = scorecard_seed_bootstrap(runs, "grpo_finite", draws=4000)
     p = dict(zip(cells["orthogonality"], cells["p_within"]))
     assert p[0.1] == 1.0 and p[0.2] == 0.0 and p[0.4] == 1.0  # seeds alike: the verdict itself
-    card = adaptive_scorecard(runs, pd.DataFrame({"run_id": [], "phase": []}), "grpo_finite")
+    card = adaptive_scorecard(runs, pd.DataFrame({"run_id": [], "step": [], "phase": []}), "grpo_finite")
     assert list(card["within"]) == [True, False, True, True]  # the stored seeds: 150 against 150 at o = 0.3
     assert p[0.3] == pytest.approx(0.75, abs=0.03)  # binomial sd of the share at 4000 draws: 0.007
     assert counts.shape == (4000,) and set(counts) == {2, 3} and counts.mean() == pytest.approx(sum(p.values()))
