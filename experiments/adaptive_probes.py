@@ -5,6 +5,7 @@ std beat GRPO where phase III appears? Each estimator at its tuned lr, in fig. 5
     python experiments/adaptive_probes.py switch DIR    # GRPO, then batch std from step 10/20/40/80
     python experiments/adaptive_probes.py alpha DIR     # fixed exponents a = 0.5, 1.5, 2
     python experiments/adaptive_probes.py shrink DIR    # grpo_shrunk's calibration (below)
+    python experiments/adaptive_probes.py prior DIR     # grpo_shrunk's scale: its prior, its decay, a cap
 
 Prints the median steps to 90% of J* per (orthogonality, mode, estimator). The probe estimators
 are registered for this process only (the config's estimator check is widened to the registry),
@@ -19,6 +20,14 @@ beside grpo_finite and the fixed three, on fig. 8's 32 sampled cells (experiment
 4 seeds, tuned:2); it prints each one's adaptive_scorecard. Measured 2026-12-07 (about 15 min on 2
 cores): within 10% of the best in 28 (fixed 0.5), 28 (rho_peak) and 31 (rho_peak^2) of 32 cells,
 grpo_finite 26; faster than each in 12, 12, 14 and 8 of the 27 phase-III cells.
+
+``prior`` asks why GRPO's raw std beats grpo_shrunk in the sampled o = 1 failure-mode cells (its
+scale, not its baseline: there lambda = rho_peak^2 is about 0.8 and grpo_finite, lambda = 1, loses
+too). grpo_shrunk with its scale's prior n0 = 0, 2, 4 pseudo-samples (default 8), with the running
+rate's decay 0.5 (default 0.9: a memory of about 10 steps), and with its weight capped at GRPO's
+largest one, den >= c / sqrt(G) (shrink_cap), on the same 32 sampled cells, 6 seeds. Measured
+2026-12-07 (README 'Adaptive normalization' has the counts): no variant is better than the default
+beyond the seeds' noise; the cap loses broadly (24 of 32 within 10%, default 30).
 """
 
 from __future__ import annotations
@@ -53,6 +62,31 @@ class FixedShrink(E.ShrunkBaseline):
 
     def fraction_of_peak(self, rho_peak):
         return torch.tensor(self.fixed, dtype=torch.float64)
+
+
+class CappedShrink(E.ShrunkBaseline):
+    """grpo_shrunk with each weight capped at GRPO's largest, 1 / den <= sqrt(G) / c (GRPO's std of a
+    group with one odd sample out is c / sqrt(G))."""
+
+    @staticmethod
+    def _capped(rewards, state, prior, eps, fraction):
+        den = E._finite_scale_den(rewards, state, prior, eps)
+        c = E._largest_reward(rewards, state).unsqueeze(-1)
+        den = torch.maximum(den, c / rewards.shape[-1] ** 0.5 + eps)
+        lam = torch.as_tensor(fraction, dtype=rewards.dtype).reshape(torch.as_tensor(fraction).shape + (1, 1))
+        loo = E._loo_centred(rewards)
+        return E._safe_ratio(torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards), den, eps)
+
+    def at(self, rewards, state, *, ddof, eps):
+        return self._capped(rewards, state, self.prior, eps, self.fraction(state))
+
+    def step(self, rewards, state, rho, *, ddof, eps):
+        run = self.run_state(state)
+        if rho is None:
+            rho = torch.full(rewards.shape[:-2], float("nan"), dtype=rewards.dtype)
+        _, run = E.phase_aware_alpha(rho, run, decay=self.decay)
+        adv = self._capped(rewards, state, self.prior, eps, self.fraction_of_peak(run.rho_peak))
+        return adv, self.with_run_state(self.next_prompt_state(rewards, state), run)
 
 
 class Switch:
@@ -114,8 +148,15 @@ def register(kind: str) -> list[str]:
         for name, rule in (("shrink_fixed_0.5", FixedShrink(0.5)), ("shrink_q1", E.ShrunkBaseline(exponent=1.0))):
             E.REGISTRY[name] = dataclasses.replace(base, name=name, label=name, base=name, adaptive=rule)
             names.append(name)
+    elif kind == "prior":
+        base = E.REGISTRY["grpo_shrunk"]
+        rules = [(f"shrink_prior_{n:g}", E.ShrunkBaseline(prior=n)) for n in (0.0, 2.0, 4.0)]
+        rules += [("shrink_decay_0.5", E.ShrunkBaseline(decay=0.5)), ("shrink_cap", CappedShrink())]
+        for name, rule in rules:
+            E.REGISTRY[name] = dataclasses.replace(base, name=name, label=name, base=name, adaptive=rule)
+            names.append(name)
     else:
-        raise SystemExit(f"unknown probe {kind!r}: switch, alpha or shrink")
+        raise SystemExit(f"unknown probe {kind!r}: switch, alpha, shrink or prior")
     check = sim.config.check_value
 
     def widened(cls, field, value):  # the probe names are not CLI choices
@@ -127,10 +168,10 @@ def register(kind: str) -> list[str]:
     return names
 
 
-def shrink(out: str, names: list[str]) -> None:
+def shrink(out: str, names: list[str], seeds: int = 4) -> None:
     axes, _, lr = sweep.load_config(Path(__file__).with_name("fig8_adaptive.toml"))
     axes = {**axes, "mode": ("sampled",), "estimator": ("reinforce", "dr_grpo", "grpo", "grpo_finite", "grpo_shrunk", *names)}
-    runs, steps = sweep.run_sweep(sweep.build_spec(axes, 4, lr), Path(out), resume=(Path(out) / "manifest.json").exists())
+    runs, steps = sweep.run_sweep(sweep.build_spec(axes, seeds, lr), Path(out), resume=(Path(out) / "manifest.json").exists())
     runs = add_comparisons(runs)
     for est in ("grpo_finite", "grpo_shrunk", *names):
         card = adaptive_scorecard(runs, steps, est)
@@ -141,8 +182,8 @@ def shrink(out: str, names: list[str]) -> None:
 
 def main(kind: str, out: str) -> None:
     names = register(kind)
-    if kind == "shrink":
-        return shrink(out, names)
+    if kind in ("shrink", "prior"):
+        return shrink(out, names, 4 if kind == "shrink" else 6)
     extra = ["grpo_batch"] if kind == "switch" else []
     axes = {"orthogonality": (0.3, 1.0), "failure_mode": (0.95,), "reward_scale_spread": (10.0,),
             "difficulty_spread": (0.6,), "estimator": tuple(["grpo"] + extra + names), "mode": ("exact", "sampled"),
