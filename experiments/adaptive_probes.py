@@ -25,9 +25,11 @@ grpo_finite 26; faster than each in 12, 12, 14 and 8 of the 27 phase-III cells.
 scale, not its baseline: there lambda = rho_peak^2 is about 0.8 and grpo_finite, lambda = 1, loses
 too). grpo_shrunk with its scale's prior n0 = 0, 2, 4 pseudo-samples (default 8), with the running
 rate's decay 0.5 (default 0.9: a memory of about 10 steps), and with its weight capped at GRPO's
-largest one, den >= c / sqrt(G) (shrink_cap), on the same 32 sampled cells, 6 seeds. Measured
+largest one, den >= c / sqrt(G) (shrink_cap; shrink_cap_solved: only on the near-solved side,
+pt > 1/2), on the same 32 sampled cells, 6 seeds. Measured
 2026-12-07 (README 'Adaptive normalization' has the counts): no variant is better than the default
-beyond the seeds' noise; the cap loses broadly (24 of 32 within 10%, default 30).
+beyond the seeds' noise; the cap loses broadly (24 of 32 within 10%, default 30), the
+near-solved-side cap less (27).
 """
 
 from __future__ import annotations
@@ -66,13 +68,24 @@ class FixedShrink(E.ShrunkBaseline):
 
 class CappedShrink(E.ShrunkBaseline):
     """grpo_shrunk with each weight capped at GRPO's largest, 1 / den <= sqrt(G) / c (GRPO's std of a
-    group with one odd sample out is c / sqrt(G))."""
+    group with one odd sample out is c / sqrt(G)); ``solved_side``: only where pt_ig > 1/2 (a rare
+    failure of a near-solved prompt), a hard prompt's rare success keeps its full weight."""
 
-    @staticmethod
-    def _capped(rewards, state, prior, eps, fraction):
+    def __init__(self, solved_side: bool = False):
+        super().__init__()
+        self.solved_side = solved_side
+
+    def _capped(self, rewards, state, prior, eps, fraction):
+        g = rewards.shape[-1]
         den = E._finite_scale_den(rewards, state, prior, eps)
         c = E._largest_reward(rewards, state).unsqueeze(-1)
-        den = torch.maximum(den, c / rewards.shape[-1] ** 0.5 + eps)
+        capped = torch.maximum(den, c / g ** 0.5 + eps)
+        if self.solved_side:  # pt_ig as in estimators._finite_scale_den
+            n0 = 0.0 if state is None else torch.where(state.seen, prior, 0.0).to(rewards.dtype).unsqueeze(-1)
+            pb = 0.0 if state is None else state.p_bar.unsqueeze(-1)
+            pt = (E._safe_ratio(rewards.sum(-1, keepdim=True) - rewards, c) + n0 * pb + 0.5) / (g + n0)
+            capped = torch.where(pt > 0.5, capped, den)
+        den = capped
         lam = torch.as_tensor(fraction, dtype=rewards.dtype).reshape(torch.as_tensor(fraction).shape + (1, 1))
         loo = E._loo_centred(rewards)
         return E._safe_ratio(torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards), den, eps)
@@ -151,7 +164,8 @@ def register(kind: str) -> list[str]:
     elif kind == "prior":
         base = E.REGISTRY["grpo_shrunk"]
         rules = [(f"shrink_prior_{n:g}", E.ShrunkBaseline(prior=n)) for n in (0.0, 2.0, 4.0)]
-        rules += [("shrink_decay_0.5", E.ShrunkBaseline(decay=0.5)), ("shrink_cap", CappedShrink())]
+        rules += [("shrink_decay_0.5", E.ShrunkBaseline(decay=0.5)), ("shrink_cap", CappedShrink()),
+                  ("shrink_cap_solved", CappedShrink(solved_side=True))]
         for name, rule in rules:
             E.REGISTRY[name] = dataclasses.replace(base, name=name, label=name, base=name, adaptive=rule)
             names.append(name)
