@@ -22,7 +22,7 @@ cores): within 10% of the best in 28 (fixed 0.5), 28 (rho_peak) and 31 (rho_peak
 grpo_finite 26; faster than each in 12, 12, 14 and 8 of the 27 phase-III cells.
 
 ``prior`` asks why GRPO's raw std beats grpo_shrunk in the sampled o = 1 failure-mode cells (its
-scale, not its baseline: there lambda = rho_peak^2 is about 0.8 and grpo_finite, lambda = 1, loses
+scale, not its baseline: lambda = rho_peak^2 is 0.997 there, and grpo_finite, lambda = 1, loses
 too). grpo_shrunk with its scale's prior n0 = 0, 2, 4 pseudo-samples (default 8), with the running
 rate's decay 0.5 (default 0.9: a memory of about 10 steps), and with its weight capped at GRPO's
 largest one, den >= c / sqrt(G) (shrink_cap; shrink_cap_solved: only on the near-solved side,
