@@ -75,31 +75,20 @@ class CappedShrink(E.ShrunkBaseline):
         super().__init__()
         self.solved_side = solved_side
 
-    def _capped(self, rewards, state, prior, eps, fraction):
+    def advantages(self, rewards, state, *, ddof, eps, fraction):
         g = rewards.shape[-1]
-        den = E._finite_scale_den(rewards, state, prior, eps)
+        den = E._finite_scale_den(rewards, state, self.prior, eps)
         c = E._largest_reward(rewards, state).unsqueeze(-1)
         capped = torch.maximum(den, c / g ** 0.5 + eps)
         if self.solved_side:  # pt_ig as in estimators._finite_scale_den
-            n0 = 0.0 if state is None else torch.where(state.seen, prior, 0.0).to(rewards.dtype).unsqueeze(-1)
+            n0 = 0.0 if state is None else torch.where(state.seen, self.prior, 0.0).to(rewards.dtype).unsqueeze(-1)
             pb = 0.0 if state is None else state.p_bar.unsqueeze(-1)
             pt = (E._safe_ratio(rewards.sum(-1, keepdim=True) - rewards, c) + n0 * pb + 0.5) / (g + n0)
             capped = torch.where(pt > 0.5, capped, den)
-        den = capped
-        lam = torch.as_tensor(fraction, dtype=rewards.dtype).reshape(torch.as_tensor(fraction).shape + (1, 1))
+        lam = torch.as_tensor(fraction, dtype=rewards.dtype)
+        lam = lam.reshape(lam.shape + (1, 1))
         loo = E._loo_centred(rewards)
-        return E._safe_ratio(torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards), den, eps)
-
-    def at(self, rewards, state, *, ddof, eps):
-        return self._capped(rewards, state, self.prior, eps, self.fraction(state))
-
-    def step(self, rewards, state, rho, *, ddof, eps):
-        run = self.run_state(state)
-        if rho is None:
-            rho = torch.full(rewards.shape[:-2], float("nan"), dtype=rewards.dtype)
-        _, run = E.phase_aware_alpha(rho, run, decay=self.decay)
-        adv = self._capped(rewards, state, self.prior, eps, self.fraction_of_peak(run.rho_peak))
-        return adv, self.with_run_state(self.next_prompt_state(rewards, state), run)
+        return E._safe_ratio(torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards), capped, eps)
 
 
 class Switch:

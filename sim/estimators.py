@@ -535,16 +535,19 @@ class ShrunkBaseline(FiniteGCorrected):
     def fraction(self, state) -> torch.Tensor:
         return self.fraction_of_peak(None if state is None else state.rho_peak)
 
+    def advantages(self, rewards, state, *, ddof, eps, fraction) -> torch.Tensor:
+        """The advantages at baseline fraction ``fraction`` (``grpo_shrunk``)."""
+        return grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=fraction)
+
     def at(self, rewards, state, *, ddof, eps):
-        return grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=self.fraction(state))
+        return self.advantages(rewards, state, ddof=ddof, eps=eps, fraction=self.fraction(state))
 
     def step(self, rewards, state, rho, *, ddof, eps):
         run = self.run_state(state)
         if rho is None:  # not measured (a rule that does not read it): NaN, no measurement
             rho = torch.full(rewards.shape[:-2], float("nan"), dtype=rewards.dtype)
         _, run = phase_aware_alpha(rho, run, decay=self.decay)  # rho_ema, rho_peak after this step's rho_t
-        adv = grpo_shrunk(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior,
-                          fraction=self.fraction_of_peak(run.rho_peak))
+        adv = self.advantages(rewards, state, ddof=ddof, eps=eps, fraction=self.fraction_of_peak(run.rho_peak))
         return adv, self.with_run_state(self.next_prompt_state(rewards, state), run)
 
     @staticmethod
