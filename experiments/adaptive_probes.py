@@ -76,19 +76,13 @@ class CappedShrink(E.ShrunkBaseline):
         self.solved_side = solved_side
 
     def advantages(self, rewards, state, *, ddof, eps, fraction):
-        g = rewards.shape[-1]
-        den = E._finite_scale_den(rewards, state, self.prior, eps)
-        c = E._largest_reward(rewards, state).unsqueeze(-1)
-        capped = torch.maximum(den, c / g ** 0.5 + eps)
-        if self.solved_side:  # pt_ig as in estimators._finite_scale_den
-            n0 = 0.0 if state is None else torch.where(state.seen, self.prior, 0.0).to(rewards.dtype).unsqueeze(-1)
-            pb = 0.0 if state is None else state.p_bar.unsqueeze(-1)
-            pt = (E._safe_ratio(rewards.sum(-1, keepdim=True) - rewards, c) + n0 * pb + 0.5) / (g + n0)
+        c, pt = E._finite_success_rate(rewards, state, self.prior)
+        den = c * (pt * (1 - pt)).sqrt() + eps
+        capped = torch.maximum(den, c / rewards.shape[-1] ** 0.5 + eps)
+        if self.solved_side:
             capped = torch.where(pt > 0.5, capped, den)
         lam = torch.as_tensor(fraction, dtype=rewards.dtype)
-        lam = lam.reshape(lam.shape + (1, 1))
-        loo = E._loo_centred(rewards)
-        return E._safe_ratio(torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards), capped, eps)
+        return E._safe_ratio(E._shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1))), capped, eps)
 
 
 class Switch:

@@ -368,17 +368,23 @@ def _loo_centred(rewards: torch.Tensor) -> torch.Tensor:
 def _finite_scale_den(rewards: torch.Tensor, state, prior: float, eps: float) -> torch.Tensor:
     """grpo_finite's denominator c_i sqrt(pt_ig (1 - pt_ig)) + eps [..., P, G] (its docstring); ``state``
     any state with p_bar, c, seen [..., P] (FiniteGState, ShrunkState) or None."""
+    c, pt = _finite_success_rate(rewards, state, prior)
+    return c * (pt * (1 - pt)).sqrt() + eps
+
+
+def _finite_success_rate(rewards: torch.Tensor, state, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_i [..., P, 1], pt_ig [..., P, G]) of ``grpo_finite``'s scale (its docstring): the largest reward
+    seen and the prior-smoothed leave-one-out success rate."""
     g = rewards.shape[-1]
-    c = _largest_reward(rewards, state)  # [..., P]
+    c = _largest_reward(rewards, state).unsqueeze(-1)  # [..., P, 1]
     total = rewards.sum(-1, keepdim=True)
-    others = _safe_ratio(total - rewards, c.unsqueeze(-1))  # [..., P, G]: k_-g in units of c
+    others = _safe_ratio(total - rewards, c)  # [..., P, G]: k_-g in units of c
     if state is None:
         n0, pb = 0.0, 0.0
     else:
         n0 = torch.where(state.seen, prior, 0.0).to(rewards.dtype).unsqueeze(-1)  # [..., P, 1]
         pb = state.p_bar.unsqueeze(-1)
-    pt = (others + n0 * pb + 0.5) / (g + n0)
-    return c.unsqueeze(-1) * (pt * (1 - pt)).sqrt() + eps
+    return c, (others + n0 * pb + 0.5) / (g + n0)
 
 
 def _largest_reward(rewards: torch.Tensor, state: FiniteGState | None) -> torch.Tensor:
@@ -478,10 +484,15 @@ def grpo_shrunk(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     lam = torch.as_tensor(fraction, dtype=rewards.dtype, device=rewards.device)
     if bool(((lam < 0) | (lam > 1) | torch.isnan(lam)).any()):
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
-    lam = lam.reshape(lam.shape + (1, 1))  # [..., 1, 1]
-    loo = _loo_centred(rewards)
-    adv = torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards)  # R - lam mean_others
+    adv = _shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1)))
     return _safe_ratio(adv, _finite_scale_den(rewards, state, prior, eps), eps)
+
+
+def _shrunk_centred(rewards: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """R_ig - lam mean_(h != g) R_ih [..., P, G] (``grpo_shrunk``'s numerator), lam [..., 1, 1] in [0, 1]:
+    the leave-one-out centring itself where lam = 1."""
+    loo = _loo_centred(rewards)
+    return torch.where(lam == 1, loo, lam * loo + (1 - lam) * rewards)
 
 
 class ShrunkBaseline(FiniteGCorrected):
