@@ -51,27 +51,33 @@ def _selection(runs: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
     return best.merge(span, on=cells + ["estimator"], how="left")
 
 
-def lr_edges(runs: pd.DataFrame) -> pd.DataFrame:
-    """(cell, estimator) groups of tuned runs whose chosen lr is the largest ("top") or smallest
-    ("bottom") one tried: columns cells + estimator, lr, edge. Fixed and theory runs have none."""
+def lr_edges(runs: pd.DataFrame, within: float = 1.0) -> pd.DataFrame:
+    """(cell, estimator) groups of tuned runs whose chosen lr is within a factor ``within`` of the
+    largest ("top") or smallest ("bottom") one tried (1: the extreme rate itself): columns cells +
+    estimator, lr (the chosen one), edge, lr_min, lr_max. Fixed and theory runs have none."""
     cells = cell_columns(runs)
-    edges = _lr_edges(runs, _varying(runs, cells))
+    edges = _lr_edges(runs, _varying(runs, cells), within)
     constant = [c for c in cells if c not in edges.columns]
     if constant:  # the cell columns that split nothing: their one value
         first = runs[constant].iloc[0] if len(runs) else pd.Series(index=constant, dtype=object)
         edges = edges.assign(**{c: first[c] for c in constant})
-    return edges[cells + ["estimator", "lr", "edge"]]
+    return edges[cells + ["estimator", "lr", "edge", "lr_min", "lr_max"]]
 
 
-def _lr_edges(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """lr_edges with the cells told apart by the columns ``keys`` (columns keys + estimator, lr, edge)."""
+def _lr_edges(runs: pd.DataFrame, keys: list[str], within: float = 1.0) -> pd.DataFrame:
+    """lr_edges with the cells told apart by the columns ``keys`` (columns keys + estimator, lr, edge,
+    lr_min, lr_max). Rates compare with a relative slack of 1e-9 (a grid's rates lr_theory 2^(j/N)
+    are a factor 2^(1/8) apart at least, so only rounding is forgiven)."""
+    columns = keys + ["estimator", "lr", "edge", "lr_min", "lr_max"]
     tuned = runs[runs["lr_rule"] == "tuned"] if "lr_rule" in runs.columns else runs.iloc[:0]
     if tuned.empty:
-        return pd.DataFrame(columns=keys + ["estimator", "lr", "edge"])
+        return pd.DataFrame(columns=columns)
     sel = _selection(tuned, keys)
     sel = sel[sel["lr_min"] < sel["lr_max"]]
-    sel["edge"] = np.where(sel["lr"] >= sel["lr_max"], "top", np.where(sel["lr"] <= sel["lr_min"], "bottom", ""))
-    return sel[sel["edge"] != ""][keys + ["estimator", "lr", "edge"]].reset_index(drop=True)
+    reach = within * (1 + 1e-9)
+    sel["edge"] = np.where(sel["lr"] * reach >= sel["lr_max"], "top",
+                           np.where(sel["lr"] <= sel["lr_min"] * reach, "bottom", ""))
+    return sel[sel["edge"] != ""][columns].reset_index(drop=True)
 
 
 def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
@@ -91,7 +97,7 @@ def add_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     best["selected"] = True
     runs = runs.drop(columns=["selected"], errors="ignore").merge(best, on=cells + ["estimator", "lr"], how="left")
     runs["selected"] = runs["selected"].fillna(False).astype(bool)
-    edges = _lr_edges(runs, cells)
+    edges = _lr_edges(runs, cells)[cells + ["estimator", "lr", "edge"]]
     runs = runs.drop(columns=["lr_edge"], errors="ignore").merge(
         edges.rename(columns={"edge": "lr_edge"}), on=cells + ["estimator", "lr"], how="left")
     runs["lr_edge"] = runs["lr_edge"].fillna("").where(runs["selected"], "").astype(str)

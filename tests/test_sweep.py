@@ -431,3 +431,23 @@ def test_a_finer_tuned_grid_has_n_rates_per_octave_over_the_same_span(tmp_path, 
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith(f"error: lr: '{bad}'") and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_fine_grid_counts_a_choice_less_than_an_octave_inside_its_edge_as_at_the_edge():
+    """tuned:2 (rates 2^(j/2)): a best one rate below the top (a factor sqrt 2 inside) is at the edge
+    for the extension (within = 2^(1/2), sim.sweep.lr_extensions) but not for the lr_edge mark
+    (within = 1); a best a whole octave inside (a factor 2) is at neither."""
+    grid = [2.0 ** (j / 2) for j in range(5)]  # 1 .. 4
+
+    def runs_with_best(best):
+        runs = fake_runs([("grpo", lr, seed, 30 if lr == best else 50, True, 0.5) for lr in grid for seed in (0, 1)])
+        runs["lr_rule"] = "tuned"
+        return runs
+
+    near = runs_with_best(grid[3])  # 2^1.5: one rate inside the top
+    edges = A.lr_edges(near, within=2 ** 0.5)
+    assert list(edges.edge) == ["top"] and edges.lr.iloc[0] == grid[3] and edges.lr_max.iloc[0] == grid[4]
+    assert A.lr_edges(near).empty
+    assert A.lr_edges(runs_with_best(grid[2]), within=2 ** 0.5).empty  # 2: an octave inside the top
+    bottom = A.lr_edges(runs_with_best(grid[1]), within=2 ** 0.5)  # 2^0.5: one rate above the bottom
+    assert list(bottom.edge) == ["bottom"] and bottom.lr_min.iloc[0] == grid[0]
