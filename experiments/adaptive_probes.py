@@ -6,6 +6,7 @@ std beat GRPO where phase III appears? Each estimator at its tuned lr, in fig. 5
     python experiments/adaptive_probes.py alpha DIR     # fixed exponents a = 0.5, 1.5, 2
     python experiments/adaptive_probes.py shrink DIR    # grpo_shrunk's calibration (below)
     python experiments/adaptive_probes.py prior DIR     # grpo_shrunk's scale: its prior, its decay, a cap
+    python experiments/adaptive_probes.py expected DIR  # the o = 1 failure-mode cells without sampling noise
 
 Prints the median steps to 90% of J* per (orthogonality, mode, estimator). The probe estimators
 are registered for this process only (the config's estimator check is widened to the registry),
@@ -30,6 +31,16 @@ pt > 1/2), on the same 32 sampled cells, 6 seeds. Measured
 2026-12-07 (README 'Adaptive normalization' has the counts): no variant is better than the default
 beyond the seeds' noise; the cap loses broadly (24 of 32 within 10%, default 30), the
 near-solved-side cap less (27).
+
+``expected`` separates the expected step from the noise in those cells: exact-mode runs (no
+sampling) whose per-prompt scale is GRPO's finite-G expected scale h_G(p) (exp_grpo_G4/16,
+theory.finite_group.grpo_expected_scale) or grpo_finite's h~_G(p) at its fixed point p_bar = p
+(exp_finite_G4/16, loo_expected_scale), beside exact GRPO (1 / sigma), REINFORCE and Dr. GRPO, at
+o = 1 with the failure mode, fig. 8's difficulty and reward spreads, 6 seeds, tuned:2. Measured
+2026-12-08 (6 min on one core): GRPO's expected steps are the slower ones, 147 / 111 / 145 / 63
+median steps (difficulty spread 0.3 and 1, reward spread 1 and 10) at G = 16 against grpo_finite's
+129 / 97 / 126 / 51; both cliffs (steps rising again with lr) at the same rate. So the sampled
+cells GRPO wins there are won by its noise, not by its expected step.
 """
 
 from __future__ import annotations
@@ -126,6 +137,31 @@ def _fixed(alpha: float):
     return advantage, limit
 
 
+def _p_and_c(sigma, mu):
+    """(p, c) of rewards in {0, c} with mean mu and std sigma (noise-free: sigma^2 = c^2 p (1 - p))."""
+    m2 = sigma ** 2 + mu ** 2
+    c = torch.where(mu > 0, m2 / torch.where(mu > 0, mu, torch.ones_like(mu)), torch.ones_like(mu))
+    return (mu / c).clamp(0, 1), c
+
+
+def _expected_limit(kind: str, G: int, prior: float = 8.0):
+    """An exact-mode scale: GRPO's finite-G expected scale h_G(p) ("grpo") or grpo_finite's h~_G(p)
+    with p_bar = p ("finite"), from the population (sigma, mu)."""
+    from theory.finite_group import grpo_expected_scale, loo_expected_scale
+
+    def limit(sigma, mu, eps):
+        p, c = _p_and_c(sigma, mu)
+        if kind == "grpo":
+            return grpo_expected_scale(p, G, 1, eps, c)
+        return loo_expected_scale(p, G, c, eps, p_bar=p, prior=prior)
+
+    return limit
+
+
+def _exact_only(rewards, *, ddof, eps, sigma=None):
+    raise ValueError("this probe estimator runs in exact mode only")
+
+
 def register(kind: str) -> list[str]:
     names = []
     if kind == "switch":
@@ -152,8 +188,15 @@ def register(kind: str) -> list[str]:
         for name, rule in rules:
             E.REGISTRY[name] = dataclasses.replace(base, name=name, label=name, base=name, adaptive=rule)
             names.append(name)
+    elif kind == "expected":
+        for k in ("grpo", "finite"):
+            for G in (4, 16):
+                name = f"exp_{k}_G{G}"
+                E.REGISTRY[name] = E.EstimatorSpec(name, name, _exact_only, _expected_limit(k, G), None, True, 2,
+                                                   False, "probe")
+                names.append(name)
     else:
-        raise SystemExit(f"unknown probe {kind!r}: switch, alpha, shrink or prior")
+        raise SystemExit(f"unknown probe {kind!r}: switch, alpha, shrink, prior or expected")
     check = sim.config.check_value
 
     def widened(cls, field, value):  # the probe names are not CLI choices
@@ -177,10 +220,27 @@ def shrink(out: str, names: list[str], seeds: int = 4) -> None:
               "phase-III cells")
 
 
+def expected(out: str, names: list[str]) -> None:
+    from sim.analysis import _effective_steps
+
+    axes, _, lr = sweep.load_config(Path(__file__).with_name("fig8_adaptive.toml"))
+    axes = {**axes, "mode": ("exact",), "group_size": (4,), "orthogonality": (1.0,), "failure_mode": (0.95,),
+            "estimator": ("reinforce", "dr_grpo", "grpo", *names)}
+    runs, _ = sweep.run_sweep(sweep.build_spec(axes, 6, lr), Path(out), engine="torch",
+                              resume=(Path(out) / "manifest.json").exists())
+    sel = add_comparisons(runs)
+    sel = sel[sel["selected"]].assign(steps=lambda d: _effective_steps(d))
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 20)
+    print(sel.groupby(["difficulty_spread", "reward_scale_spread", "estimator"])["steps"].median().unstack("estimator"))
+
+
 def main(kind: str, out: str) -> None:
     names = register(kind)
     if kind in ("shrink", "prior"):
         return shrink(out, names, 4 if kind == "shrink" else 6)
+    if kind == "expected":
+        return expected(out, names)
     extra = ["grpo_batch"] if kind == "switch" else []
     axes = {"orthogonality": (0.3, 1.0), "failure_mode": (0.95,), "reward_scale_spread": (10.0,),
             "difficulty_spread": (0.6,), "estimator": tuple(["grpo"] + extra + names), "mode": ("exact", "sampled"),
