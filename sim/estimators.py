@@ -28,10 +28,12 @@ Adaptive estimators (issue 16) carry a state from step to step, passed in and re
                  leave-one-out std with a running prior, the finite-G correction)
     grpo_shrunk  A_ig = (R_ig - lambda mean_(h != g) R_ih) / (c_i sqrt(pt (1 - pt)) + eps)   (``grpo_shrunk``:
                  grpo_finite with its baseline shrunk, lambda_t = rho_peak^2 from the measured rho_t)
+    grpo_selfnorm A_ig = kappa_i (R_ig - lambda mean_(h != g) R_ih) / (std_g R_ig + eps)   (``grpo_selfnorm``:
+                 GRPO's own std, grpo_shrunk's lambda, kappa_i >= 1 lifting GRPO's finite-G cap on hard prompts)
 
 A constant group (all G rewards equal) gets advantage exactly 0 under every
-baselined estimator (everything but ``reinforce``, which has no baseline, and ``grpo_shrunk``
-while its baseline is shrunk). The mean is
+baselined estimator (everything but ``reinforce``, which has no baseline, and ``grpo_shrunk`` and
+``grpo_selfnorm`` while their baseline is shrunk). The mean is
 taken relative to the group's first reward, R_ig - mean_g R_ig = d_ig - mean_g d_ig with
 d_ig = R_ig - R_i1: d is exactly 0 for a constant group (x - y == 0 iff x == y in IEEE
 arithmetic), so the centred rewards and the std are exactly 0 there, whereas ``mean`` of
@@ -573,6 +575,72 @@ class ShrunkBaseline(FiniteGCorrected):
         return None if state is None else PhaseState(state.rho_ema, state.rho_peak)
 
 
+
+def grpo_selfnorm(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
+                  state: ShrunkState | FiniteGState | None = None, prior: float = 8.0,
+                  fraction: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """GRPO's own group std, grpo_shrunk's baseline fraction lambda, and GRPO's finite-G cap lifted on
+    hard prompts:
+
+        A_ig = kappa_i (R_ig - lambda mean_(h != g) R_ih) / (std_g(R_i; ddof) + eps),
+        kappa_i = max(1, 1 / ((c_i sqrt(ps_i (1 - ps_i)) + eps) h_G(ps_i)))   where ps_i < 1/2, else 1,
+        ps_i = ((G + n0) p_bar_i + 1/2) / (G + n0 + 1),
+
+    h_G GRPO's expected finite-G scale (theory.finite_group.grpo_expected_scale), p_bar_i, c_i the
+    state's running success rate and largest reward (``grpo_finite``), n0 = ``prior``; kappa_i = 1 for
+    a prompt not seen before (``state`` None or not seen). A constant group (std 0) takes grpo_shrunk's
+    denominator instead: (1 - lambda) R / scale, 0 where lambda = 1.
+
+    Why (README 'Adaptive normalization', measured, not derived): where orthogonality is lost (o = 1
+    with the failure mode) GRPO's raw std beats grpo_finite's smoothed scale at the tuned lr although
+    its expected step is the worse one (exact runs at each estimator's expected scale: 147 against
+    129 steps): how the std moves with the sample lets GRPO take a larger step before the steps-against-lr
+    cliff. Where GRPO's cap binds on hard prompts (a rare success, h_G -> (G - 1) / (sqrt(G) c) as
+    p -> 0 against 1 / sigma_i) grpo_finite wins (fig. 8: 68.5 steps against 217). This keeps the
+    raw std and multiplies by kappa_i, which depends on the state only, so at lambda = 1 (once c_i is
+    known; the leave-one-out centring is G / (G - 1) times the group-mean one) the expected step is
+    exactly kappa_i G / (G - 1) h_G(p_i) grad J_i: the finite-G target 1 / (c sqrt(ps (1 - ps)) + eps)
+    for a hard prompt (times G / (G - 1)), GRPO's for a near-solved one (lifting both sides was
+    slower on the hold-out grid: experiments/adaptive_probes.py selfnorm, README).
+    Rate (orthogonal case): rho_t = 1, lambda = 1 and kappa_i >= 1, so each prompt's expected step is
+    at least GRPO's, kappa_i G / (G - 1) h_G(p_i) >= h_G(p_i): not slower than GRPO's rate at the same
+    lr (the time change, theory.reinforce_steps_by_time_change; tests/test_adaptive.py).
+    Cost per step: grpo_shrunk's plus h_G at P rates, O(P G). rewards [..., P, G] -> [..., P, G].
+    """
+    _check_finite_rewards("grpo_selfnorm", rewards)
+    lam = torch.as_tensor(fraction, dtype=rewards.dtype, device=rewards.device)
+    if bool(((lam < 0) | (lam > 1) | torch.isnan(lam)).any()):
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    centred = _shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1)))
+    std = group_std(rewards, ddof)  # [..., P, 1]
+    den = torch.where(std > 0, std + eps, _finite_scale_den(rewards, state, prior, eps))
+    adv = _safe_ratio(centred, den, eps)
+    if state is None:
+        return adv
+    return adv * _hard_side_lift(rewards, state, prior, ddof, eps).unsqueeze(-1)
+
+
+def _hard_side_lift(rewards: torch.Tensor, state, prior: float, ddof: int, eps: float) -> torch.Tensor:
+    """kappa_i [..., P] of ``grpo_selfnorm`` (its docstring) at ``state`` (p_bar, c, seen [..., P])."""
+    g = rewards.shape[-1]
+    c = _largest_reward(rewards, state)  # [..., P]
+    n = g + prior
+    ps = (n * state.p_bar + 0.5) / (n + 1)
+    h = grpo_expected_scale(ps, g, ddof, eps, c)
+    target = 1 / (c * (ps * (1 - ps)).sqrt() + eps)  # the finite-G target scale at ps
+    kappa = torch.where(h > 0, target / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
+    kappa = torch.where(ps < 0.5, kappa.clamp(min=1.0), torch.ones_like(kappa))
+    return torch.where(state.seen & (c > 0), kappa, torch.ones_like(kappa))
+
+
+class SelfNormalized(ShrunkBaseline):
+    """``grpo_selfnorm`` with its state: grpo_shrunk's (p_bar, c per prompt; rho_ema, rho_peak per run;
+    lambda_t = rho_peak^2), only the advantages differ. Exact mode is exact GRPO (G -> infinity:
+    std -> sigma_i and h_G -> the target, kappa -> 1), which needs no state."""
+
+    def advantages(self, rewards, state, *, ddof, eps, fraction) -> torch.Tensor:
+        return grpo_selfnorm(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=fraction)
+
 class PromptStates:
     """An adaptive estimator's advantages across the steps of an LLM run (sim.llm: the native runner
     and the TRL backend, the same object): a per-prompt state (grpo_finite) is kept per prompt key
@@ -670,7 +738,7 @@ class EstimatorSpec:
     finite_scale     (p, c, G, ddof, eps) -> h_G with E[sampled update_i] = h_G grad J_i exactly,
                      for rewards in {0, c} with success probability p (theory.finite_group), where
                      the scale is not exact_factor(G) * s_i; None: not known in closed form
-    adaptive         the rule of a stateful estimator (PhaseAware, FiniteGCorrected: state passed in and
+    adaptive         the rule of a stateful estimator (PhaseAware, FiniteGCorrected, ...: state passed in and
                      returned; the engine threads it, sim.engine.step); None for the stateless
                      ones. ``advantage`` and ``population_scale`` are then its first step's (no state)
     """
@@ -689,7 +757,7 @@ class EstimatorSpec:
     eps: float | None = None
     whitening: Whitening | None = None
     finite_scale: Callable | None = None
-    adaptive: PhaseAware | FiniteGCorrected | ShrunkBaseline | None = None
+    adaptive: PhaseAware | FiniteGCorrected | ShrunkBaseline | SelfNormalized | None = None
 
     def __post_init__(self):
         if not callable(self.advantage) or not callable(self.population_scale):
@@ -767,6 +835,9 @@ _BASE = (
     EstimatorSpec("grpo_shrunk", "GRPO (shrunk baseline)", grpo_finite, _group_std_limit, None, True, 2, True,
                   "none (grpo_finite, its baseline times rho_peak^2 from the measured rho_t)",
                   adaptive=ShrunkBaseline()),
+    EstimatorSpec("grpo_selfnorm", "GRPO (raw std, hard-side cap lifted)", grpo_selfnorm, _group_std_limit, None, True,
+                  2, True, "none (GRPO's std times kappa >= 1 on hard prompts, grpo_shrunk's baseline)",
+                  adaptive=SelfNormalized()),
 )
 _BY_BASE = {s.name: s for s in _BASE}
 

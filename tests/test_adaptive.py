@@ -499,13 +499,14 @@ def test_exact_mode_shrunk_rule_measures_no_rho(monkeypatch):
         assert (len(calls) > 0) == (mode == "sampled"), (mode, len(calls))
 
 
-def test_prompt_states_keep_the_shrunk_rules_run_state_beside_its_table():
-    """grpo_shrunk in the LLM runners: per-prompt p_bar and c in the table, rho_ema and rho_peak per run;
-    on a fixed set of prompts the same advantages as the rule itself."""
-    rule = E.get("grpo_shrunk").adaptive
+@pytest.mark.parametrize("name", ["grpo_shrunk", "grpo_selfnorm"])
+def test_prompt_states_keep_the_shrunk_rules_run_state_beside_its_table(name):
+    """grpo_shrunk (and grpo_selfnorm, its state) in the LLM runners: per-prompt p_bar and c in the
+    table, rho_ema and rho_peak per run; on a fixed set of prompts the same advantages as the rule itself."""
+    rule = E.get(name).adaptive
     gen = torch.Generator().manual_seed(4)
     keys = ["a", "b", "c"]
-    tracker = E.PromptStates("grpo_shrunk", ddof=1, eps=1e-4)
+    tracker = E.PromptStates(name, ddof=1, eps=1e-4)
     state = None
     for rho in (0.7, 0.8, 0.5):
         r = (torch.rand(3, 6, generator=gen, dtype=torch.float64) < 0.4).double() * 2
@@ -516,3 +517,99 @@ def test_prompt_states_keep_the_shrunk_rules_run_state_beside_its_table():
     assert set(tracker.table) == set(keys)
     with pytest.raises(ValueError, match="needs the step's rho_t"):
         tracker(r, keys)
+
+
+# -- GRPO's raw std with its hard-side finite-G cap lifted (grpo_selfnorm) ----------------------------
+
+def _selfnorm_advantage(p_bar: float, c: float, prior: float, fraction: float = 1.0):
+    """grpo_selfnorm at a fixed state (seen, largest reward c) and baseline fraction, as a function of
+    one group's rewards [n, G]."""
+    def adv(rows):
+        n = rows.shape[0]
+        state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64),
+                               torch.ones(n, 1, dtype=torch.bool))
+        return E.grpo_selfnorm(rows.unsqueeze(-2), state=state, prior=prior, fraction=fraction).squeeze(-2)
+    return adv
+
+
+def _lift(G: int, p_bar: float, c: float, prior: float, eps: float = 1e-4) -> float:
+    """kappa of grpo_selfnorm's docstring, by hand: the finite-G target over GRPO's h_G at the smoothed
+    rate ps, at least 1, on the hard side (ps < 1/2) only."""
+    n = G + prior
+    ps = (n * p_bar + 0.5) / (n + 1)
+    if ps >= 0.5:
+        return 1.0
+    h = float(grpo_expected_scale(torch.tensor(ps, dtype=torch.float64), G, 1, eps, c))
+    return max(1.0, 1 / ((c * math.sqrt(ps * (1 - ps)) + eps) * h))
+
+
+@settings(max_examples=40, deadline=None)
+@given(G=st.integers(2, 10), p=st.floats(0.01, 0.99), p_bar=st.floats(0.0, 1.0), c=st.floats(0.5, 5.0),
+       prior=st.sampled_from([0.0, 8.0]))
+def test_selfnorm_expected_step_is_grpos_times_its_lift(G, p, p_bar, c, prior):
+    """kappa reads only the state, so at lambda = 1 E[update_i] = kappa G / (G - 1) h_G(p) grad J_i
+    (the leave-one-out centring is G / (G - 1) times GRPO's): exact enumeration over the group's
+    success counts against GRPO's closed-form h_G (itself checked against the same enumeration)."""
+    h = float(grpo_expected_scale(torch.tensor(p, dtype=torch.float64), G, 1, 1e-4, c))
+    want = _lift(G, p_bar, c, prior) * G / (G - 1) * h
+    got = expected_scale(_selfnorm_advantage(p_bar, c, prior), p, c, G)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(G=st.integers(2, 64), p=st.floats(0.0005, 0.9995), p_bar=st.floats(0.0, 1.0), prior=st.floats(0.0, 64.0),
+       c=st.floats(0.1, 10.0))
+def test_selfnorm_is_not_slower_than_grpo_in_the_orthogonal_case(G, p, p_bar, prior, c):
+    """The convergence statement of grpo_selfnorm (its docstring): on orthogonal prompts rho_t = 1, so
+    lambda = 1, and each prompt's expected step (enumerated) is at least GRPO's h_G(p) grad J_i at any
+    state, so no prompt, and no run, is slower than GRPO's at the same lr."""
+    got = expected_scale(_selfnorm_advantage(p_bar, c, prior), p, c, G)
+    grpo = float(grpo_expected_scale(torch.tensor(p, dtype=torch.float64), G, 1, 1e-4, c))
+    assert got >= grpo * (1 - 1e-12), (got, grpo)
+
+
+def test_selfnorm_is_grpo_on_near_solved_prompts_and_lifts_a_hard_prompts_rare_success():
+    gen = torch.Generator().manual_seed(6)
+    r = _rewards(gen, shape=(3, 4, 6))
+    G = r.shape[-1]
+    # no state (the first step), and a near-solved state: GRPO's advantages times G / (G - 1)
+    near_solved = E.FiniteGState(torch.full((3, 4), 0.9, dtype=torch.float64), torch.full((3, 4), 2.5, dtype=torch.float64),
+                                 torch.ones(3, 4, dtype=torch.bool))
+    for state in (None, near_solved):
+        assert torch.allclose(E.grpo_selfnorm(r, state=state), E.grpo(r) * G / (G - 1), rtol=1e-12, atol=1e-12)
+    # a hard prompt (p_bar = 0.05, G = 8): one success in 8; kappa = target / h_G > 1, by hand
+    one = torch.tensor([[2.5] + [0.0] * 7], dtype=torch.float64)
+    hard = E.FiniteGState(torch.tensor([0.05], dtype=torch.float64), torch.tensor([2.5], dtype=torch.float64),
+                          torch.ones(1, dtype=torch.bool))
+    kappa = _lift(8, 0.05, 2.5, 8.0)
+    assert kappa > 1.5  # GRPO's cap binds at p ~ 0.05 (h_G -> (G - 1) / (sqrt(G) c) as p -> 0)
+    A = E.grpo_selfnorm(one, state=hard)
+    assert torch.allclose(A, E.grpo(one) * 8 / 7 * kappa, rtol=1e-12)
+    # an unseen prompt is not lifted; per-run fractions are each run's own; bad input is refused
+    unseen = E.FiniteGState(hard.p_bar, hard.c, torch.zeros(1, dtype=torch.bool))
+    assert torch.allclose(E.grpo_selfnorm(one, state=unseen), E.grpo(one) * 8 / 7, rtol=1e-12)
+    lam = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    per_run = E.grpo_selfnorm(r, state=near_solved, fraction=lam)
+    for i in range(3):
+        s = E.FiniteGState(near_solved.p_bar[i], near_solved.c[i], near_solved.seen[i])
+        assert torch.equal(per_run[i], E.grpo_selfnorm(r[i], state=s, fraction=float(lam[i])))
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        E.grpo_selfnorm(r, fraction=-0.1)
+    with pytest.raises(ValueError, match="rewards >= 0"):
+        E.grpo_selfnorm(-r)
+
+
+def test_selfnorm_constant_groups_huge_rewards_and_zero_eps_give_no_nan():
+    """A constant group has std 0: grpo_shrunk's denominator, so 0 at lambda = 1 and (1 - lambda) R /
+    scale below it; a prompt never rewarded (c = 0) with eps = 0 gives 0, and rewards of 1e300 stay finite."""
+    ones = torch.full((2, 4), 2.0, dtype=torch.float64)
+    assert torch.equal(E.grpo_selfnorm(ones, fraction=1.0), torch.zeros_like(ones))
+    assert torch.equal(E.grpo_selfnorm(ones, fraction=0.25), E.grpo_shrunk(ones, fraction=0.25))
+    zeros = torch.zeros(2, 4, dtype=torch.float64)
+    never = E.FiniteGState(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.bool))
+    for state in (None, never):
+        assert torch.equal(E.grpo_selfnorm(zeros, eps=0.0, fraction=0.0, state=state), zeros)
+    huge = torch.tensor([[1e300, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    st_ = E.FiniteGState(torch.tensor([0.1], dtype=torch.float64), torch.tensor([1e300], dtype=torch.float64),
+                         torch.ones(1, dtype=torch.bool))
+    assert torch.isfinite(E.grpo_selfnorm(huge, state=st_)).all()

@@ -111,7 +111,7 @@ def test_run_alone_equals_run_in_batch_bit_for_bit(engine, estimator):
     ("torch", "sampled", "grpo", False), ("numba", "sampled", "rloo", False), ("numba", "sampled", "grpo", True),
     ("torch", "sampled", "grpo", True), ("numba", "exact", "grpo", False), ("torch", "sampled", "grpo_phase", False),
     ("torch", "exact", "grpo_phase", False), ("torch", "sampled", "grpo_finite", False),
-    ("torch", "sampled", "grpo_shrunk", False)])
+    ("torch", "sampled", "grpo_shrunk", False), ("torch", "sampled", "grpo_selfnorm", False)])
 def test_log_steps_diagnosed_together_equal_them_one_by_one(engine, mode, estimator, binary, monkeypatch):
     """The Recorder computes several log steps' diagnostics in one call on their stacked rows (the
     gain draws' steps folded into their keys; ``binary``: no reward noise, so the draws' second half
@@ -201,7 +201,8 @@ def test_exact_mode_preset_is_its_base_estimator_at_the_presets_eps(preset, base
 
 @pytest.mark.parametrize("mode,estimator", [("exact", "grpo_phase"), ("sampled", "grpo_phase"),
                                             ("sampled", "grpo_finite"), ("exact", "grpo_finite"),
-                                            ("sampled", "grpo_shrunk"), ("exact", "grpo_shrunk")])
+                                            ("sampled", "grpo_shrunk"), ("exact", "grpo_shrunk"),
+                                            ("sampled", "grpo_selfnorm"), ("exact", "grpo_selfnorm")])
 def test_adaptive_estimators_thread_their_state_as_the_per_run_loop(mode, estimator):
     """The engine carries each run's state (and measures rho_t) as the plain loop does, one run at a
     time with the full Gram matrix written out (sim.reference); the numba engine does not run them
@@ -212,7 +213,7 @@ def test_adaptive_estimators_thread_their_state_as_the_per_run_loop(mode, estima
     _assert_equals_per_run_loop(runs, res)
     # the state matters: the adaptive runs are not GRPO's (mixed_runs' problems are not orthogonal)
     grpo = train_batch(mixed_runs(mode, "grpo"), engine="torch")
-    if estimator in ("grpo_finite", "grpo_shrunk") and mode == "exact":  # G -> infinity: exact grpo, bit for bit
+    if estimator in ("grpo_finite", "grpo_shrunk", "grpo_selfnorm") and mode == "exact":  # G -> infinity: exact grpo, bit for bit
         assert torch.equal(grpo.theta_shared, res.theta_shared) and torch.equal(grpo.theta_private, res.theta_private)
     else:
         assert not torch.allclose(grpo.theta_shared, res.theta_shared, rtol=1e-6, atol=0)

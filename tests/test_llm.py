@@ -258,15 +258,17 @@ def test_an_adaptive_estimator_keeps_its_state_per_prompt_across_steps(tiny_dir,
         _, state = real(torch.tensor(r, dtype=torch.float64), state)
     assert torch.equal(tr.adaptive.state.rho_ema, state.rho_ema) or (
         torch.isnan(tr.adaptive.state.rho_ema) and torch.isnan(state.rho_ema))
-    # grpo_shrunk: both at once, a per-prompt table and the per-run rho_peak that sets its baseline
-    tr = T.Trainer(dataclasses.replace(cfg, estimator="grpo_shrunk"), tmp_path / "shrunk", log=lambda *a: None)
-    drawn = set()
-    for step in range(3):
-        drawn |= {e.prompt for e in tr._prompts(step)[0]}
-        tr.step(step)
-    assert set(tr.adaptive.table) == drawn
-    peak = float(tr.adaptive.state.rho_peak)
-    assert peak != peak or 0.0 <= peak <= 1.0
+    # grpo_shrunk and grpo_selfnorm (its state): both at once, a per-prompt table and the per-run
+    # rho_peak that sets their baseline
+    for name in ("grpo_shrunk", "grpo_selfnorm"):
+        tr = T.Trainer(dataclasses.replace(cfg, estimator=name), tmp_path / name, log=lambda *a: None)
+        drawn = set()
+        for step in range(3):
+            drawn |= {e.prompt for e in tr._prompts(step)[0]}
+            tr.step(step)
+        assert set(tr.adaptive.table) == drawn, name
+        peak = float(tr.adaptive.state.rho_peak)
+        assert peak != peak or 0.0 <= peak <= 1.0
 
 
 def _cli(args, capsys):
