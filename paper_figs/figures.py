@@ -7,6 +7,7 @@ missing input raises FigureInputError with one line naming what is missing.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
@@ -424,9 +425,10 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             n_iii = int(card["phase_iii"].sum())
-            ax.set_title(f"{sty['label']}\nwithin 10% of the best: {int(card['within'].sum())}/{len(card)} cells\n"
-                         f"faster than each: {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii} "
-                         "phase-III cells", fontsize=7)
+            # short lines, the label wrapped: four panels share a double column
+            ax.set_title(f"{textwrap.fill(sty['label'], 24)}\nwithin 10%: {int(card['within'].sum())}/{len(card)} cells\n"
+                         f"faster, phase III: {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii}",
+                         fontsize=7)
             ax.set_xlabel("best of GRPO, Dr. GRPO,\nREINFORCE: steps to target")
             ax.set_ylabel("steps to target")
         axes[0][0].legend(loc="upper left", fontsize=6)

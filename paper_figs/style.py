@@ -26,6 +26,8 @@ ESTIMATOR_STYLE = {
     "grpo_phase": {"color": OKABE_ITO["green"], "linestyle": "-", "marker": "h", "label": "GRPO (phase-aware)"},
     "grpo_finite": {"color": OKABE_ITO["blue"], "linestyle": "-", "marker": "*", "label": "GRPO (finite-G corrected)"},
     "grpo_shrunk": {"color": OKABE_ITO["sky"], "linestyle": "-", "marker": "X", "label": "GRPO (shrunk baseline)"},
+    "grpo_selfnorm": {"color": OKABE_ITO["orange"], "linestyle": "-", "marker": "d",
+                      "label": "GRPO (raw std, hard-side cap lifted)"},
 }
 SEQUENCE = [OKABE_ITO[c] for c in ("blue", "vermillion", "green", "orange", "purple", "sky", "black")]
 
