@@ -116,33 +116,20 @@ class CappedShrink(E.ShrunkBaseline):
 class SelfNorm(E.ShrunkBaseline):
     """The ``selfnorm`` probe (module docstring): GRPO's raw std with grpo_shrunk's baseline fraction,
     times kappa_i, the finite-G target scale over GRPO's expected scale h_G at the running rate;
-    ``side`` "both", "hard" (kappa only where ps < 1/2, at least 1) or "none" (kappa = 1)."""
+    ``side`` "hard" (sim.estimators.grpo_selfnorm itself: kappa only where ps < 1/2, at least 1),
+    "both" (unclamped, both sides) or "none" (kappa = 1)."""
 
     def __init__(self, side: str):
         super().__init__()
         self.side = side
 
     def advantages(self, rewards, state, *, ddof, eps, fraction):
-        from theory.finite_group import grpo_expected_scale
-
-        g = rewards.shape[-1]
-        lam = torch.as_tensor(fraction, dtype=rewards.dtype)
-        centred = E._shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1)))
-        std = E.group_std(rewards, ddof)  # [..., P, 1]
-        den = torch.where(std > 0, std + eps, E._finite_scale_den(rewards, state, self.prior, eps))
-        adv = E._safe_ratio(centred, den, eps)
+        if self.side == "hard":
+            return E.grpo_selfnorm(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=fraction)
+        adv = E._selfnorm_unlifted(rewards, state, self.prior, ddof, eps, torch.as_tensor(fraction, dtype=rewards.dtype))
         if state is None or self.side == "none":
             return adv
-        c = E._largest_reward(rewards, state)  # [..., P]
-        n = g + self.prior
-        ps = (n * state.p_bar + 0.5) / (n + 1)
-        h = grpo_expected_scale(ps, g, ddof, eps, c)
-        target = 1 / (c * (ps * (1 - ps)).sqrt() + eps)  # the finite-G target scale at ps
-        kappa = torch.where(h > 0, target / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
-        if self.side == "hard":
-            kappa = torch.where(ps < 0.5, kappa.clamp(min=1.0), torch.ones_like(kappa))
-        kappa = torch.where(state.seen & (c > 0), kappa, torch.ones_like(kappa))
-        return adv * kappa.unsqueeze(-1)
+        return adv * E._finite_g_lift(rewards, state, self.prior, ddof, eps, hard_only=False).unsqueeze(-1)
 
 
 class Switch:

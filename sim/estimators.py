@@ -575,7 +575,6 @@ class ShrunkBaseline(FiniteGCorrected):
         return None if state is None else PhaseState(state.rho_ema, state.rho_peak)
 
 
-
 def grpo_selfnorm(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigma=None,
                   state: ShrunkState | FiniteGState | None = None, prior: float = 8.0,
                   fraction: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -611,17 +610,27 @@ def grpo_selfnorm(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, si
     lam = torch.as_tensor(fraction, dtype=rewards.dtype, device=rewards.device)
     if bool(((lam < 0) | (lam > 1) | torch.isnan(lam)).any()):
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    adv = _selfnorm_unlifted(rewards, state, prior, ddof, eps, lam)
+    if state is None:
+        return adv
+    return adv * _finite_g_lift(rewards, state, prior, ddof, eps).unsqueeze(-1)
+
+
+def _selfnorm_unlifted(rewards: torch.Tensor, state, prior: float, ddof: int, eps: float,
+                       lam: torch.Tensor) -> torch.Tensor:
+    """``grpo_selfnorm`` before its lift [..., P, G]: the shrunk leave-one-out centring over GRPO's std
+    (grpo_shrunk's denominator for a constant group); lam a scalar or [...] tensor."""
     centred = _shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1)))
     std = group_std(rewards, ddof)  # [..., P, 1]
     den = torch.where(std > 0, std + eps, _finite_scale_den(rewards, state, prior, eps))
-    adv = _safe_ratio(centred, den, eps)
-    if state is None:
-        return adv
-    return adv * _hard_side_lift(rewards, state, prior, ddof, eps).unsqueeze(-1)
+    return _safe_ratio(centred, den, eps)
 
 
-def _hard_side_lift(rewards: torch.Tensor, state, prior: float, ddof: int, eps: float) -> torch.Tensor:
-    """kappa_i [..., P] of ``grpo_selfnorm`` (its docstring) at ``state`` (p_bar, c, seen [..., P])."""
+def _finite_g_lift(rewards: torch.Tensor, state, prior: float, ddof: int, eps: float,
+                   hard_only: bool = True) -> torch.Tensor:
+    """kappa_i [..., P] of ``grpo_selfnorm`` (its docstring) at ``state`` (p_bar, c, seen [..., P]);
+    ``hard_only`` False: the finite-G target over h_G on both sides, unclamped (the probe
+    experiments/adaptive_probes.py selfnorm's sn_both)."""
     g = rewards.shape[-1]
     c = _largest_reward(rewards, state)  # [..., P]
     n = g + prior
@@ -629,7 +638,8 @@ def _hard_side_lift(rewards: torch.Tensor, state, prior: float, ddof: int, eps: 
     h = grpo_expected_scale(ps, g, ddof, eps, c)
     target = 1 / (c * (ps * (1 - ps)).sqrt() + eps)  # the finite-G target scale at ps
     kappa = torch.where(h > 0, target / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
-    kappa = torch.where(ps < 0.5, kappa.clamp(min=1.0), torch.ones_like(kappa))
+    if hard_only:
+        kappa = torch.where(ps < 0.5, kappa.clamp(min=1.0), torch.ones_like(kappa))
     return torch.where(state.seen & (c > 0), kappa, torch.ones_like(kappa))
 
 
@@ -640,6 +650,7 @@ class SelfNormalized(ShrunkBaseline):
 
     def advantages(self, rewards, state, *, ddof, eps, fraction) -> torch.Tensor:
         return grpo_selfnorm(rewards, ddof=ddof, eps=eps, state=state, prior=self.prior, fraction=fraction)
+
 
 class PromptStates:
     """An adaptive estimator's advantages across the steps of an LLM run (sim.llm: the native runner
