@@ -366,13 +366,14 @@ def test_prompt_states_keep_a_state_per_prompt_across_batches():
 
 # -- grpo_finite with a shrunk baseline (grpo_shrunk) ------------------------------------------------
 
-def _shrunk_advantage(p_bar: float, c: float, prior: float, fraction: float):
-    """grpo_shrunk at a fixed state and baseline fraction, as a function of one group's rewards [n, G]."""
+def _shrunk_advantage(p_bar: float, c: float, prior: float, fraction: float, estimator=E.grpo_shrunk):
+    """grpo_shrunk (or ``estimator``, any with its arguments) at a fixed state (seen, largest reward c)
+    and baseline fraction, as a function of one group's rewards [n, G]."""
     def adv(rows):
         n = rows.shape[0]
         state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64),
                                torch.ones(n, 1, dtype=torch.bool))
-        return E.grpo_shrunk(rows.unsqueeze(-2), state=state, prior=prior, fraction=fraction).squeeze(-2)
+        return estimator(rows.unsqueeze(-2), state=state, prior=prior, fraction=fraction).squeeze(-2)
     return adv
 
 
@@ -522,14 +523,8 @@ def test_prompt_states_keep_the_shrunk_rules_run_state_beside_its_table(name):
 # -- GRPO's raw std with its hard-side finite-G cap lifted (grpo_selfnorm) ----------------------------
 
 def _selfnorm_advantage(p_bar: float, c: float, prior: float, fraction: float = 1.0):
-    """grpo_selfnorm at a fixed state (seen, largest reward c) and baseline fraction, as a function of
-    one group's rewards [n, G]."""
-    def adv(rows):
-        n = rows.shape[0]
-        state = E.FiniteGState(torch.full((n, 1), p_bar, dtype=torch.float64), torch.full((n, 1), c, dtype=torch.float64),
-                               torch.ones(n, 1, dtype=torch.bool))
-        return E.grpo_selfnorm(rows.unsqueeze(-2), state=state, prior=prior, fraction=fraction).squeeze(-2)
-    return adv
+    """grpo_selfnorm at a fixed state and baseline fraction, as a function of one group's rewards [n, G]."""
+    return _shrunk_advantage(p_bar, c, prior, fraction, estimator=E.grpo_selfnorm)
 
 
 def _lift(G: int, p_bar: float, c: float, prior: float, eps: float = 1e-4) -> float:
