@@ -429,7 +429,7 @@ def adaptive(runs: pd.DataFrame, steps: pd.DataFrame) -> Figure:
             ax.set_title(f"{textwrap.fill(sty['label'], 24)}\nwithin 10%: {int(card['within'].sum())}/{len(card)} cells\n"
                          f"faster, phase III: {int((card['faster_than_each'] & card['phase_iii']).sum())}/{n_iii}",
                          fontsize=7)
-            ax.set_xlabel("best of GRPO, Dr. GRPO,\nREINFORCE: steps to target")
+            ax.set_xlabel("best of GRPO, Dr. GRPO,\nREINFORCE (steps)")
             ax.set_ylabel("steps to target")
         axes[0][0].legend(loc="upper left", fontsize=6)
         fig.tight_layout()
