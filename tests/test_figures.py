@@ -245,4 +245,5 @@ def test_quick_adaptive_figure_trains_end_to_end(tmp_path, capsys):
     runs, _ = sim.load_results(rdir)
     engines = runs.groupby("estimator")["engine"].unique().map(tuple).to_dict()
     assert engines == {"reinforce": ("numba",), "dr_grpo": ("numba",), "grpo": ("numba",),
-                       "grpo_phase": ("torch",), "grpo_finite": ("torch",), "grpo_shrunk": ("torch",)}
+                       "grpo_phase": ("torch",), "grpo_finite": ("torch",), "grpo_shrunk": ("torch",),
+                       "grpo_selfnorm": ("torch",)}
