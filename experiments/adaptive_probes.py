@@ -47,7 +47,7 @@ cells GRPO wins there are won by its noise, not by its expected step.
 A_ig = kappa_i (R_ig - lambda mean_(h != g) R_ih) / (std_g(R_i) + eps), lambda = grpo_shrunk's
 rho_peak^2, kappa_i = (1 / (c_i sqrt(ps (1 - ps)) + eps)) / h_G(ps), ps = ((G + n0) p_bar_i + 1/2) /
 (G + n0 + 1) the running success rate (kappa reads the state only once c_i is known, so then
-E[update_i | state] = kappa_i h_G(p_i) grad J_i at lambda = 1): sn_both undoes GRPO's finite-G cap on both sides, sn_hard only on the hard side
+E[update_i | state] = kappa_i G / (G - 1) h_G(p_i) grad J_i at lambda = 1): sn_both undoes GRPO's finite-G cap on both sides, sn_hard only on the hard side
 (ps < 1/2, kappa >= 1: a hard prompt's rare success), sn_none not at all (kappa = 1: at lambda = 1,
 GRPO times G / (G - 1), a rescaled lr). A constant group (std 0) falls back to grpo_shrunk's
 denominator. Fig. 8's 32 sampled cells, 6 seeds; measured 2026-12-08 as the variants alone (31 min

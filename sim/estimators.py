@@ -483,11 +483,17 @@ def grpo_shrunk(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, sigm
     estimator). rewards [..., P, G]; fraction a float or [...] (one per leading batch element).
     """
     _check_finite_rewards("grpo_shrunk", rewards)
+    lam = _baseline_fraction_tensor(fraction, rewards)
+    adv = _shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1)))
+    return _safe_ratio(adv, _finite_scale_den(rewards, state, prior, eps), eps)
+
+
+def _baseline_fraction_tensor(fraction, rewards: torch.Tensor) -> torch.Tensor:
+    """lambda as a tensor of the rewards' dtype and device (a float or [...]); ValueError outside [0, 1]."""
     lam = torch.as_tensor(fraction, dtype=rewards.dtype, device=rewards.device)
     if bool(((lam < 0) | (lam > 1) | torch.isnan(lam)).any()):
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
-    adv = _shrunk_centred(rewards, lam.reshape(lam.shape + (1, 1)))
-    return _safe_ratio(adv, _finite_scale_den(rewards, state, prior, eps), eps)
+    return lam
 
 
 def _shrunk_centred(rewards: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -607,9 +613,7 @@ def grpo_selfnorm(rewards: torch.Tensor, *, ddof: int = 1, eps: float = 1e-4, si
     Cost per step: grpo_shrunk's plus h_G at P rates, O(P G). rewards [..., P, G] -> [..., P, G].
     """
     _check_finite_rewards("grpo_selfnorm", rewards)
-    lam = torch.as_tensor(fraction, dtype=rewards.dtype, device=rewards.device)
-    if bool(((lam < 0) | (lam > 1) | torch.isnan(lam)).any()):
-        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    lam = _baseline_fraction_tensor(fraction, rewards)
     adv = _selfnorm_unlifted(rewards, state, prior, ddof, eps, lam)
     if state is None:
         return adv

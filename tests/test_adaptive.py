@@ -388,6 +388,15 @@ def test_shrunk_baseline_moves_only_the_variance_not_the_expected_step(G, p, p_b
     assert got == pytest.approx(want, rel=1e-10)
 
 
+def _assert_per_run_fractions_are_each_runs_own(estimator, r, state):
+    """One lambda per run (a [3] fraction for rewards [3, P, G]) gives each run its own advantages."""
+    lam = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    per_run = estimator(r, state=state, fraction=lam)
+    for i in range(3):
+        one = E.FiniteGState(state.p_bar[i], state.c[i], state.seen[i])
+        assert torch.equal(per_run[i], estimator(r[i], state=one, fraction=float(lam[i])))
+
+
 def test_shrunk_baseline_ends_are_grpo_finite_and_its_scale_without_a_baseline():
     gen = torch.Generator().manual_seed(5)
     r = _rewards(gen, shape=(3, 4, 6))
@@ -400,12 +409,7 @@ def test_shrunk_baseline_ends_are_grpo_finite_and_its_scale_without_a_baseline()
     loo = r - (r.sum(-1, keepdim=True) - r) / 5
     mask = loo != 0
     assert torch.allclose(none[mask], (finite * r)[mask] / loo[mask], rtol=1e-12)
-    # one lambda per run (a [3] fraction) is each run's own
-    lam = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-    per_run = E.grpo_shrunk(r, state=state, fraction=lam)
-    for i in range(3):
-        one = E.FiniteGState(state.p_bar[i], state.c[i], state.seen[i])
-        assert torch.equal(per_run[i], E.grpo_shrunk(r[i], state=one, fraction=float(lam[i])))
+    _assert_per_run_fractions_are_each_runs_own(E.grpo_shrunk, r, state)
     with pytest.raises(ValueError, match="fraction must lie in"):
         E.grpo_shrunk(r, fraction=1.5)
     with pytest.raises(ValueError, match="rewards >= 0"):
@@ -583,11 +587,7 @@ def test_selfnorm_is_grpo_on_near_solved_prompts_and_lifts_a_hard_prompts_rare_s
     # an unseen prompt is not lifted; per-run fractions are each run's own; bad input is refused
     unseen = E.FiniteGState(hard.p_bar, hard.c, torch.zeros(1, dtype=torch.bool))
     assert torch.allclose(E.grpo_selfnorm(one, state=unseen), E.grpo(one) * 8 / 7, rtol=1e-12)
-    lam = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-    per_run = E.grpo_selfnorm(r, state=near_solved, fraction=lam)
-    for i in range(3):
-        s = E.FiniteGState(near_solved.p_bar[i], near_solved.c[i], near_solved.seen[i])
-        assert torch.equal(per_run[i], E.grpo_selfnorm(r[i], state=s, fraction=float(lam[i])))
+    _assert_per_run_fractions_are_each_runs_own(E.grpo_selfnorm, r, near_solved)
     with pytest.raises(ValueError, match="fraction must lie in"):
         E.grpo_selfnorm(r, fraction=-0.1)
     with pytest.raises(ValueError, match="rewards >= 0"):
